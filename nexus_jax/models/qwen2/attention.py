@@ -1,0 +1,55 @@
+"""Qwen2 grouped-query self-attention: biased q/k/v projections, rotate-half RoPE, optional fixed-size KV cache."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from configs.qwen2_5 import Qwen2TextConfig
+from nexus_jax import layers, sharding
+from nexus_jax.models.qwen2.cache import LayerKVCache
+
+HEADS_AXES = ("batch", "length", "act_heads", None)
+KV_AXES = ("batch", "length", "act_kv_heads", None)
+
+
+class Qwen2Attention(nnx.Module):
+    """q_proj [hidden, Hq*D] (bias), k_proj / v_proj [hidden, Hkv*D] (bias), o_proj [Hq*D, hidden] (no bias)."""
+
+    def __init__(self, config: Qwen2TextConfig, *, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        common = {"param_dtype": config.jnp_param_dtype, "dtype": config.jnp_dtype, "rngs": rngs}
+        hidden = config.hidden_size
+        self.q_proj = layers.Linear(hidden, config.q_size, axes=("embed", "heads"), use_bias=True, **common)
+        self.k_proj = layers.Linear(hidden, config.kv_size, axes=("embed", "kv_heads"), use_bias=True, **common)
+        self.v_proj = layers.Linear(hidden, config.kv_size, axes=("embed", "kv_heads"), use_bias=True, **common)
+        self.o_proj = layers.Linear(config.q_size, hidden, axes=("heads", "embed"), use_bias=False, **common)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None = None,
+        cache: LayerKVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, LayerKVCache | None]:
+        """x [B, L, hidden]; cos / sin [B, L, D]; mask broadcastable to [B, Hq, L, Lk] (True = attend, None = all).
+
+        Without a cache Lk = L. With a cache, k / v are written at slots ``cache_index ..`` and the queries attend
+        over all S cache slots (the mask must then cover [.., L, S]). Returns ([B, L, hidden], updated cache).
+        """
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        cos, sin = cos[:, :, None, :].astype(q.dtype), sin[:, :, None, :].astype(q.dtype)
+        q = sharding.constrain(layers.apply_rotary_half(q, cos, sin), HEADS_AXES)
+        k = sharding.constrain(layers.apply_rotary_half(k, cos, sin), KV_AXES)
+        v = sharding.constrain(v, KV_AXES)
+        if cache is not None:
+            cache = cache.write(k, v, cache_index)
+            k, v = cache.key.astype(q.dtype), cache.value.astype(q.dtype)
+        out = layers.dot_product_attention(q, k, v, mask=mask)
+        out = sharding.constrain(out, HEADS_AXES).reshape(b, l, self.num_heads * self.head_dim)
+        return self.o_proj(out), cache
