@@ -1,0 +1,49 @@
+"""Recognise which upstream key scheme a checkpoint uses from its tensor names alone."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from conversion.errors import UnknownSchemeError
+
+# scheme name -> one-line description (also the CLI's list)
+SCHEMES: dict[str, str] = {
+    "nexus_ar": "Nexus-Gen AR (transformers 4.49 Qwen2.5-VL names + vision_head [+ image_prefill_embeds])",
+    "hf_qwen2_5_vl": "transformers Qwen2.5-VL (4.49 names: model.layers.*, visual.*, lm_head)",
+    "nexus_v1_decoder": "Nexus-Gen V1 decoder_81_512 (unprefixed adapter 0/1/3/4.* + unprefixed DiffSynth DiT)",
+    "nexus_v2_generation": "Nexus-Gen V2 generation decoder (adapter.* + pipe.dit.*)",
+    "nexus_v2_editing": "Nexus-Gen V2 editing decoder (embedding_merger.* + pipe.dit.*)",
+    "diffsynth_flux_dit": "DiffSynth FluxDiT state dict (blocks.*, single_blocks.*, final_norm_out.*)",
+    "diffusers_flux_transformer": (
+        "diffusers FluxTransformer2DModel (transformer_blocks.*, single_transformer_blocks.*)"
+    ),
+    "diffusers_vae": "diffusers AutoencoderKL (encoder.down_blocks.*, decoder.up_blocks.*)",
+    "bfl_vae": "BFL ae.safetensors (encoder.down.*, decoder.up.*)",
+}
+
+
+def _has_prefix(keys: Collection[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def detect_scheme(keys: Collection[str], where: str = "the checkpoint") -> str:
+    """Name of the key scheme of a state dict (see :data:`SCHEMES`); raises UnknownSchemeError listing the keys."""
+    keys = set(keys)
+    if _has_prefix(keys, "pipe.dit."):
+        if _has_prefix(keys, "embedding_merger."):
+            return "nexus_v2_editing"
+        if _has_prefix(keys, "adapter."):
+            return "nexus_v2_generation"
+    dit = "x_embedder.weight" in keys and _has_prefix(keys, "single_blocks.") and _has_prefix(keys, "blocks.")
+    if dit:
+        return "nexus_v1_decoder" if {"0.weight", "3.weight"} <= keys else "diffsynth_flux_dit"
+    if "x_embedder.weight" in keys and _has_prefix(keys, "single_transformer_blocks."):
+        return "diffusers_flux_transformer"
+    if "encoder.conv_in.weight" in keys:
+        if _has_prefix(keys, "encoder.down_blocks.") or _has_prefix(keys, "decoder.up_blocks."):
+            return "diffusers_vae"
+        if _has_prefix(keys, "encoder.down.") or _has_prefix(keys, "decoder.up."):
+            return "bfl_vae"
+    if "model.embed_tokens.weight" in keys and _has_prefix(keys, "model.layers."):
+        return "nexus_ar" if "vision_head.weight" in keys else "hf_qwen2_5_vl"
+    raise UnknownSchemeError(keys, where, SCHEMES)
