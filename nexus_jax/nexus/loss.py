@@ -1,0 +1,144 @@
+"""Nexus-Gen autoregressive training objective (pure functions on arrays).
+
+    loss = token_weight * CE(text) + image_weight * (0.5 * MSE + 0.5 * mean(1 - cos))
+
+* CE: next-token cross entropy in fp32, ``logits[:, :-1]`` against ``labels[:, 1:]``; labels ``-100`` (prompt, padding)
+  and output-image slot labels (``image_pad``) are ignored; mean over the remaining tokens.
+* Image loss: position ``p`` regresses the embedding of the slot at ``p + 1`` (the ``<|vision_start|>`` position
+  predicts slot 0, slot ``k`` predicts slot ``k + 1``; the last slot's output is not regressed). Targets are the frozen
+  ViT's merged features of the target image, laid out per position (``targets[b, t]`` is the target of the slot at
+  ``t``). MSE is the mean over all selected elements, the cosine term the mean over selected rows.
+* No output image in the batch: the image loss is exactly 0 (and so is its gradient), never NaN.
+
+Everything works on fixed shapes (masks instead of boolean gathers), so it jits and shards like the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE_INDEX = -100
+COSINE_EPS = 1e-8
+
+
+def _safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+    """total / count, or 0 when count == 0 (no NaN in value or gradient)."""
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, image_token_id: int) -> tuple[jax.Array, jax.Array]:
+    """Shifted next-token CE. logits [B, L, V], labels [B, L] int -> (mean CE, number of counted tokens)."""
+    targets = labels[:, 1:]
+    valid = (targets != IGNORE_INDEX) & (targets != image_token_id)
+    logits = logits[:, :-1].astype(jnp.float32)
+    vocab = logits.shape[-1]
+    safe_targets = jnp.where(valid, targets, 0)
+    if isinstance(targets, np.ndarray | jax.Array) and not isinstance(targets, jax.core.Tracer):
+        bad = np.asarray(valid & ((targets < 0) | (targets >= vocab)))
+        if bad.any():
+            raise ValueError(f"label {int(np.asarray(targets)[bad][0])} is outside the vocabulary [0, {vocab})")
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, logz - picked, 0.0)
+    count = valid.sum()
+    return _safe_mean(nll.sum(), count), count
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
+    """Row-wise cosine over the last axis, each norm clamped at ``eps``. a, b [..., D] -> [...]."""
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    na = jnp.sqrt(jnp.sum(a * a, axis=-1))
+    nb = jnp.sqrt(jnp.sum(b * b, axis=-1))
+    return jnp.sum(a * b, axis=-1) / (jnp.maximum(na, eps) * jnp.maximum(nb, eps))
+
+
+def image_embedding_loss(
+    pred: jax.Array, targets: jax.Array, labels: jax.Array, image_token_id: int
+) -> tuple[jax.Array, jax.Array]:
+    """0.5 * MSE + 0.5 * mean(1 - cos) over output-image slots at shifted positions.
+
+    pred [B, L, D] (vision_head outputs), targets [B, L, D] (target of the slot at each position; other rows are
+    ignored), labels [B, L]. Returns (loss, number of regressed slots); loss is 0 when there are none.
+    """
+    sel = labels[:, 1:] == image_token_id  # [B, L-1]: position p predicts slot p+1
+    p = pred[:, :-1].astype(jnp.float32)
+    t = jax.lax.stop_gradient(targets[:, 1:].astype(jnp.float32))
+    # Masked rows are zeroed before the cosine so that neither value nor gradient sees them.
+    p = jnp.where(sel[..., None], p, 0.0)
+    t = jnp.where(sel[..., None], t, 0.0)
+    rows = sel.sum()
+    dim = pred.shape[-1]
+    mse = _safe_mean(jnp.sum(jnp.square(p - t)), rows * dim)
+    cos = jnp.where(sel, 1.0 - cosine_similarity(p, t), 0.0)
+    return 0.5 * mse + 0.5 * _safe_mean(cos.sum(), rows), rows
+
+
+def nexus_ar_loss(
+    logits: jax.Array,
+    image_embeds: jax.Array,
+    labels: jax.Array,
+    targets: jax.Array,
+    *,
+    image_token_id: int,
+    token_weight: float,
+    image_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The full objective. logits [B, L, V], image_embeds/targets [B, L, D], labels [B, L].
+
+    Returns (scalar loss, metrics dict with the unweighted ``token_loss``/``image_loss`` and token/slot counts).
+    """
+    if logits.shape[:2] != labels.shape or image_embeds.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits {logits.shape[:2]} / image_embeds {image_embeds.shape[:2]} must match labels {labels.shape}"
+        )
+    if targets.shape != image_embeds.shape:
+        raise ValueError(f"targets shape {targets.shape} must equal image_embeds shape {image_embeds.shape}")
+    ce, n_tokens = token_cross_entropy(logits, labels, image_token_id)
+    img, n_slots = image_embedding_loss(image_embeds, targets, labels, image_token_id)
+    loss = token_weight * ce + image_weight * img
+    return loss, {"token_loss": ce, "image_loss": img, "num_tokens": n_tokens, "num_slots": n_slots}
+
+
+def scatter_rows(features: jax.Array, mask: jax.Array) -> jax.Array:
+    """Place ``features`` [T, D] row-major into the True cells of ``mask`` [B, L] -> [B, L, D] (zeros elsewhere).
+
+    T is static; callers guarantee ``mask.sum() == T`` (see :func:`check_slot_count`).
+    """
+    b, l = mask.shape
+    if features.shape[0] == 0:
+        return jnp.zeros((b, l, features.shape[-1]), features.dtype)
+    flat = mask.reshape(-1)
+    order = jnp.cumsum(flat) - 1  # index into features for each True cell
+    rows = jnp.take(features, jnp.clip(order, 0, features.shape[0] - 1), axis=0)
+    return jnp.where(flat[:, None], rows, 0).reshape(b, l, features.shape[-1])
+
+
+def check_slot_count(mask: np.ndarray | jax.Array, num_rows: int, what: str) -> None:
+    """Raise a clear error when a concrete ``mask`` [B, L] does not hold exactly ``num_rows`` True cells."""
+    if isinstance(mask, jax.core.Tracer):
+        return
+    n = int(np.asarray(mask).sum())
+    if n != num_rows:
+        raise ValueError(f"{what}: the sequence has {n} slots but {num_rows} feature rows were given")
+
+
+def output_slot_mask(labels: np.ndarray | jax.Array, image_token_id: int) -> np.ndarray | jax.Array:
+    """Output-image slots: labels == image_pad. [B, L] bool."""
+    return labels == image_token_id
+
+
+def input_image_mask(
+    input_ids: np.ndarray | jax.Array, labels: np.ndarray | jax.Array, image_token_id: int
+) -> np.ndarray | jax.Array:
+    """Input-image slots (ViT features go in): image_pad tokens that are not output slots. [B, L] bool."""
+    return (input_ids == image_token_id) & (labels != image_token_id)
+
+
+def slot_counts(labels: np.ndarray, image_token_id: int) -> Sequence[int]:
+    """Number of output slots per sample (numpy). labels [B, L] -> list of B ints."""
+    return [int(x) for x in np.asarray(labels == image_token_id).sum(axis=1)]
