@@ -1,0 +1,178 @@
+"""Batched text generation with a fixed-size KV cache: one jitted prefill, one jitted ``lax.while_loop`` decode.
+
+Prompts are left-padded ([B, L] ids + [B, L] mask). Each row's next RoPE position continues from its largest prompt
+position + 1 (as transformers' ``rope_deltas`` does for M-RoPE prompts). Rows that emit an EOS id are finished;
+their later slots hold ``pad_token_id``. The loop stops when every row is finished or ``max_new_tokens`` is reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nexus_jax.generation.sampling import sample_next
+from nexus_jax.models.qwen2.cache import KVCache, init_cache_for
+from nexus_jax.models.qwen2.model import Qwen2ForCausalLM, check_token_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """max_new_tokens; eos_token_ids (stop ids, may be empty); temperature 0 = greedy; top_p in (0, 1];
+    cache_capacity: KV slots (default: prompt length + max_new_tokens rounded up to a multiple of 128)."""
+
+    max_new_tokens: int = 32
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    cache_capacity: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """tokens [B, max_new_tokens] int32 (pad after EOS); num_generated [B] (tokens up to and including EOS)."""
+
+    tokens: jax.Array
+    num_generated: jax.Array
+
+
+def _validate(model: Qwen2ForCausalLM, ids: np.ndarray, mask: np.ndarray, config: GenerationConfig) -> int:
+    """Host-side checks; returns the cache capacity."""
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    check_token_ids(ids, model.config.vocab_size)
+    mask = mask.astype(bool)
+    if not mask[:, -1].all() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise ValueError("prompts must be left-padded: each attention_mask row must be 0...0 1...1 ending in a token")
+    length = ids.shape[1]
+    needed = length + config.max_new_tokens
+    capacity = config.cache_capacity or -(-needed // 128) * 128
+    if needed > capacity:
+        raise ValueError(
+            f"prompt of {length} tokens + max_new_tokens={config.max_new_tokens} = {needed} slots "
+            f"exceeds the KV cache capacity of {capacity}"
+        )
+    if needed > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {length} tokens + {config.max_new_tokens} new tokens exceeds "
+            f"max_position_embeddings={model.config.max_position_embeddings}"
+        )
+    return capacity
+
+
+def next_positions(positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[B]: 1 + the largest position of each row's real tokens (positions [B, L] or [3, B, L])."""
+    if positions.ndim == 3:
+        positions = positions.max(axis=0)
+    masked = jnp.where(attention_mask.astype(bool), positions, jnp.iinfo(jnp.int32).min)
+    return masked.max(axis=-1).astype(jnp.int32) + 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity"))
+def prefill(graphdef, state, input_ids, attention_mask, positions, key, temperature, top_p, *, capacity: int):
+    """Run the prompt through the model into a fresh cache; returns (first token [B], cache, next positions [B])."""
+    model = nnx.merge(graphdef, state)
+    cache = init_cache_for(model.config, input_ids.shape[0], capacity)
+    out = model(input_ids, positions=positions, attention_mask=attention_mask, cache=cache, only_last_logits=True)
+    token = sample_next(out.logits[:, 0], key, temperature, top_p)
+    return token, out.cache, next_positions(positions, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id"))
+def decode(
+    graphdef,
+    state,
+    cache: KVCache,
+    first_token,
+    position,
+    key,
+    temperature,
+    top_p,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int,
+):
+    """Feed ``first_token`` and decode until every row hit EOS or ``max_new_tokens`` tokens exist."""
+    model = nnx.merge(graphdef, state)
+    b = first_token.shape[0]
+    eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
+    tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first_token)
+    done = jnp.isin(first_token, eos)
+    count = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, cache, last, done, count, key = carry
+        key, sub = jax.random.split(key)
+        out = model(last[:, None], positions=(position + step - 1)[:, None], cache=cache, only_last_logits=True)
+        nxt = sample_next(out.logits[:, 0], sub, temperature, top_p)
+        nxt = jnp.where(done, pad_token_id, nxt)
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(nxt, eos)
+        return step + 1, tokens, out.cache, nxt, done, count, key
+
+    carry = (jnp.ones((), jnp.int32), tokens, cache, first_token, done, count, key)
+    _, tokens, _, _, _, count, _ = jax.lax.while_loop(cond, body, carry)
+    return GenerationOutput(tokens, count)
+
+
+def generate(
+    model: Qwen2ForCausalLM,
+    input_ids: jax.Array | np.ndarray,
+    attention_mask: jax.Array | np.ndarray | None = None,
+    *,
+    config: GenerationConfig = GenerationConfig(),
+    positions: jax.Array | np.ndarray | None = None,
+    rng: jax.Array | None = None,
+) -> GenerationOutput:
+    """Generate up to ``config.max_new_tokens`` tokens after left-padded prompts input_ids [B, L].
+
+    positions: prompt positions [B, L] or [3, B, L] (default: count of real tokens, so padding does not shift them).
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    capacity = _validate(model, ids, mask, config)
+    if positions is None:
+        positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    rng = jax.random.key(0) if rng is None else rng
+    key_prefill, key_decode = jax.random.split(rng)
+    graphdef, state = nnx.split(model)
+    temperature, top_p = jnp.float32(config.temperature), jnp.float32(config.top_p)
+    ids, mask, positions = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions)
+    first, cache, position = prefill(
+        graphdef, state, ids, mask, positions, key_prefill, temperature, top_p, capacity=capacity
+    )
+    return decode(
+        graphdef,
+        state,
+        cache,
+        first,
+        position,
+        key_decode,
+        temperature,
+        top_p,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_ids=tuple(config.eos_token_ids),
+        pad_token_id=config.pad_token_id,
+    )
