@@ -1,0 +1,200 @@
+"""Typed training configs: optimiser, checkpointing, data, loop; presets for Nexus-Gen's AR stages and decoders.
+
+Full-size presets follow the released Nexus-Gen scripts (``../shared/reference/nexus-gen.md`` section 4); ``tiny_*``
+presets are for tests and CPU smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from nexus_jax.sharding import MeshConfig
+
+ScheduleKind = Literal["cosine", "constant"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + linear warmup + (cosine | constant) schedule + global-norm clipping.
+
+    ``trainable`` / ``frozen`` are regular expressions matched against a parameter's ``/``-joined path
+    (e.g. ``model/layers/0/self_attn/q_proj/kernel``); a parameter trains when it matches some ``trainable``
+    pattern and no ``frozen`` pattern.
+    """
+
+    learning_rate: float = 1e-5
+    warmup_steps: int = 100
+    schedule: ScheduleKind = "cosine"
+    decay_steps: int = 10_000
+    min_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1
+    trainable: tuple[str, ...] = (".*",)
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.decay_steps < 1:
+            raise ValueError(f"warmup_steps >= 0 and decay_steps >= 1 required, got {self.warmup_steps}, "
+                             f"{self.decay_steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax CheckpointManager settings. ``resume``: 'none' | 'latest' | 'latest-valid' | a step number."""
+
+    directory: str = "checkpoints"
+    every_steps: int = 1000
+    keep_last: int = 3
+    async_save: bool = True
+    resume: str = "latest-valid"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline: where records live and how batches are shaped.
+
+    Sequences are bucketed per batch: each batch is padded to the smallest ``length_buckets`` entry that holds its
+    longest sequence; records longer than the largest bucket are skipped and counted.
+    """
+
+    path: str = ""  # JSONL file, or an array_record dataset directory written by the TFDS builder
+    image_root: str = ""
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    length_buckets: tuple[int, ...] = (512, 1024, 2048, 4096)
+    max_input_pixels: int = 262_640
+    target_image_size: int = 252
+    max_input_images: int = 2  # per record; more are skipped as broken
+    system_prompt: str = "You are a helpful assistant."
+
+    def __post_init__(self) -> None:
+        if not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets)):
+            raise ValueError(f"length_buckets must be strictly increasing and non-empty, got {self.length_buckets}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Loop length, batch shape, logging and evaluation cadence."""
+
+    total_steps: int = 10_000
+    batch_size: int = 128  # global, per optimiser step (split into grad_accum micro-batches)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval
+    eval_batches: int = 4
+    compute_dtype: str = "bfloat16"
+    log_dir: str = ""  # TensorBoard directory; "" = stdout only
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or self.batch_size < 1:
+            raise ValueError(f"total_steps and batch_size must be >= 1, got {self.total_steps}, {self.batch_size}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ARLossConfig:
+    """Nexus-Gen AR loss weights: token_weight * CE + image_weight * (0.5 MSE + 0.5 (1 - cos))."""
+
+    token_weight: float = 3.0
+    image_weight: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowLossConfig:
+    """Flow-matching decoder loss: shifted sigmas (shift 3), Gaussian timestep weighting as in DiffSynth."""
+
+    shift: float = 3.0
+    num_train_timesteps: int = 1000
+    weighted: bool = True
+    guidance: float = 3.5
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training job: which loop, which model preset, and all the sub-configs."""
+
+    task: Literal["ar", "generation_decoder", "editing_decoder"] = "ar"
+    model_preset: str = "tiny"
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    data: DataConfig = DataConfig()
+    loop: LoopConfig = LoopConfig()
+    mesh: MeshConfig = MeshConfig()
+    ar_loss: ARLossConfig = ARLossConfig()
+    flow_loss: FlowLossConfig = FlowLossConfig()
+
+
+# --- Nexus-Gen presets -------------------------------------------------------------------------------------------
+# The paper's per-stage table could not be read (nexus-gen.md section 4.1); the three stages below are an inferred
+# schedule: (1) align the new heads on a frozen LLM, (2) multi-task pre-training of the whole LLM with the V1 recipe,
+# (3) the released V2 fine-tuning recipe. ViT (and its merger) are frozen in every stage.
+_VIT_FROZEN = (r"(^|/)visual/",)
+
+AR_STAGE1 = TrainConfig(
+    task="ar",
+    model_preset="nexus_gen_v2",
+    optim=OptimConfig(learning_rate=1e-4, warmup_steps=500, decay_steps=20_000, grad_accum=8,
+                      trainable=(r"(^|/)vision_head/", r"(^|/)image_prefill_embeds/"), frozen=_VIT_FROZEN),
+    loop=LoopConfig(total_steps=20_000, batch_size=128),
+    ar_loss=ARLossConfig(token_weight=0.1, image_weight=1.0),
+)
+AR_STAGE2 = dataclasses.replace(
+    AR_STAGE1,
+    optim=OptimConfig(learning_rate=1e-4, warmup_steps=2_000, decay_steps=200_000, grad_accum=8, frozen=_VIT_FROZEN),
+    loop=LoopConfig(total_steps=200_000, batch_size=128),
+)
+AR_STAGE3 = dataclasses.replace(
+    AR_STAGE1,
+    optim=OptimConfig(learning_rate=1e-5, warmup_steps=500, decay_steps=10_000, grad_accum=8, frozen=_VIT_FROZEN),
+    loop=LoopConfig(total_steps=10_000, batch_size=128),
+    ar_loss=ARLossConfig(token_weight=3.0, image_weight=3.0),
+)
+GENERATION_DECODER = TrainConfig(
+    task="generation_decoder",
+    model_preset="flux_dev",
+    optim=OptimConfig(learning_rate=1e-5, warmup_steps=100, schedule="constant", grad_accum=16, weight_decay=0.01),
+    loop=LoopConfig(total_steps=100_000, batch_size=128),
+)
+EDITING_DECODER = dataclasses.replace(GENERATION_DECODER, task="editing_decoder")
+
+# Tiny presets: CPU-sized, float32, fast checkpoints.
+TINY_AR = TrainConfig(
+    task="ar",
+    model_preset="tiny",
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=40, weight_decay=0.0, clip_norm=1.0),
+    checkpoint=CheckpointConfig(every_steps=10, keep_last=3, async_save=True),
+    data=DataConfig(length_buckets=(64, 128, 256), max_input_pixels=56 * 84, target_image_size=56),
+    loop=LoopConfig(total_steps=40, batch_size=4, log_every=5, compute_dtype="float32"),
+    ar_loss=ARLossConfig(token_weight=1.0, image_weight=1.0),
+)
+TINY_GENERATION_DECODER = TrainConfig(
+    task="generation_decoder",
+    model_preset="tiny",
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=40, weight_decay=0.0, clip_norm=1.0),
+    checkpoint=CheckpointConfig(every_steps=10, keep_last=3, async_save=True),
+    loop=LoopConfig(total_steps=40, batch_size=4, log_every=5, compute_dtype="float32"),
+)
+TINY_EDITING_DECODER = dataclasses.replace(TINY_GENERATION_DECODER, task="editing_decoder")
+
+PRESETS: dict[str, TrainConfig] = {
+    "ar_stage1": AR_STAGE1,
+    "ar_stage2": AR_STAGE2,
+    "ar_stage3": AR_STAGE3,
+    "generation_decoder": GENERATION_DECODER,
+    "editing_decoder": EDITING_DECODER,
+    "tiny_ar": TINY_AR,
+    "tiny_generation_decoder": TINY_GENERATION_DECODER,
+    "tiny_editing_decoder": TINY_EDITING_DECODER,
+}

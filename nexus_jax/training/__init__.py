@@ -1,0 +1,1 @@
+"""Training: optimiser, train state, Orbax checkpoints, AR and decoder loops, metrics, CLI."""
