@@ -1,0 +1,1 @@
+"""Host-side preprocessing: image processor, M-RoPE position ids, chat templates."""
