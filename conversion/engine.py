@@ -142,6 +142,33 @@ class ConvToMatmul(Elementwise):
 
 
 @dataclasses.dataclass(frozen=True)
+class Reshape(Elementwise):
+    """torch ``torch_shape`` <-> JAX ``jax_shape`` (same element order), e.g. a fused qkv bias [3C] <-> [3, C]."""
+
+    torch_shape: tuple[int, ...]
+    jax_shape: tuple[int, ...]
+
+    def fwd(self, x):
+        return x.reshape(self.jax_shape)
+
+    def bwd(self, x):
+        return x.reshape(self.torch_shape)
+
+    def fwd_shape(self, s):
+        self._check(s, self.torch_shape)
+        return self.jax_shape
+
+    def bwd_shape(self, s):
+        self._check(s, self.jax_shape)
+        return self.torch_shape
+
+    @staticmethod
+    def _check(s: Shape, want: Shape) -> None:
+        if int(np.prod(s)) != int(np.prod(want)):
+            raise ConversionError(f"cannot reshape a tensor of shape {tuple(s)} to {tuple(want)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class HalfSwap(Elementwise):
     """Swap the two halves along ``axis`` (FLUX ``final_norm_out``: DiffSynth (scale, shift) <-> BFL (shift, scale)).
 
@@ -421,8 +448,9 @@ def plan(
     if target is None:
         _raise(errors)
         target = output_shapes(mapping, source, direction)
-    errors += _check_names([n for r in rules for n in outs(r)], target, target_name + f" ({mapping.name} table)",
-                           "target tensors")
+    errors += _check_names(
+        [n for r in rules for n in outs(r)], target, target_name + f" ({mapping.name} table)", "target tensors"
+    )
     _raise(errors)
 
     steps, bad = [], {}

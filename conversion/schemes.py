@@ -17,6 +17,7 @@ SCHEMES: dict[str, str] = {
     "diffusers_flux_transformer": (
         "diffusers FluxTransformer2DModel (transformer_blocks.*, single_transformer_blocks.*)"
     ),
+    "bfl_flux": "BFL flux1-dev.safetensors (double_blocks.*, single_blocks.*, final_layer.*)",
     "diffusers_vae": "diffusers AutoencoderKL (encoder.down_blocks.*, decoder.up_blocks.*)",
     "bfl_vae": "BFL ae.safetensors (encoder.down.*, decoder.up.*)",
 }
@@ -37,6 +38,8 @@ def detect_scheme(keys: Collection[str], where: str = "the checkpoint") -> str:
     dit = "x_embedder.weight" in keys and _has_prefix(keys, "single_blocks.") and _has_prefix(keys, "blocks.")
     if dit:
         return "nexus_v1_decoder" if {"0.weight", "3.weight"} <= keys else "diffsynth_flux_dit"
+    if "img_in.weight" in keys and _has_prefix(keys, "double_blocks."):
+        return "bfl_flux"
     if "x_embedder.weight" in keys and _has_prefix(keys, "single_transformer_blocks."):
         return "diffusers_flux_transformer"
     if "encoder.conv_in.weight" in keys:

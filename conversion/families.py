@@ -1,0 +1,208 @@
+"""Model families the converter knows: config type and presets, JAX model constructor, and one mapping table per
+upstream key scheme. Model code is imported lazily so ``conversion`` loads fast and without the models."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from conversion import config_io
+from conversion.engine import Mapping
+from conversion.errors import ConversionError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """``tables``: key scheme -> (config -> Mapping). ``export_scheme`` is the default layout written on export."""
+
+    name: str
+    description: str
+    presets: dict[str, Callable[[], Any]]
+    build: Callable[[Any, Any], Any]  # (config, rngs) -> nnx.Module
+    tables: dict[str, Callable[[Any], Mapping]]
+    export_scheme: str
+    config_to_json: Callable[[Any], dict] = config_io.to_dict
+    config_from_json: Callable[[dict], Any] | None = None
+    config_from_hf: Callable[[dict], Any] | None = None  # the source directory's config.json (HF layout)
+    hf_config: Callable[[Any], dict] | None = None  # config.json written beside exported weights
+    weights_prefix: str = "model"  # exported safetensors file prefix
+
+    def table(self, scheme: str, config: Any) -> Mapping:
+        if scheme not in self.tables:
+            raise ConversionError(
+                f"family {self.name!r} has no table for key scheme {scheme!r}; it supports {sorted(self.tables)}"
+            )
+        return self.tables[scheme](config)
+
+    def preset(self, name: str) -> Any:
+        if name not in self.presets:
+            raise ConversionError(f"family {self.name!r} has no preset {name!r}; presets: {sorted(self.presets)}")
+        return self.presets[name]()
+
+
+# ------------------------------------------------------------------------------------------------------- Nexus-Gen AR
+def _nexus_from_json(d: dict) -> Any:
+    from configs import nexus_gen, qwen2_5, qwen2_5_vl
+
+    vl = d["vl"]
+    vl_cfg = qwen2_5_vl.Qwen25VLConfig(
+        text=config_io.from_dict(qwen2_5.Qwen2TextConfig, vl["text"]),
+        vision=config_io.from_dict(qwen2_5_vl.Qwen25VisionConfig, vl["vision"]),
+        tokens=config_io.from_dict(qwen2_5_vl.Qwen25VLTokens, vl["tokens"]),
+        tokens_per_second=vl["tokens_per_second"],
+    )
+    kwargs = {k: v for k, v in d.items() if k not in ("vl", "trainable")}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    trainable = config_io.from_dict(nexus_gen.TrainablePolicy, d.get("trainable", {}))
+    return nexus_gen.NexusGenConfig(vl=vl_cfg, trainable=trainable, **kwargs)
+
+
+def nexus_config_from_hf(hf: dict, version: str | None = None) -> Any:
+    """NexusGenConfig from a transformers Qwen2.5-VL ``config.json`` (4.49 flat or 5.x nested ``text_config``).
+    ``version`` defaults to V2 when the checkpoint has prefill embeddings (decided by the caller)."""
+    from configs import nexus_gen, qwen2_5, qwen2_5_vl
+
+    t = hf.get("text_config", hf)
+    rope = t.get("rope_scaling") or t.get("rope_parameters") or {}
+    text = qwen2_5.Qwen2TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_layers=t["num_hidden_layers"],
+        num_heads=t["num_attention_heads"],
+        num_kv_heads=t["num_key_value_heads"],
+        head_dim=t["hidden_size"] // t["num_attention_heads"],
+        rope_theta=float(t.get("rope_theta", rope.get("rope_theta", 1e6))),
+        rms_norm_eps=t["rms_norm_eps"],
+        mrope_section=tuple(rope["mrope_section"]) if "mrope_section" in rope else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+        max_position_embeddings=t.get("max_position_embeddings", 128000),
+    )
+    v = hf["vision_config"]
+    fields = {f.name for f in dataclasses.fields(qwen2_5_vl.Qwen25VisionConfig)}
+    vkw = {k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in fields}
+    if "in_chans" in v:
+        vkw["in_channels"] = v["in_chans"]
+    if "spatial_patch_size" in v:
+        vkw["patch_size"] = v["spatial_patch_size"]
+    vision = qwen2_5_vl.Qwen25VisionConfig(**vkw)
+    vl = qwen2_5_vl.Qwen25VLConfig(text=text, vision=vision, tokens_per_second=v.get("tokens_per_second", 2))
+    base = nexus_gen.nexus_gen_v2 if version in (None, "v2") else nexus_gen.nexus_gen_v1
+    return base(vl=vl)
+
+
+def nexus_hf_config(cfg: Any) -> dict:
+    """transformers ``Qwen2_5_VLConfig`` dict for an exported Nexus-Gen AR directory."""
+    import transformers
+
+    t, v = cfg.vl.text, cfg.vl.vision
+    text = dict(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+        rope_theta=t.rope_theta,
+        rope_scaling={"type": "default", "mrope_section": list(t.mrope_section or ())},
+    )
+    if t.head_dim * t.num_heads != t.hidden_size:
+        raise ConversionError(
+            f"transformers Qwen2.5-VL needs head_dim * heads == hidden, got {t.head_dim}x{t.num_heads}"
+        )
+    tok = cfg.vl.tokens
+    hf = transformers.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=v.to_hf_dict(),
+        image_token_id=tok.image_pad,
+        video_token_id=tok.video_pad,
+        vision_start_token_id=tok.vision_start,
+        vision_end_token_id=tok.vision_end,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+    d = hf.to_dict()
+    d["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    return d
+
+
+def _nexus_family() -> Family:
+    from configs import nexus_gen
+
+    def build(cfg, rngs):
+        from nexus_jax.models.nexus_ar import NexusGenAR
+
+        return NexusGenAR(cfg, rngs=rngs)
+
+    def table(cfg):
+        from conversion.tables.qwen2_5_vl import nexus_ar_mapping
+
+        return nexus_ar_mapping(cfg)
+
+    return Family(
+        name="nexus_ar",
+        description="Nexus-Gen AR model (Qwen2.5-VL + vision_head [+ image_prefill_embeds])",
+        presets={
+            "v1": nexus_gen.nexus_gen_v1,
+            "v2": nexus_gen.nexus_gen_v2,
+            "tiny_v1": lambda: nexus_gen.tiny("v1"),
+            "tiny_v2": lambda: nexus_gen.tiny("v2"),
+        },
+        build=build,
+        tables={"nexus_ar": table, "hf_qwen2_5_vl": table},
+        export_scheme="nexus_ar",
+        config_from_json=_nexus_from_json,
+        config_from_hf=nexus_config_from_hf,
+        hf_config=nexus_hf_config,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------- FLUX
+def _flux_family() -> Family:
+    from configs.flux import FluxDiTConfig
+
+    def build(cfg, rngs):
+        from nexus_jax.models.flux import FluxDiT
+
+        return FluxDiT(cfg, rngs=rngs)
+
+    def tables():
+        from conversion.tables import flux_dit
+
+        return {
+            "diffsynth_flux_dit": flux_dit.diffsynth_mapping,
+            "diffusers_flux_transformer": flux_dit.diffusers_mapping,
+            "bfl_flux": flux_dit.bfl_mapping,
+        }
+
+    return Family(
+        name="flux_dit",
+        description="FLUX.1 DiT (DiffSynth / diffusers / BFL names)",
+        presets={"full": FluxDiTConfig.full, "tiny": FluxDiTConfig.tiny},
+        build=build,
+        tables=tables(),
+        export_scheme="diffsynth_flux_dit",
+        config_from_json=lambda d: config_io.from_dict(FluxDiTConfig, d),
+        weights_prefix="diffusion_pytorch_model",
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Family]] = {"nexus_ar": _nexus_family, "flux_dit": _flux_family}
+
+
+def register(name: str, factory: Callable[[], Family]) -> None:
+    """Add a family (used by the decoder / VAE tables)."""
+    _FACTORIES[name] = factory
+
+
+def get_family(name: str) -> Family:
+    if name not in _FACTORIES:
+        raise ConversionError(f"unknown model family {name!r}; known: {sorted(_FACTORIES)}")
+    return _FACTORIES[name]()
+
+
+def family_names() -> list[str]:
+    return sorted(_FACTORIES)

@@ -1,0 +1,159 @@
+"""Orbax checkpoints written tensor by tensor (Orbax v1 partial saves), with the model config as JSON beside them.
+
+Layout of a converted checkpoint directory::
+
+    <out>/params/        Orbax PyTree checkpoint; tree = nested dicts of the dotted nnx paths (list indices as "0")
+    <out>/config.json    {"family": ..., "config": {...}, "source": ..., "scheme": ..., "format_version": 1}
+
+Tensors are saved in groups of at most ``group_bytes`` (a larger tensor alone), so peak host memory stays near the
+largest tensor plus one group. With a mesh, each tensor is placed with its target ``NamedSharding`` first, so the
+stored sharding metadata is the target mesh's and a restore on that mesh needs no resharding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from conversion.errors import ConversionError, MissingTensorsError
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+
+def _ocp():
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    return ocp
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b.0": x} -> {"a": {"b": {"0": x}}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConversionError(f"path {key} collides with a tensor at its parent {p}")
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of :func:`nest`."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def save_streaming(
+    path: str | os.PathLike,
+    items: Iterable[tuple[str, np.ndarray]],
+    place: Callable[[str, np.ndarray], Any] | None = None,
+    group_bytes: int = 256 * 2**20,
+) -> int:
+    """Write ``(dotted path, array)`` pairs into an Orbax checkpoint at ``path`` group by group; returns the count.
+
+    ``place(name, array)`` may return a sharded ``jax.Array`` (target mesh); by default host numpy is stored.
+    """
+    ocp = _ocp()
+    path = Path(path)
+    group: dict[str, Any] = {}
+    used = count = 0
+
+    def flush() -> None:
+        nonlocal group, used
+        if group:
+            ocp.partial.save(path, nest(group))
+            group, used = {}, 0
+
+    for name, array in items:
+        value = place(name, array) if place is not None else np.asarray(array)
+        group[name] = value
+        used += int(array.nbytes)
+        count += 1
+        if used >= group_bytes:
+            flush()
+    flush()
+    if count == 0:
+        raise ConversionError("nothing to save: the conversion produced no tensors")
+    ocp.partial.finalize(path)
+    return count
+
+
+def metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
+    """Dotted path -> ShapeDtypeStruct of every stored tensor, read from the checkpoint metadata (no data)."""
+    meta = _ocp().pytree_metadata(Path(path)).metadata
+    return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in flatten(meta).items()}
+
+
+def load(
+    path: str | os.PathLike,
+    names: Iterable[str] | None = None,
+    shardings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore tensors (all, or only ``names``) as dotted path -> array, in their stored dtype.
+
+    ``shardings`` (dotted path -> ``jax.sharding.Sharding``) restores straight into the target layout; without it
+    arrays come back as host numpy arrays.
+    """
+    ocp = _ocp()
+    stored = metadata(path)
+    wanted = list(stored) if names is None else list(names)
+    missing = [n for n in wanted if n not in stored]
+    if missing:
+        raise MissingTensorsError(missing, f"the Orbax checkpoint {path}")
+
+    def leaf(n: str) -> Any:
+        s = stored[n]
+        if shardings is not None and n in shardings:
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[n])
+        return np.empty(s.shape, s.dtype) if not s.shape else _NumpyLeaf(s)
+
+    abstract = nest({n: leaf(n) for n in wanted})
+    abstract = jax.tree.map(lambda x: x.proto() if isinstance(x, _NumpyLeaf) else x, abstract)
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = names is not None
+    with ctx:
+        return flatten(ocp.load(Path(path), abstract))
+
+
+class _NumpyLeaf:
+    """Placeholder for a tensor to restore as host numpy (Orbax restores numpy for a numpy abstract leaf)."""
+
+    def __init__(self, s: jax.ShapeDtypeStruct):
+        self.s = s
+
+    def proto(self) -> np.ndarray:
+        return np.lib.stride_tricks.as_strided(np.zeros((), self.s.dtype), self.s.shape, (0,) * len(self.s.shape))
+
+
+def write_config(directory: str | os.PathLike, family: str, config: dict[str, Any], **extra: Any) -> None:
+    """``config.json`` beside the params: the family name, its config fields and provenance."""
+    doc = {"format_version": FORMAT_VERSION, "family": family, "config": config, **extra}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` written by :func:`write_config`."""
+    p = Path(directory) / CONFIG_FILE
+    if not p.exists():
+        raise ConversionError(f"{directory} is not a converted checkpoint: {CONFIG_FILE} is missing")
+    doc = json.loads(p.read_text())
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ConversionError(f"{p}: format_version {doc.get('format_version')} (this code reads {FORMAT_VERSION})")
+    return doc
