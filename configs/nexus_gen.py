@@ -38,7 +38,8 @@ class NexusGenConfig:
     ``slot_grid_thw`` is the ViT patch grid of an output image (1, 18, 18 = 252x252 px); it gives
     ``num_slots = t*h*w / merge**2`` slots (81). V1 fills the slots with the ``<|image_pad|>`` embedding, V2 with the
     learned ``image_prefill_embeds`` [num_slots, hidden]. ``max_length`` is the context length prompts must fit in,
-    slots included. ``edit_reference_size`` is the side of the source image of an edit prompt (504 -> 324 tokens).
+    slots included. Input images (understanding, the source of an edit) are smart-resized to at most
+    ``input_max_pixels`` (262640: a 512x512 source becomes 504x504 -> 324 tokens).
     """
 
     vl: Qwen25VLConfig
@@ -49,7 +50,7 @@ class NexusGenConfig:
     image_loss_weight: float = 3.0
     trainable: TrainablePolicy = TrainablePolicy()
     max_length: int = 4096
-    edit_reference_size: int = 504
+    input_max_pixels: int = 262_640
 
     def __post_init__(self) -> None:
         if self.version not in VERSIONS:
@@ -73,8 +74,8 @@ class NexusGenConfig:
         if self.max_length < self.num_slots + 2:
             raise ValueError(f"max_length={self.max_length} cannot hold {self.num_slots} slots plus their markers")
         unit = self.vl.vision.patch_size * merge
-        if self.edit_reference_size % unit:
-            raise ValueError(f"edit_reference_size={self.edit_reference_size} must be a multiple of {unit}")
+        if self.input_max_pixels < unit * unit:
+            raise ValueError(f"input_max_pixels={self.input_max_pixels} is below one {unit}x{unit} merge unit")
 
     @property
     def grid_slots(self) -> int:
@@ -160,5 +161,5 @@ def tiny(version: Version = "v2", *, slot_grid_thw: tuple[int, int, int] = (1, 6
     merge = QWEN25_VISION_TINY.spatial_merge_size
     n = math.prod(slot_grid_thw) // merge**2
     base = NexusGenConfig(vl=tiny_vl(), num_slots=n, slot_grid_thw=slot_grid_thw, max_length=2048,
-                          edit_reference_size=112)
+                          input_max_pixels=112 * 112)
     return _with_version(base, version).replace(**overrides)

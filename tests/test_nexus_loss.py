@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nexus_jax.nexus import loss as L
+from nexus_jax.nexus.slots import check_slot_count, scatter_rows
 
 IMG = 7  # image_pad id in these synthetic batches
 VOCAB = 11
@@ -47,7 +48,7 @@ def test_loss_matches_torch_reference(slots):
     logits, embeds, labels = _batch(rng, slots=slots)
     n_rows = int((labels == IMG).sum())
     rows = rng.standard_normal((n_rows, embeds.shape[-1])).astype(np.float32)
-    targets = np.asarray(L.scatter_rows(jnp.asarray(rows), jnp.asarray(labels == IMG)))
+    targets = np.asarray(scatter_rows(jnp.asarray(rows), jnp.asarray(labels == IMG)))
     want, want_ce, want_img = torch_objective(logits, embeds, labels, rows, 3.0, 3.0)
     got, metrics = L.nexus_ar_loss(
         jnp.asarray(logits), jnp.asarray(embeds), jnp.asarray(labels), jnp.asarray(targets),
@@ -81,7 +82,7 @@ def test_image_loss_gradient_matches_torch():
     rng = np.random.default_rng(2)
     logits, embeds, labels = _batch(rng)
     rows = rng.standard_normal((int((labels == IMG).sum()), embeds.shape[-1])).astype(np.float32)
-    targets = L.scatter_rows(jnp.asarray(rows), jnp.asarray(labels == IMG))
+    targets = scatter_rows(jnp.asarray(rows), jnp.asarray(labels == IMG))
     g = jax.grad(lambda e: L.image_embedding_loss(e, targets, jnp.asarray(labels), IMG)[0])(jnp.asarray(embeds))
     te = torch.tensor(embeds, requires_grad=True)
     sel = torch.as_tensor(labels[:, 1:] == IMG)
@@ -94,7 +95,7 @@ def test_image_loss_gradient_matches_torch():
 def test_scatter_rows_places_rows_in_row_major_order():
     mask = np.array([[0, 1, 1, 0], [1, 0, 0, 1]], bool)
     rows = np.arange(8, dtype=np.float32).reshape(4, 2)
-    out = np.asarray(L.scatter_rows(jnp.asarray(rows), jnp.asarray(mask)))
+    out = np.asarray(scatter_rows(jnp.asarray(rows), jnp.asarray(mask)))
     np.testing.assert_array_equal(out[mask], rows)
     assert np.all(out[~mask] == 0)
 
@@ -109,4 +110,4 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match=f"label {VOCAB + 5} is outside the vocabulary"):
         L.token_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), IMG)
     with pytest.raises(ValueError, match="3 slots but 2 feature rows"):
-        L.check_slot_count(np.array([[1, 1, 1]], bool), 2, "target image")
+        check_slot_count(np.array([[1, 1, 1]], bool), 2, "target image")

@@ -15,11 +15,13 @@ Everything works on fixed shapes (masks instead of boolean gathers), so it jits 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nexus_jax.nexus.slots import check_slot_count, scatter_rows
 
 IGNORE_INDEX = -100
 COSINE_EPS = 1e-8
@@ -104,41 +106,42 @@ def nexus_ar_loss(
     return loss, {"token_loss": ce, "image_loss": img, "num_tokens": n_tokens, "num_slots": n_slots}
 
 
-def scatter_rows(features: jax.Array, mask: jax.Array) -> jax.Array:
-    """Place ``features`` [T, D] row-major into the True cells of ``mask`` [B, L] -> [B, L, D] (zeros elsewhere).
+def model_loss(
+    model: Any,
+    batch: dict[str, Any],
+    *,
+    num_input_rows: int = 0,
+    num_target_rows: int = 0,
+    train_vit: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss of a :class:`~nexus_jax.models.nexus_ar.NexusGenAR` on a device batch (see ``batch.device_arrays``).
 
-    T is static; callers guarantee ``mask.sum() == T`` (see :func:`check_slot_count`).
+    ``num_input_rows`` / ``num_target_rows`` (static) are the real merged-token counts of the input / target images.
+    Targets go through the ViT under ``stop_gradient``; input-image features too unless ``train_vit``.
     """
-    b, l = mask.shape
-    if features.shape[0] == 0:
-        return jnp.zeros((b, l, features.shape[-1]), features.dtype)
-    flat = mask.reshape(-1)
-    order = jnp.cumsum(flat) - 1  # index into features for each True cell
-    rows = jnp.take(features, jnp.clip(order, 0, features.shape[0] - 1), axis=0)
-    return jnp.where(flat[:, None], rows, 0).reshape(b, l, features.shape[-1])
-
-
-def check_slot_count(mask: np.ndarray | jax.Array, num_rows: int, what: str) -> None:
-    """Raise a clear error when a concrete ``mask`` [B, L] does not hold exactly ``num_rows`` True cells."""
-    if isinstance(mask, jax.core.Tracer):
-        return
-    n = int(np.asarray(mask).sum())
-    if n != num_rows:
-        raise ValueError(f"{what}: the sequence has {n} slots but {num_rows} feature rows were given")
-
-
-def output_slot_mask(labels: np.ndarray | jax.Array, image_token_id: int) -> np.ndarray | jax.Array:
-    """Output-image slots: labels == image_pad. [B, L] bool."""
-    return labels == image_token_id
-
-
-def input_image_mask(
-    input_ids: np.ndarray | jax.Array, labels: np.ndarray | jax.Array, image_token_id: int
-) -> np.ndarray | jax.Array:
-    """Input-image slots (ViT features go in): image_pad tokens that are not output slots. [B, L] bool."""
-    return (input_ids == image_token_id) & (labels != image_token_id)
-
-
-def slot_counts(labels: np.ndarray, image_token_id: int) -> Sequence[int]:
-    """Number of output slots per sample (numpy). labels [B, L] -> list of B ints."""
-    return [int(x) for x in np.asarray(labels == image_token_id).sum(axis=1)]
+    cfg = model.config
+    image_id = cfg.tokens.image_pad
+    labels = batch["labels"]
+    n_out = int(np.asarray(labels == image_id).sum()) if not isinstance(labels, jax.core.Tracer) else None
+    if n_out is not None and n_out and "target_pixels" not in batch:
+        raise ValueError(f"the batch has {n_out} output-image slots but no target image to regress them onto")
+    feats = None
+    if num_input_rows:
+        feats = model.encode_images(batch["input_pixels"], batch["input_layout"], num_input_rows)
+        feats = feats if train_vit else jax.lax.stop_gradient(feats)
+    out = model(
+        batch["input_ids"], positions=batch["positions"], slot_index=batch["slot_index"],
+        attention_mask=batch["attention_mask"], input_features=feats, input_mask=batch["input_mask"],
+    )
+    if num_target_rows:
+        rows = jax.lax.stop_gradient(
+            model.encode_images(batch["target_pixels"], batch["target_layout"], num_target_rows)
+        )
+        check_slot_count(labels == image_id, num_target_rows, "target images")
+        targets = scatter_rows(rows, labels == image_id)
+    else:
+        targets = jnp.zeros_like(out.image_embeds)
+    return nexus_ar_loss(
+        out.logits, out.image_embeds, labels, targets, image_token_id=image_id,
+        token_weight=cfg.token_loss_weight, image_weight=cfg.image_loss_weight,
+    )
