@@ -33,8 +33,9 @@ class FluxVAEConfig:
             raise ValueError("block_out_channels must name at least one level, got ()")
         for c in self.block_out_channels:
             if c <= 0 or c % self.norm_num_groups:
+                groups = self.norm_num_groups
                 raise ValueError(
-                    f"block_out_channels entry {c} must be a positive multiple of norm_num_groups={self.norm_num_groups}"
+                    f"block_out_channels entry {c} must be a positive multiple of norm_num_groups={groups}"
                 )
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")

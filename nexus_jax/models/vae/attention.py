@@ -13,7 +13,7 @@ _AXES = ("conv_in", "conv_out")
 
 
 class VAEAttention(nnx.Module):
-    """x + to_out.0(softmax(q k^T / sqrt(C)) v) over all H*W positions, one head of width C; q, k, v from group_norm(x)."""
+    """x + to_out.0(softmax(q k^T / sqrt(C)) v) over all H*W positions (one head of width C), q/k/v of group_norm(x)."""
 
     def __init__(
         self,

@@ -66,7 +66,7 @@ class Conv2d(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm over NHWC channels: statistics in fp32, affine ``weight``/``bias`` [C]; output in x's dtype."""
+    """torch.nn.GroupNorm on NHWC channels: fp32 statistics, affine ``weight``/``bias`` [C]; output in x's dtype."""
 
     def __init__(
         self,

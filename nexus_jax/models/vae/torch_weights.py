@@ -42,7 +42,9 @@ def load_diffusers_state_dict(vae: FluxVAE, state_dict: Mapping[str, np.ndarray]
     missing = sorted(set(wanted) - set(state_dict))
     unused = sorted(set(state_dict) - set(wanted))
     if missing or unused:
-        raise KeyError(f"state dict mismatch: missing {missing[:8]} ({len(missing)}), unused {unused[:8]} ({len(unused)})")
+        raise KeyError(
+            f"state dict mismatch: missing {missing[:8]} ({len(missing)}), unused {unused[:8]} ({len(unused)})"
+        )
     for path, var in flat:
         key = torch_key(tuple(str(p) for p in path))
         value = convert_tensor(wanted[key], np.asarray(state_dict[key]))
