@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_LAYER_LINEARS = (
+LAYER_LINEARS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
     "self_attn.v_proj",
@@ -57,7 +57,7 @@ def load_hf_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) 
     _set(base.embed_tokens.embedding, take("embed_tokens.weight"), "embed_tokens.weight")
     _set(base.norm.weight, take("norm.weight"), "norm.weight")
     for i, layer in enumerate(base.layers):
-        for name in _LAYER_LINEARS:
+        for name in LAYER_LINEARS:
             owner, attr = name.split(".")
             linear = getattr(getattr(layer, owner), attr)
             key = f"layers.{i}.{name}"
