@@ -72,11 +72,13 @@ class DataConfig:
     image_root: str = ""
     seed: int = 0
     num_epochs: int | None = None  # None: repeat forever
+    eval_path: str = ""  # optional held-out records for periodic eval
     length_buckets: tuple[int, ...] = (512, 1024, 2048, 4096)
-    max_input_pixels: int = 262_640
-    target_image_size: int = 252
-    max_input_images: int = 2  # per record; more are skipped as broken
-    system_prompt: str = "You are a helpful assistant."
+    max_input_images: int = 2  # AR: input images per record (more: the record is skipped as broken)
+    max_output_images: int = 1  # AR: output images per record
+    image_size: int = 512  # decoders: short-side resize + centre crop to image_size x image_size
+    num_threads: int = 4  # Grain prefetch threads
+    prefetch: int = 64
 
     def __post_init__(self) -> None:
         if not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets)):
@@ -146,7 +148,7 @@ AR_STAGE1 = TrainConfig(
     task="ar",
     model_preset="nexus_gen_v2",
     optim=OptimConfig(learning_rate=1e-4, warmup_steps=500, decay_steps=20_000, grad_accum=8,
-                      trainable=(r"(^|/)vision_head/", r"(^|/)image_prefill_embeds/"), frozen=_VIT_FROZEN),
+                      trainable=(r"(^|/)vision_head/", r"(^|/)image_prefill_embeds(/|$)"), frozen=_VIT_FROZEN),
     loop=LoopConfig(total_steps=20_000, batch_size=128),
     ar_loss=ARLossConfig(token_weight=0.1, image_weight=1.0),
 )
@@ -175,7 +177,7 @@ TINY_AR = TrainConfig(
     model_preset="tiny",
     optim=OptimConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=40, weight_decay=0.0, clip_norm=1.0),
     checkpoint=CheckpointConfig(every_steps=10, keep_last=3, async_save=True),
-    data=DataConfig(length_buckets=(64, 128, 256), max_input_pixels=56 * 84, target_image_size=56),
+    data=DataConfig(length_buckets=(128, 256, 512, 1024), num_threads=1, prefetch=8),
     loop=LoopConfig(total_steps=40, batch_size=4, log_every=5, compute_dtype="float32"),
     ar_loss=ARLossConfig(token_weight=1.0, image_weight=1.0),
 )
@@ -184,6 +186,7 @@ TINY_GENERATION_DECODER = TrainConfig(
     model_preset="tiny",
     optim=OptimConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=40, weight_decay=0.0, clip_norm=1.0),
     checkpoint=CheckpointConfig(every_steps=10, keep_last=3, async_save=True),
+    data=DataConfig(image_size=32, num_threads=1, prefetch=8),
     loop=LoopConfig(total_steps=40, batch_size=4, log_every=5, compute_dtype="float32"),
 )
 TINY_EDITING_DECODER = dataclasses.replace(TINY_GENERATION_DECODER, task="editing_decoder")

@@ -44,6 +44,8 @@ class TrainTask:
     make_eval_batches: Callable[[], Iterator[Batch]] | None = None
     count_tokens: Callable[[Batch], int] = lambda b: 0
     frozen: tuple[str, ...] = ()
+    batch_axes: Callable[[str, int], tuple[str | None, ...]] = state_lib.batch_major
+    micro_batched: bool = False
 
 
 @dataclasses.dataclass
@@ -88,7 +90,7 @@ def train(
 
     writer = MetricsWriter(run_dir, cfg.loop.log_every, cfg.loop.log_dir)
     writer.event("start", resumed_from=resumed, step=start, task=task.name)
-    step_fn = state_lib.make_train_step(graphdef, task.loss_fn, optim, cfg.loop.compute_dtype)
+    step_fn = state_lib.make_train_step(graphdef, task.loss_fn, optim, cfg.loop.compute_dtype, task.micro_batched)
     eval_fn = jax.jit(state_lib.make_eval_step(graphdef, task.loss_fn, cfg.loop.compute_dtype))
     jitted: dict[Any, Any] = {}
     losses: dict[int, float] = {}
@@ -99,7 +101,7 @@ def train(
                 record_ids = host_batch.pop("record_id").tolist() if "record_id" in host_batch else None
                 key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(host_batch.items()))
                 if key not in jitted:
-                    batch_sh = state_lib.batch_shardings(host_batch, mesh, rules)
+                    batch_sh = state_lib.batch_shardings(host_batch, mesh, rules, task.batch_axes)
                     jitted[key] = (state_lib.jit_train_step(step_fn, state_sh, batch_sh), batch_sh)
                 fn, batch_sh = jitted[key]
                 state, metrics = fn(state, _global_batch(host_batch, batch_sh))
@@ -107,8 +109,7 @@ def train(
                                    records=len(record_ids or []), record_ids=record_ids, skipped=batches.skipped)
                 losses[step + 1] = host["loss"]
                 if cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0 and task.make_eval_batches:
-                    writer.eval(step + 1, evaluate(eval_fn, state, task.make_eval_batches(), cfg.loop.eval_batches,
-                                                   mesh, rules))
+                    writer.eval(step + 1, evaluate(eval_fn, state, task, cfg.loop.eval_batches, mesh, rules))
                 if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.loop.total_steps:
                     ckpt.save(step + 1, state, batches.get_state())
                 if step_delay_s:
@@ -119,16 +120,19 @@ def train(
     return TrainResult(int(np.asarray(state["step"])), resumed, losses, state)
 
 
-def evaluate(eval_fn, state, batches: Iterator[Batch], num_batches: int, mesh, rules) -> dict[str, float]:
-    """Mean of the eval metrics over up to ``num_batches`` batches."""
+def evaluate(eval_fn, state, task: TrainTask, num_batches: int, mesh, rules) -> dict[str, float]:
+    """Mean of the eval metrics over up to ``num_batches`` batches of ``task.make_eval_batches()``."""
     sums: dict[str, float] = {}
     n = 0
-    for batch in batches:
+    for batch in task.make_eval_batches():
         if n >= num_batches:
             break
         batch = dict(batch)
         batch.pop("record_id", None)
-        sh = state_lib.batch_shardings(batch, mesh, rules)
+        if task.micro_batched:  # evaluate the first micro-batch of each batch
+            batch = {k: v[0] for k, v in batch.items()}
+        sh = state_lib.batch_shardings(batch, mesh, rules, lambda k, nd: task.batch_axes(k, nd + 1)[1:]
+                                       if task.micro_batched else task.batch_axes(k, nd))
         out = eval_fn(state, _global_batch(batch, sh))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(np.asarray(v))

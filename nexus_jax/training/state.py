@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -94,8 +95,12 @@ def make_train_step(
     loss_fn: LossFn,
     optim: OptimConfig,
     compute_dtype: str = "float32",
+    micro_batched: bool = False,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with :func:`jit_train_step`.
+
+    ``micro_batched``: every batch array already has a leading ``[grad_accum]`` axis (used when micro-batches carry
+    non-batch-major arrays, e.g. packed ViT inputs); otherwise the leading batch axis is split here.
 
     Metrics: ``loss``, each loss part returned by ``loss_fn`` (mean over micro-batches), ``grad_norm`` (before
     clipping) and ``learning_rate`` (the value used for this update).
@@ -115,7 +120,10 @@ def make_train_step(
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.wrap_key_data(state["rng"])
         key, step_key = jax.random.split(key)
-        micro = _split_micro(batch, accum)
+        micro = batch if micro_batched else _split_micro(batch, accum)
+        for name, x in micro.items():
+            if x.shape[0] != accum:
+                raise ValueError(f"micro-batched input {name!r} has leading axis {x.shape[0]}, expected {accum}")
         keys = jax.random.split(step_key, accum)
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
 
@@ -166,14 +174,22 @@ def make_eval_step(
     return evaluate
 
 
-def batch_shardings(batch: dict[str, Any], mesh: Mesh, rules: sharding.Rules) -> dict[str, NamedSharding]:
-    """Batch-major inputs: leading axis over the data axes (if it divides), rest replicated."""
+def batch_major(name: str, ndim: int) -> tuple[str | None, ...]:
+    """Default logical axes of an input array: leading batch axis, the rest unsharded."""
+    return ("batch",) + (None,) * (ndim - 1)
 
-    def one(x: Any) -> NamedSharding:
-        spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), rules, x.shape, mesh)
-        return NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, batch)
+def batch_shardings(
+    batch: dict[str, Any],
+    mesh: Mesh,
+    rules: sharding.Rules,
+    axes: Callable[[str, int], tuple[str | None, ...]] = batch_major,
+) -> dict[str, NamedSharding]:
+    """NamedSharding per input array from its logical axes ``axes(name, ndim)`` (axes that do not divide drop)."""
+    return {
+        k: NamedSharding(mesh, sharding.logical_to_spec(axes(k, np.ndim(x)), rules, np.shape(x), mesh))
+        for k, x in batch.items()
+    }
 
 
 def jit_train_step(step, state_sh: TrainState, batch_sh: dict[str, NamedSharding]):
