@@ -132,3 +132,26 @@ class Qwen25VLConfig:
             raise ValueError(
                 f"vision out_hidden_size {self.vision.out_hidden_size} must equal the text hidden_size {hidden}"
             )
+
+
+# Tiny special-token ids that fit the tiny text vocabulary (384).
+TINY_TOKENS = Qwen25VLTokens(
+    endoftext=370, im_start=371, im_end=372, vision_start=373, vision_end=374, vision_pad=375, image_pad=376,
+    video_pad=377,
+)
+
+
+def qwen2_5_vl_7b() -> Qwen25VLConfig:
+    """Qwen2.5-VL-7B (Nexus-Gen's AR backbone): 28-layer text decoder + 32-block ViT."""
+    from configs.qwen2_5 import qwen2_5_vl_7b as text_7b
+
+    return Qwen25VLConfig(text=text_7b(), vision=QWEN25_VISION_7B)
+
+
+def tiny() -> Qwen25VLConfig:
+    """Test size: the tiny text decoder (hidden 144, 9/3 heads) + the tiny ViT projecting to 144."""
+    from configs.qwen2_5 import tiny as text_tiny
+
+    text = text_tiny()
+    vision = dataclasses.replace(QWEN25_VISION_TINY, out_hidden_size=text.hidden_size)
+    return Qwen25VLConfig(text=text, vision=vision, tokens=TINY_TOKENS)

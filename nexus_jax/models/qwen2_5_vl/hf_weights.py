@@ -49,3 +49,13 @@ def load_hf_vision(model: Qwen25VisionTransformer, state_dict: Mapping[str, np.n
     _set(model.merger.ln_q.weight, np.asarray(sd["merger.ln_q.weight"]), "merger.ln_q.weight")
     _linear(model.merger.mlp_0, sd, "merger.mlp.0")
     _linear(model.merger.mlp_2, sd, "merger.mlp.2")
+
+
+def load_hf_vl(model, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Fill a :class:`Qwen25VLForConditionalGeneration` from a transformers state dict (5.x ``model.visual.`` /
+    ``model.language_model.`` keys, or 4.x ``visual.`` / ``model.`` keys) of numpy arrays."""
+    from nexus_jax.models.qwen2.hf_params import load_hf_state_dict
+
+    prefix = "model.visual." if any(k.startswith("model.visual.") for k in state_dict) else "visual."
+    load_hf_vision(model.visual, state_dict, prefix=prefix)
+    load_hf_state_dict(model.language_model, state_dict)
