@@ -1,0 +1,88 @@
+"""Bad input raises clear errors naming the value and the limit; config checks; remat keeps gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.qwen2_5 import Qwen2TextConfig, qwen2_5_1_5b, qwen2_5_vl_7b, tiny
+from nexus_jax.generation import GenerationConfig, generate
+from nexus_jax.models.qwen2 import Qwen2ForCausalLM, init_cache_for
+from nexus_jax.models.qwen2.build import create_model, param_count
+
+CFG = tiny(num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(CFG, seed=0)
+
+
+def test_token_id_at_or_above_vocab_raises(model):
+    ids = np.array([[1, 2, CFG.vocab_size]])
+    with pytest.raises(ValueError, match=rf"token id {CFG.vocab_size} .*vocab_size={CFG.vocab_size}"):
+        model(jnp.asarray(ids))
+    with pytest.raises(ValueError, match=rf"token id {CFG.vocab_size + 5} .*vocab_size={CFG.vocab_size}"):
+        generate(model, ids + 5, config=GenerationConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"token id -1 "):
+        model(jnp.asarray([[-1, 3]]))
+
+
+def test_prompt_longer_than_cache_raises(model):
+    ids = np.ones((1, 20), np.int32)
+    msg = r"prompt of 20 tokens \+ max_new_tokens=4 = 24 slots exceeds the KV cache capacity of 16"
+    with pytest.raises(ValueError, match=msg):
+        generate(model, ids, config=GenerationConfig(max_new_tokens=4, cache_capacity=16))
+    with pytest.raises(ValueError, match=r"20 new tokens do not fit the KV cache capacity of 16"):
+        model(jnp.asarray(ids), cache=init_cache_for(CFG, 1, 16))
+
+
+def test_prompt_beyond_max_positions_and_right_padding_raise(model):
+    short = tiny(num_layers=1, max_position_embeddings=32)
+    with pytest.raises(ValueError, match=r"exceeds max_position_embeddings=32"):
+        generate(create_model(short), np.ones((1, 30), np.int32), config=GenerationConfig(max_new_tokens=4))
+    mask = np.array([[1, 1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, np.ones((1, 3), np.int32), mask)
+
+
+def test_config_errors_name_value_and_limit():
+    with pytest.raises(ValueError, match=r"mrope_section \(2, 3, 4\) sums to 9; it must sum to head_dim // 2 = 8"):
+        tiny(mrope_section=(2, 3, 4))
+    with pytest.raises(ValueError, match=r"num_heads=10 must be a multiple of num_kv_heads=3"):
+        tiny(num_heads=10)
+    with pytest.raises(ValueError, match=r"remat='some'"):
+        tiny(remat="some")
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        GenerationConfig(top_p=1.5)
+
+
+def test_presets_have_the_documented_shapes():
+    big = qwen2_5_vl_7b()
+    assert (big.hidden_size, big.num_layers, big.num_heads, big.num_kv_heads, big.head_dim) == (3584, 28, 28, 4, 128)
+    assert (big.intermediate_size, big.vocab_size, big.mrope_section, big.tie_word_embeddings) == (
+        18944, 152064, (16, 24, 24), False)
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(big, rngs=nnx.Rngs(0)))
+    assert param_count(abstract) == 7_615_616_512  # Qwen2.5-VL-7B language model incl. untied lm_head
+    small = qwen2_5_1_5b()
+    assert small.tie_word_embeddings and small.mrope_section is None
+    assert isinstance(small, Qwen2TextConfig)
+
+
+def test_remat_gives_same_loss_and_gradients():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 16)))
+
+    def loss(m):
+        return jnp.mean(jax.nn.logsumexp(m(ids).logits, axis=-1))
+
+    plain = create_model(CFG, seed=1)
+    remat = create_model(CFG.replace(remat="full"), seed=1)
+    step = nnx.jit(nnx.value_and_grad(loss))
+    l0, g0 = step(plain)
+    l1, g1 = step(remat)
+    assert abs(float(l0) - float(l1)) < 1e-6
+    err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g0, g1)))
+    assert err < 1e-6
