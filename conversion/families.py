@@ -58,9 +58,10 @@ def _nexus_from_json(d: dict) -> Any:
     return nexus_gen.NexusGenConfig(vl=vl_cfg, trainable=trainable, **kwargs)
 
 
-def nexus_config_from_hf(hf: dict, version: str | None = None) -> Any:
+def nexus_config_from_hf(hf: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
     """NexusGenConfig from a transformers Qwen2.5-VL ``config.json`` (4.49 flat or 5.x nested ``text_config``).
-    ``version`` defaults to V2 when the checkpoint has prefill embeddings (decided by the caller)."""
+    The version is V2 when the checkpoint (``shapes``) has ``image_prefill_embeds.weight``; its row count must be
+    the 81 slots of the released models (other slot grids need an explicit config)."""
     from configs import nexus_gen, qwen2_5, qwen2_5_vl
 
     t = hf.get("text_config", hf)
@@ -87,8 +88,19 @@ def nexus_config_from_hf(hf: dict, version: str | None = None) -> Any:
     if "spatial_patch_size" in v:
         vkw["patch_size"] = v["spatial_patch_size"]
     vision = qwen2_5_vl.Qwen25VisionConfig(**vkw)
-    vl = qwen2_5_vl.Qwen25VLConfig(text=text, vision=vision, tokens_per_second=v.get("tokens_per_second", 2))
-    base = nexus_gen.nexus_gen_v2 if version in (None, "v2") else nexus_gen.nexus_gen_v1
+    ids = dict(image_pad="image_token_id", video_pad="video_token_id", vision_start="vision_start_token_id",
+               vision_end="vision_end_token_id")
+    tokens = dataclasses.replace(qwen2_5_vl.Qwen25VLTokens(), **{f: hf[k] for f, k in ids.items() if k in hf})
+    vl = qwen2_5_vl.Qwen25VLConfig(
+        text=text, vision=vision, tokens=tokens, tokens_per_second=v.get("tokens_per_second", 2)
+    )
+    prefill = (shapes or {}).get("image_prefill_embeds.weight")
+    if prefill is not None and prefill[0] != 81:
+        raise ConversionError(
+            f"image_prefill_embeds.weight has {prefill[0]} rows; --config hf assumes the released 81 slots, "
+            "pass a JSON config with the right slot_grid_thw"
+        )
+    base = nexus_gen.nexus_gen_v2 if shapes is None or prefill is not None else nexus_gen.nexus_gen_v1
     return base(vl=vl)
 
 
@@ -97,6 +109,8 @@ def nexus_hf_config(cfg: Any) -> dict:
     import transformers
 
     t, v = cfg.vl.text, cfg.vl.vision
+    if t.mrope_section is None:
+        raise ConversionError("a Qwen2.5-VL export needs mrope_section; this text config has none")
     text = dict(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
@@ -107,9 +121,9 @@ def nexus_hf_config(cfg: Any) -> dict:
         rms_norm_eps=t.rms_norm_eps,
         max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=t.tie_word_embeddings,
-        rope_theta=t.rope_theta,
-        rope_scaling={"type": "default", "mrope_section": list(t.mrope_section or ())},
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
     )
+
     if t.head_dim * t.num_heads != t.hidden_size:
         raise ConversionError(
             f"transformers Qwen2.5-VL needs head_dim * heads == hidden, got {t.head_dim}x{t.num_heads}"
@@ -152,7 +166,7 @@ def _nexus_family() -> Family:
             "tiny_v2": lambda: nexus_gen.tiny("v2"),
         },
         build=build,
-        tables={"nexus_ar": table, "hf_qwen2_5_vl": table},
+        tables={"nexus_ar": table},
         export_scheme="nexus_ar",
         config_from_json=_nexus_from_json,
         config_from_hf=nexus_config_from_hf,

@@ -326,7 +326,7 @@ class SafetensorsWriter:
             self._fh = open(self.dir / self.files[k], "wb")
             self._fh.write(self._header(k))
             self._shard = k
-        self._fh.write(np.ascontiguousarray(array).data)
+        self._fh.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         self._next += 1
 
     def _close_file(self) -> None:

@@ -97,7 +97,7 @@ def save_streaming(
 
 def metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     """Dotted path -> ShapeDtypeStruct of every stored tensor, read from the checkpoint metadata (no data)."""
-    meta = _ocp().pytree_metadata(Path(path)).metadata
+    meta = _ocp().metadata(Path(path)).metadata
     return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in flatten(meta).items()}
 
 

@@ -19,7 +19,9 @@ from conversion.families import Family, get_family
 from conversion.schemes import detect_scheme
 
 
-def resolve_config(family: Family, spec: str | None, source: str | os.PathLike | None = None) -> Any:
+def resolve_config(
+    family: Family, spec: str | None, source: str | os.PathLike | None = None, shapes: dict | None = None
+) -> Any:
     """``spec``: a preset name, a path to a JSON file of config fields, or ``hf`` (the source dir's config.json);
     None = ``hf`` if the source directory has a config.json and the family reads HF configs."""
     src_cfg = Path(source) / "config.json" if source is not None and Path(source).is_dir() else None
@@ -34,7 +36,7 @@ def resolve_config(family: Family, spec: str | None, source: str | os.PathLike |
     if spec == "hf":
         if family.config_from_hf is None or src_cfg is None or not src_cfg.exists():
             raise ConversionError("--config hf needs a source directory with config.json and a family that reads it")
-        return family.config_from_hf(json.loads(src_cfg.read_text()))
+        return family.config_from_hf(json.loads(src_cfg.read_text()), shapes)
     if spec in family.presets:
         return family.preset(spec)
     if Path(spec).is_file():
@@ -80,8 +82,10 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """torch checkpoint (file or directory) -> Orbax checkpoint at ``out`` + config.json. Returns a summary."""
     family = get_family(family_name)
-    cfg = config if config is not None and not isinstance(config, str) else resolve_config(family, config, source)
     with io.open_checkpoint(source) as reader:
+        if config is None or isinstance(config, str):
+            config = resolve_config(family, config, source, reader.shapes)
+        cfg = config
         scheme = scheme or detect_scheme(reader.shapes, str(source))
         table = family.table(scheme, cfg)
         abstract, target = _abstract_model(family, cfg)

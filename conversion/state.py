@@ -19,7 +19,7 @@ def flat_variables(module_or_state: Any) -> dict[str, nnx.Variable]:
     """Dotted path -> nnx.Param for every parameter of a module or nnx.State (abstract or concrete)."""
     state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
     out = {}
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.Param):
             out[path_str(path)] = var
     return out

@@ -1,0 +1,130 @@
+"""``nexus-jax convert`` / ``python -m conversion``: import torch checkpoints to Orbax, export back, inspect.
+
+    convert import SRC OUT --family F [--config PRESET|FILE|hf] [--scheme S] [--mesh D,F,T] [--overwrite]
+    convert export SRC OUT [--scheme S] [--format safetensors|bin] [--max-shard-size 5GB] [--overwrite]
+    convert detect SRC          # print the key scheme of a checkpoint
+    convert list                # families, presets and schemes
+
+Exit status 0 on success, 1 on a conversion error (message on stderr; no partial output left), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from conversion.errors import ConversionError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` / ``500MiB`` / ``1234`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 64KiB or a byte count")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise argparse.ArgumentTypeError(f"--mesh wants data,fsdp,tensor sizes such as 1,4,2; got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nexus-jax convert", description="Convert checkpoints PyTorch <-> JAX/Orbax.")
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="torch checkpoint (file or directory) -> Orbax checkpoint + config.json")
+    imp.add_argument("source")
+    imp.add_argument("out")
+    imp.add_argument("--family", required=True, help="model family (see `convert list`)")
+    imp.add_argument("--config", help="preset name, JSON file, or 'hf' (default: hf when SOURCE has config.json)")
+    imp.add_argument("--scheme", help="key scheme (default: detected from the tensor names)")
+    imp.add_argument("--mesh", type=parse_mesh, help="data,fsdp,tensor: store tensors sharded for this mesh")
+    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--no-progress", action="store_true")
+    exp = sub.add_parser("export", help="Orbax checkpoint -> torch layout (HF safetensors shards or one .bin)")
+    exp.add_argument("source")
+    exp.add_argument("out")
+    exp.add_argument("--scheme", help="target key scheme (default: the one it was imported from)")
+    exp.add_argument("--format", default="safetensors", choices=("safetensors", "bin"))
+    exp.add_argument("--max-shard-size", type=parse_size, default="5GB")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--no-progress", action="store_true")
+    det = sub.add_parser("detect", help="print the key scheme of a checkpoint")
+    det.add_argument("source")
+    sub.add_parser("list", help="list families, presets and key schemes")
+    return p
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from conversion import pipeline
+
+    if args.command == "import":
+        mesh = None
+        if args.mesh:
+            from nexus_jax.sharding import make_mesh
+
+            mesh = make_mesh(*args.mesh)
+        return pipeline.import_checkpoint(
+            args.source,
+            args.out,
+            args.family,
+            args.config,
+            args.scheme,
+            mesh,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    if args.command == "export":
+        return pipeline.export_checkpoint(
+            args.source,
+            args.out,
+            args.scheme,
+            args.format,
+            args.max_shard_size,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    if args.command == "detect":
+        from conversion.io import open_checkpoint
+        from conversion.schemes import detect_scheme
+
+        with open_checkpoint(args.source) as reader:
+            return {"scheme": detect_scheme(reader.shapes, args.source), "tensors": len(reader.shapes)}
+    from conversion.families import family_names, get_family
+    from conversion.schemes import SCHEMES
+
+    fams = {n: {"presets": sorted((f := get_family(n)).presets), "schemes": sorted(f.tables)} for n in family_names()}
+    return {"families": fams, "schemes": SCHEMES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        result = _run(args)
+    except ConversionError as e:
+        print(f"convert {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
