@@ -115,6 +115,7 @@ def export_checkpoint(
     max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     overwrite: bool = False,
+    group_bytes: int = 256 * 2**20,
 ) -> dict[str, Any]:
     """Orbax checkpoint written by :func:`import_checkpoint` -> torch layout directory at ``out``.
 
@@ -139,7 +140,7 @@ def export_checkpoint(
             (n, shape, dtypes.pop() if len(s.outputs) == 1 else next(iter(dtypes)))
             for n, shape in zip(s.outputs, s.output_shapes)
         ]
-    read = lambda name: orbax_io.load(params, [name])[name]
+    read = _grouped_reader(params, steps, {k: v.shape for k, v in stored.items()}, stored, group_bytes)
     items = io.iter_progress(engine.execute(steps, read), len(entries), f"export {family.name}", progress)
     with io.atomic_output_dir(out, overwrite) as tmp:
         staging = tmp if fmt == "safetensors" else tmp / ".staging"
@@ -159,6 +160,34 @@ def export_checkpoint(
         if family.hf_config is not None:
             io.write_json(tmp / "config.json", family.hf_config(cfg))
     return {"family": family.name, "scheme": scheme, "tensors_out": len(entries), "format": fmt}
+
+
+def _grouped_reader(params: Path, steps, shapes, stored, group_bytes: int):
+    """A ``read(name)`` for :func:`engine.execute` that restores the next steps' inputs in one Orbax call per
+    ``group_bytes`` (a bigger tensor alone) and forgets each tensor once it has been read."""
+    order = [n for s in steps for n in s.inputs]
+    cache: dict[str, Any] = {}
+    pos = 0
+
+    def nbytes(n: str) -> int:
+        return int(np.prod(shapes[n], dtype=np.int64)) * np.dtype(stored[n].dtype).itemsize
+
+    def read(name: str) -> np.ndarray:
+        nonlocal pos
+        if name not in cache:
+            if order[pos] != name:
+                raise ConversionError(f"export read {name} out of order (expected {order[pos]})")
+            batch, used = [], 0
+            while pos + len(batch) < len(order) and (
+                not batch or used + nbytes(order[pos + len(batch)]) <= group_bytes
+            ):
+                used += nbytes(order[pos + len(batch)])
+                batch.append(order[pos + len(batch)])
+            cache.update(orbax_io.load(params, batch))
+        pos += 1
+        return cache.pop(name)
+
+    return read
 
 
 def load_model(source: str | os.PathLike, mesh: Any = None, rules: Any = None, config: Any = None) -> Any:
