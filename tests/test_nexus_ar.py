@@ -118,9 +118,8 @@ def test_loss_and_grads_match_torch(version):
     np.testing.assert_array_equal(batch.positions, hf_pos.numpy())
 
     arrays, static = B.device_arrays(batch)
-    (loss, metrics), grads = nnx.value_and_grad(
-        lambda m: model_loss(m, jax.tree.map(jnp.asarray, arrays), **static), has_aux=True
-    )(model)
+    grad_fn = nnx.jit(nnx.value_and_grad(lambda m, a: model_loss(m, a, **static), has_aux=True))
+    (loss, metrics), grads = grad_fn(model, jax.tree.map(jnp.asarray, arrays))
     err = abs(float(loss) - want.item())
     print(f"{version}: loss {float(loss):.6f} torch {want.item():.6f} abs err {err:.2e}; metrics "
           f"{ {k: float(v) for k, v in metrics.items()} }")

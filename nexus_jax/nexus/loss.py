@@ -117,13 +117,14 @@ def model_loss(
     """Loss of a :class:`~nexus_jax.models.nexus_ar.NexusGenAR` on a device batch (see ``batch.device_arrays``).
 
     ``num_input_rows`` / ``num_target_rows`` (static) are the real merged-token counts of the input / target images.
-    Targets go through the ViT under ``stop_gradient``; input-image features too unless ``train_vit``.
+    Targets go through the ViT under ``stop_gradient`` (or come precomputed as ``batch["target_rows"]`` [T, hidden],
+    row-major over the output slots); input-image features are detached too unless ``train_vit``.
     """
     cfg = model.config
     image_id = cfg.tokens.image_pad
     labels = batch["labels"]
     n_out = int(np.asarray(labels == image_id).sum()) if not isinstance(labels, jax.core.Tracer) else None
-    if n_out is not None and n_out and "target_pixels" not in batch:
+    if n_out is not None and n_out and "target_pixels" not in batch and "target_rows" not in batch:
         raise ValueError(f"the batch has {n_out} output-image slots but no target image to regress them onto")
     feats = None
     if num_input_rows:
@@ -133,12 +134,14 @@ def model_loss(
         batch["input_ids"], positions=batch["positions"], slot_index=batch["slot_index"],
         attention_mask=batch["attention_mask"], input_features=feats, input_mask=batch["input_mask"],
     )
-    if num_target_rows:
-        rows = jax.lax.stop_gradient(
-            model.encode_images(batch["target_pixels"], batch["target_layout"], num_target_rows)
-        )
-        check_slot_count(labels == image_id, num_target_rows, "target images")
-        targets = scatter_rows(rows, labels == image_id)
+    rows = None
+    if "target_rows" in batch:  # precomputed target embeddings [T, hidden]
+        rows = batch["target_rows"]
+    elif num_target_rows:
+        rows = model.encode_images(batch["target_pixels"], batch["target_layout"], num_target_rows)
+    if rows is not None:
+        check_slot_count(labels == image_id, rows.shape[0], "target images")
+        targets = scatter_rows(jax.lax.stop_gradient(rows), labels == image_id)
     else:
         targets = jnp.zeros_like(out.image_embeds)
     return nexus_ar_loss(
