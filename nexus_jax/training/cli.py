@@ -1,0 +1,126 @@
+"""``nexus-jax train``: run the AR or a decoder trainer from a preset plus command-line overrides.
+
+    nexus-jax train --preset tiny_ar --data records.jsonl --run-dir runs/ar [--steps 40] [--resume latest-valid]
+
+Presets are in :mod:`configs.training` (``ar_stage1..3``, ``generation_decoder``, ``editing_decoder``, ``tiny_*``).
+Exit codes: 0 done, 2 bad arguments, 3 checkpoint error (e.g. ``--resume latest`` on a damaged checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from configs.training import PRESETS, TrainConfig
+from nexus_jax.sharding import MeshConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nexus-jax train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--data", required=True, help="records: a JSONL file or an array_record dataset directory")
+    p.add_argument("--eval-data", default="", help="held-out records for periodic eval")
+    p.add_argument("--image-root", default="", help="directory relative image paths are resolved against")
+    p.add_argument("--run-dir", required=True, help="checkpoints/, steps.jsonl and TensorBoard logs go here")
+    p.add_argument("--steps", type=int, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, help="global batch per optimiser step")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, help="model init / step PRNG seed")
+    p.add_argument("--data-seed", type=int, help="shuffle seed")
+    p.add_argument("--resume", help="none | latest | latest-valid | <step> (default: the preset's, latest-valid)")
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--keep-last", type=int)
+    p.add_argument("--sync-checkpoints", action="store_true", help="disable async checkpointing")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run-dir>/tb")
+    p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, one may be -1 (default 1,-1,1)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--tokenizer", default="", help="HF tokenizer directory (full-size AR); tiny presets use bytes")
+    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset with the command-line overrides applied."""
+    cfg = PRESETS[args.preset]
+    r = dataclasses.replace
+
+    def pick(value, default):
+        return default if value is None else value
+
+    optim = r(cfg.optim, grad_accum=pick(args.grad_accum, cfg.optim.grad_accum),
+              learning_rate=pick(args.lr, cfg.optim.learning_rate))
+    ckpt = r(cfg.checkpoint, resume=pick(args.resume, cfg.checkpoint.resume),
+             every_steps=pick(args.ckpt_every, cfg.checkpoint.every_steps),
+             keep_last=pick(args.keep_last, cfg.checkpoint.keep_last),
+             async_save=cfg.checkpoint.async_save and not args.sync_checkpoints)
+    data = r(cfg.data, path=args.data, eval_path=args.eval_data, image_root=args.image_root,
+             seed=pick(args.data_seed, cfg.data.seed))
+    loop = r(cfg.loop, total_steps=pick(args.steps, cfg.loop.total_steps),
+             batch_size=pick(args.batch_size, cfg.loop.batch_size), seed=pick(args.seed, cfg.loop.seed),
+             eval_every=pick(args.eval_every, cfg.loop.eval_every), log_every=pick(args.log_every, cfg.loop.log_every),
+             compute_dtype=pick(args.compute_dtype, cfg.loop.compute_dtype),
+             log_dir=f"{args.run_dir}/tb" if args.tensorboard else cfg.loop.log_dir)
+    mesh = cfg.mesh
+    if args.mesh:
+        try:
+            d, f, t = (int(x) for x in args.mesh.split(","))
+        except ValueError:
+            raise ValueError(f"--mesh must be three integers data,fsdp,tensor, got {args.mesh!r}") from None
+        mesh = MeshConfig(d, f, t)
+    return r(cfg, optim=optim, checkpoint=ckpt, data=data, loop=loop, mesh=mesh)
+
+
+def _text_encoder(cfg: TrainConfig, tokenizer_dir: str):
+    if cfg.model_preset.startswith("tiny"):
+        from nexus_jax.nexus.tiny import ByteTokenizer
+
+        return ByteTokenizer().encode
+    if not tokenizer_dir:
+        raise ValueError(f"model preset {cfg.model_preset!r} needs --tokenizer (a Qwen2 tokenizer directory)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def make_task(cfg: TrainConfig, tokenizer_dir: str = ""):
+    """The :class:`~nexus_jax.training.loop.TrainTask` of ``cfg.task``."""
+    if cfg.task == "ar":
+        from nexus_jax.training.ar_loop import ar_task
+
+        return ar_task(cfg, _text_encoder(cfg, tokenizer_dir))
+    from nexus_jax.training.decoder_loop import decoder_parts, decoder_task
+
+    return decoder_task(cfg, decoder_parts(cfg.task, cfg.model_preset))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from nexus_jax.training.checkpoint import CheckpointError
+    from nexus_jax.training.loop import train
+
+    try:
+        cfg = config_from_args(args)
+        task = make_task(cfg, args.tokenizer)
+        result = train(cfg, task, args.run_dir, step_delay_s=args.step_delay)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: step {result.final_step}" + (f" (resumed from {result.resumed_from})" if result.resumed_from
+                                              else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
