@@ -22,7 +22,7 @@ import numpy as np
 from configs.nexus_gen import NexusGenConfig
 from configs.training import DataConfig
 from nexus_jax.data.pipeline import Batch, Example, pick_bucket
-from nexus_jax.data.records import RecordError, parse_record, resolve_image
+from nexus_jax.data.records import RecordError, decode_stored_example, parse_record, resolve_image
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
 from nexus_jax.nexus import templates
 from nexus_jax.nexus.batch import process_input_images, process_target_images
@@ -45,10 +45,19 @@ class AREncoder:
     system_prompt: str | None = templates.SYSTEM_PROMPT
 
     def __call__(self, raw: str | bytes | dict) -> Example:
-        rec = parse_record(raw)
+        """``raw``: a JSONL line, a record dict, or an array_record example {"record", "images" (bytes)}."""
+        if isinstance(raw, dict) and "record" in raw and "images" in raw:
+            text, blobs = decode_stored_example(raw)
+            rec = parse_record(text)
+            if len(blobs) != len(rec.images):
+                raise RecordError(f"record has {len(rec.images)} images but {len(blobs)} stored")
+            files = [b if b else f"<missing image {p}>" for b, p in zip(blobs, rec.images)]
+        else:
+            rec = parse_record(raw)
+            files = [resolve_image(p, self.image_root) for p in rec.images]
         roles = rec.image_roles
-        inputs = [resolve_image(p, self.image_root) for p, r in zip(rec.images, roles) if r != "assistant"]
-        outputs = [resolve_image(p, self.image_root) for p, r in zip(rec.images, roles) if r == "assistant"]
+        inputs = [f for f, r in zip(files, roles) if r != "assistant"]
+        outputs = [f for f, r in zip(files, roles) if r == "assistant"]
         if len(inputs) > self.data.max_input_images:
             raise RecordError(f"{len(inputs)} input images exceed max_input_images={self.data.max_input_images}")
         if len(outputs) > self.data.max_output_images:
@@ -64,7 +73,9 @@ class AREncoder:
                                      num_slots=self.model.num_slots, system=self.system_prompt)
         limit = self.data.length_buckets[-1]
         if len(chat.input_ids) > limit:
-            raise RecordError(f"over-long record: {len(chat.input_ids)} tokens exceed the largest length bucket {limit}")
+            raise RecordError(
+                f"over-long record: {len(chat.input_ids)} tokens exceed the largest length bucket {limit}"
+            )
         return {
             "input_ids": chat.input_ids,
             "labels": chat.labels,

@@ -119,3 +119,9 @@ def resolve_image(path: str, image_root: str | Path | None) -> Path:
     """Absolute image path: relative paths are taken under ``image_root``."""
     p = Path(path)
     return p if p.is_absolute() or not image_root else Path(image_root) / p
+
+
+def decode_stored_example(example: dict[str, Any]) -> tuple[str, list[bytes]]:
+    """(record JSON text, image bytes in ``images`` order) of one array_record example (see ``tfds_builder``)."""
+    rec = example["record"]
+    return (rec.decode("utf-8") if isinstance(rec, bytes) else rec), [bytes(b) for b in example["images"]]
