@@ -204,7 +204,40 @@ def _flux_family() -> Family:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Family]] = {"nexus_ar": _nexus_family, "flux_dit": _flux_family}
+# --------------------------------------------------------------------------------------------------------------- VAE
+def _vae_family() -> Family:
+    from configs.vae import FluxVAEConfig
+
+    def build(cfg, rngs):
+        from nexus_jax.models.vae import FluxVAE
+
+        return FluxVAE(cfg, rngs=rngs)
+
+    def table(kind):
+        def make(cfg):
+            from conversion.tables import vae
+
+            return getattr(vae, f"{kind}_mapping")(cfg)
+
+        return make
+
+    return Family(
+        name="vae",
+        description="FLUX VAE (diffusers AutoencoderKL / BFL ae.safetensors names)",
+        presets={"full": FluxVAEConfig.full, "tiny": FluxVAEConfig.tiny},
+        build=build,
+        tables={"diffusers_vae": table("diffusers"), "bfl_vae": table("bfl")},
+        export_scheme="diffusers_vae",
+        config_from_json=lambda d: config_io.from_dict(FluxVAEConfig, d),
+        weights_prefix="diffusion_pytorch_model",
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Family]] = {
+    "nexus_ar": _nexus_family,
+    "flux_dit": _flux_family,
+    "vae": _vae_family,
+}
 
 
 def register(name: str, factory: Callable[[], Family]) -> None:
