@@ -11,11 +11,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from configs.vae import FluxVAEConfig
 from nexus_jax import sharding
 from nexus_jax.models.vae import FluxVAE, latents_to_model, model_to_latents, pixels_to_uint8
-from nexus_jax.models.vae.torch_weights import load_diffusers_state_dict, torch_key
+from nexus_jax.models.vae.torch_weights import torch_key, vae_from_diffusers
 
 CFG = FluxVAEConfig.tiny()
 BATCH, HEIGHT, WIDTH = 2, 40, 56  # non-square; latent 5 x 7
@@ -25,17 +26,21 @@ def nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(scope="module")
-def models() -> tuple[AutoencoderKL, FluxVAE]:
-    """A tiny diffusers AutoencoderKL in FLUX's layout with every parameter perturbed, and our copy of it."""
-    torch.manual_seed(0)
-    ref = AutoencoderKL(**CFG.diffusers_kwargs()).eval()
+def perturbed_reference(config: FluxVAEConfig, seed: int = 0) -> tuple[AutoencoderKL, dict[str, np.ndarray]]:
+    """A diffusers AutoencoderKL in FLUX's layout with every parameter perturbed, and its state dict as numpy."""
+    torch.manual_seed(seed)
+    ref = AutoencoderKL(**config.diffusers_kwargs()).eval()
     with torch.no_grad():
         for p in ref.parameters():  # non-trivial GroupNorm affines and biases
             p.add_(0.05 * torch.randn_like(p))
-    vae = FluxVAE(CFG, rngs=nnx.Rngs(1))
-    load_diffusers_state_dict(vae, {k: v.numpy() for k, v in ref.state_dict().items()})
-    return ref, vae
+    return ref, {k: v.numpy() for k, v in ref.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[AutoencoderKL, FluxVAE]:
+    """The tiny reference and our copy of it."""
+    ref, state = perturbed_reference(CFG)
+    return ref, vae_from_diffusers(CFG, state)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +137,10 @@ def test_full_config_matches_flux_ae_layout():
     assert sum(int(np.prod(s)) for s in ours.values()) == sum(p.numel() for p in ref.parameters())
 
 
+def run_encode_decode(vae: FluxVAE, x: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return vae.encode(x), vae.decode(z)
+
+
 @pytest.mark.parametrize(
     "mesh_shape", [(2, 2, 2), pytest.param((1, 1, 8), marks=pytest.mark.slow)], ids=["2x2x2", "1x1x8"]
 )
@@ -140,37 +149,40 @@ def test_sharded_equals_unsharded(mesh_shape):
     mesh = sharding.make_mesh(data, fsdp, tensor)
     rules = sharding.INFERENCE_RULES
     small = FluxVAEConfig.tiny(layers_per_block=1)  # keeps compile time down; same structure otherwise
+    _, state = perturbed_reference(small, seed=5)
+    plain = vae_from_diffusers(small, state)
+    sharded = vae_from_diffusers(small, state, mesh=mesh, rules=rules)
+    kernel = sharded.decoder.up_blocks[1].resnets[0].conv1.kernel[...]  # [3, 3, 24, 24]
+    assert kernel.sharding.spec == P(None, None, None, "tensor")
+    assert kernel.addressable_shards[0].data.shape == (3, 3, 24, 24 // tensor)
+    assert sharded.encoder.mid_block.attentions[0].to_q.kernel[...].sharding.spec == P(None, "tensor")
+
+    x = jax.random.uniform(jax.random.key(0), (4, 16, 24, 3), minval=-1, maxval=1)
+    z = jax.random.normal(jax.random.key(1), (4, 2, 3, small.latent_channels))
+    want = nnx.jit(run_encode_decode)(plain, x, z)
+    with sharding.sharding_context(mesh, rules):
+        batch = sharding.data_sharding(mesh, 4, rules)
+        got = nnx.jit(run_encode_decode)(sharded, jax.device_put(x, batch), jax.device_put(z, batch))
+    for name, g, w in zip(("encode", "decode"), got, want, strict=True):
+        err = np.abs(np.asarray(g) - np.asarray(w)).max()
+        print(f"mesh {mesh_shape}: sharded vs unsharded {name} max abs err {err:.3e}")
+        assert err <= 1e-5
+
+
+@pytest.mark.slow
+def test_create_sharded_builds_the_same_model():
+    """Random init straight into shardings (sharding.create_sharded) equals eager init (to the last ulp or so)."""
+    mesh = sharding.make_mesh(2, 2, 2)
+    small = FluxVAEConfig.tiny(layers_per_block=1)
 
     def ctor():
         return FluxVAE(small, rngs=nnx.Rngs(7))
 
-    plain = ctor()
-    sharded = sharding.create_sharded(ctor, mesh, rules)
-    # jitted init may differ from eager init in the last ulp; compare, then run both on identical values
+    sharded = sharding.create_sharded(ctor, mesh, sharding.INFERENCE_RULES)
+    assert sharded.encoder.conv_out.kernel[...].sharding.spec == P(None, None, None, "tensor")
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), nnx.state(plain), nnx.state(sharded)
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), nnx.state(ctor()), nnx.state(sharded)
     )
-    target = jax.tree.map(lambda a: a.sharding, nnx.state(sharded))
-    nnx.update(sharded, jax.device_put(nnx.state(plain), target))
-    kernel = sharded.decoder.up_blocks[1].resnets[0].conv1.kernel[...]  # [3, 3, 24, 24]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
-    assert kernel.addressable_shards[0].data.shape == (3, 3, 24, 24 // tensor)
-
-    x = jax.random.uniform(jax.random.key(0), (4, 16, 24, 3), minval=-1, maxval=1)
-    z = jax.random.normal(jax.random.key(1), (4, 2, 3, small.latent_channels))
-
-    def run(vae, x, z):
-        return vae.encode(x), vae.decode(z)
-
-    want = nnx.jit(run)(plain, x, z)
-    with sharding.sharding_context(mesh, rules):
-        xs = jax.device_put(x, sharding.data_sharding(mesh, 4, rules))
-        zs = jax.device_put(z, sharding.data_sharding(mesh, 4, rules))
-        got = nnx.jit(run)(sharded, xs, zs)
-    for g, w in zip(got, want, strict=True):
-        err = np.abs(np.asarray(g) - np.asarray(w)).max()
-        print(f"mesh {mesh_shape}: sharded vs unsharded max abs err {err:.3e}")
-        assert err <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -206,6 +218,9 @@ def test_bad_config_raises():
 def test_load_rejects_mismatched_state_dict(models):
     ref, _ = models
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    state["encoder.quant_conv.weight"] = np.zeros((1,))
+    extra = {**state, "encoder.quant_conv.weight": np.zeros((1,))}
     with pytest.raises(KeyError, match="unused.*encoder.quant_conv.weight"):
-        load_diffusers_state_dict(FluxVAE(CFG, rngs=nnx.Rngs(0)), state)
+        vae_from_diffusers(CFG, extra)
+    state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"][:, :4]
+    with pytest.raises(ValueError, match=r"decoder.conv_in.weight: converted shape \(3, 3, 4, 24\)"):
+        vae_from_diffusers(CFG, state)

@@ -1,21 +1,28 @@
-"""Load a diffusers ``AutoencoderKL`` state dict (FLUX layout, torch names) into a :class:`FluxVAE`.
+"""Build a :class:`FluxVAE` from a diffusers ``AutoencoderKL`` state dict (FLUX layout, torch names).
 
 Names match one to one; only the tensors change: conv ``weight [out, in, kh, kw] -> kernel [kh, kw, in, out]``,
 Linear ``weight [out, in] -> kernel [in, out]``, GroupNorm ``weight``/``bias`` and all biases unchanged.
+No random initialisation happens: the module is built abstractly and filled (optionally straight into shardings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from configs.vae import FluxVAEConfig
 from nexus_jax.models.vae.autoencoder import FluxVAE
+from nexus_jax.sharding import Rules, state_shardings
+
+Path = tuple[str, ...]
 
 
-def convert_tensor(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+def convert_tensor(path: Path, value: np.ndarray) -> np.ndarray:
     """One torch tensor (as numpy) -> our layout for the leaf at ``path`` (ending in kernel / weight / bias)."""
     if path[-1] != "kernel":
         return value
@@ -26,30 +33,44 @@ def convert_tensor(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     raise ValueError(f"{'.'.join(path)}: expected a 2-D or 4-D weight, got shape {value.shape}")
 
 
-def torch_key(path: tuple[str, ...]) -> str:
+def torch_key(path: Path) -> str:
     """Our nnx path -> the diffusers state-dict key (``kernel`` is torch's ``weight``)."""
     return ".".join(path[:-1] + ("weight" if path[-1] == "kernel" else path[-1],))
 
 
-def load_diffusers_state_dict(vae: FluxVAE, state_dict: Mapping[str, np.ndarray]) -> FluxVAE:
-    """Copy every parameter of ``vae`` from ``state_dict`` (numpy arrays keyed by diffusers names), in place.
+def vae_from_diffusers(
+    config: FluxVAEConfig,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+) -> FluxVAE:
+    """A FluxVAE holding ``state_dict`` (numpy arrays keyed by diffusers names); sharded by ``rules`` on ``mesh``.
 
-    Raises KeyError naming missing keys and keys left unused, ValueError on a shape mismatch.
+    Raises KeyError naming missing and unused keys, ValueError on a shape mismatch.
     """
-    params = nnx.state(vae, nnx.Param)
-    flat = params.flat_state()
-    wanted = {torch_key(tuple(str(p) for p in path)): tuple(str(p) for p in path) for path, _ in flat}
+    if (mesh is None) != (rules is None):
+        raise ValueError("pass both mesh and rules, or neither")
+    abstract = nnx.eval_shape(lambda: FluxVAE(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules) if mesh is not None else None
+    flat = [(tuple(str(p) for p in path), var) for path, var in state.flat_state()]
+    wanted = {torch_key(path): path for path, _ in flat}
     missing = sorted(set(wanted) - set(state_dict))
     unused = sorted(set(state_dict) - set(wanted))
     if missing or unused:
         raise KeyError(
             f"state dict mismatch: missing {missing[:8]} ({len(missing)}), unused {unused[:8]} ({len(unused)})"
         )
+    sharding_of = dict((tuple(str(p) for p in k), v) for k, v in shardings.flat_state()) if shardings else {}
     for path, var in flat:
-        key = torch_key(tuple(str(p) for p in path))
-        value = convert_tensor(wanted[key], np.asarray(state_dict[key]))
-        if value.shape != var.get_value().shape:
-            raise ValueError(f"{key}: converted shape {value.shape} != parameter shape {var.get_value().shape}")
-        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
-    nnx.update(vae, params)
-    return vae
+        key = torch_key(path)
+        value = convert_tensor(path, np.asarray(state_dict[key]))
+        spec = var.get_value()
+        if value.shape != spec.shape:
+            raise ValueError(f"{key}: converted shape {value.shape} != parameter shape {spec.shape}")
+        array = jnp.asarray(value, dtype=spec.dtype)
+        if path in sharding_of:
+            array = jax.device_put(array, sharding_of[path].get_value())
+        var.set_value(array)
+    return nnx.merge(graphdef, state)
