@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 from configs.qwen2_5_vl import QWEN25_VISION_TINY as CFG
 from nexus_jax import sharding
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision
-from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer, pad_pixels
+from nexus_jax.models.qwen2_5_vl.hf_reference import reference_vision_pair
+from nexus_jax.models.qwen2_5_vl.vision import pad_pixels
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
 
 # 112x168 px -> 8x12 patches -> 4x6 merged -> 2x3 full windows; 84x140 px -> 3x5 merged -> 2x3 windows (partial).
@@ -20,22 +18,19 @@ GRID = np.array([[1, 8, 12], [1, 6, 10]])
 
 
 @pytest.fixture(scope="module")
-def torch_vit():
-    torch.manual_seed(0)
-    hf_cfg = Qwen2_5_VLVisionConfig(**CFG.to_hf_dict())
-    hf_cfg._attn_implementation = "sdpa"
-    model = Qwen2_5_VisionTransformerPretrainedModel(hf_cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)  # larger than the default init, so every block matters
-    return model
+def vit_pair():
+    torch.set_num_threads(1)
+    return reference_vision_pair(CFG, seed=0, std=0.2)  # larger than the default init, so every block matters
 
 
 @pytest.fixture(scope="module")
-def jax_vit(torch_vit):
-    model = Qwen25VisionTransformer(CFG, rngs=nnx.Rngs(0))
-    load_hf_vision(model, {k: v.numpy() for k, v in torch_vit.state_dict().items()})
-    return model
+def torch_vit(vit_pair):
+    return vit_pair[0]
+
+
+@pytest.fixture(scope="module")
+def jax_vit(vit_pair):
+    return vit_pair[1]
 
 
 def pixels(grid, seed=0):
@@ -84,7 +79,7 @@ def test_vision_sharded_equals_unsharded(jax_vit):
     px = pixels(GRID, seed=2)
     layout = vision_layout(GRID, CFG)
     idx = {k: jnp.asarray(v) for k, v in layout.arrays().items()}
-    expected = np.asarray(jax_vit(jnp.asarray(px), **idx))
+    expected = np.asarray(jax_vit.encode(px, GRID))
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     graphdef, state = nnx.split(jax_vit)
     state = jax.device_put(state, sharding.state_shardings(state, mesh, sharding.TRAIN_RULES))

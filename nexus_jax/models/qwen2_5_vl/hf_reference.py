@@ -5,12 +5,16 @@ For parity tests and benchmarks only (needs torch + transformers).
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from configs.qwen2_5_vl import Qwen25VisionConfig, Qwen25VLConfig
 from nexus_jax.models.qwen2.hf_reference import _text_kwargs, hf_state_dict_numpy
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl
+from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision, load_hf_vl
 from nexus_jax.models.qwen2_5_vl.model import Qwen25VLForConditionalGeneration
+from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
 
 
 def randomize_(module, std: float, seed: int) -> None:
@@ -56,12 +60,32 @@ def build_hf_vl(config: Qwen25VLConfig, *, seed: int = 0, std: float = 0.08, att
     return model
 
 
+def zeros_like_module(ctor):
+    """Build an nnx module with all-zero parameters without running its random init (no per-op compiles).
+
+    For modules whose every parameter is then overwritten from a checkpoint.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(ctor))
+    state = jax.tree.map(lambda a: jnp.asarray(np.zeros(a.shape, a.dtype)), abstract)
+    return nnx.merge(graphdef, state)
+
+
+def reference_vision_pair(config: Qwen25VisionConfig, *, seed: int = 0, std: float = 0.2):
+    """(transformers Qwen2.5-VL ViT, JAX Qwen25VisionTransformer) holding identical random weights."""
+    hf_model = build_hf_vision(config, seed=seed, std=std)
+    model = zeros_like_module(lambda: Qwen25VisionTransformer(config, rngs=nnx.Rngs(seed)))
+    load_hf_vision(model, hf_state_dict_numpy(hf_model))
+    return hf_model, model
+
+
 def reference_vl_pair(config: Qwen25VLConfig, *, seed: int = 0, std: float = 0.08):
     """(transformers Qwen2.5-VL, JAX Qwen25VLForConditionalGeneration) holding identical random weights."""
     hf_model = build_hf_vl(config, seed=seed, std=std)
-    model = Qwen25VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
+    model = zeros_like_module(lambda: Qwen25VLForConditionalGeneration(config, rngs=nnx.Rngs(seed)))
     load_hf_vl(model, hf_state_dict_numpy(hf_model))
     return hf_model, model
 
 
-__all__ = ["build_hf_vision", "build_hf_vl", "randomize_", "reference_vl_pair"]
+__all__ = [
+    "build_hf_vision", "build_hf_vl", "randomize_", "reference_vision_pair", "reference_vl_pair", "zeros_like_module",
+]

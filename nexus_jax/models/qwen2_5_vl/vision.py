@@ -8,6 +8,8 @@ Output: merged image features [Mp, out_hidden_size] in the processor's (merge-bl
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,10 +197,17 @@ class Qwen25VisionTransformer(nnx.Module):
 
     def encode(self, pixel_values: np.ndarray | jax.Array, grid_thw: np.ndarray, *, pad_patches_to: int = 1,
                pad_windows_to: int = 1) -> jax.Array:
-        """Convenience (not jitted): compute the layout on the host, pad, run. -> [num_merged, out_hidden]."""
+        """Compute the layout on the host, pad, run the jitted forward. -> [num_merged, out_hidden]."""
         layout = vision_layout(grid_thw, self.config, pad_patches_to=pad_patches_to, pad_windows_to=pad_windows_to)
         pixels = pad_pixels(pixel_values, layout)
-        return self(pixels, **{k: jnp.asarray(v) for k, v in layout.arrays().items()})[: layout.num_merged]
+        graphdef, state = nnx.split(self)
+        arrays = {k: jnp.asarray(v) for k, v in layout.arrays().items()}
+        return _jitted_forward(graphdef, state, pixels, arrays)[: layout.num_merged]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _jitted_forward(graphdef, state, pixel_values, arrays):
+    return nnx.merge(graphdef, state)(pixel_values, **arrays)
 
 
 def pad_pixels(pixel_values: np.ndarray | jax.Array, layout: VisionLayout) -> jax.Array:
