@@ -54,7 +54,7 @@ def vae_from_diffusers(
     abstract = nnx.eval_shape(lambda: FluxVAE(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
-    flat = [(tuple(str(p) for p in path), var) for path, var in state.flat_state()]
+    flat = [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
     wanted = {torch_key(path): path for path, _ in flat}
     missing = sorted(set(wanted) - set(state_dict))
     unused = sorted(set(state_dict) - set(wanted))
@@ -62,7 +62,7 @@ def vae_from_diffusers(
         raise KeyError(
             f"state dict mismatch: missing {missing[:8]} ({len(missing)}), unused {unused[:8]} ({len(unused)})"
         )
-    sharding_of = dict((tuple(str(p) for p in k), v) for k, v in shardings.flat_state()) if shardings else {}
+    sharding_of = dict((tuple(str(p) for p in k), v) for k, v in nnx.to_flat_state(shardings)) if shardings else {}
     for path, var in flat:
         key = torch_key(path)
         value = convert_tensor(path, np.asarray(state_dict[key]))
