@@ -48,6 +48,7 @@ def test_layout_has_several_windows_and_is_a_permutation():
     assert layout.window_valid.any(1).sum() == 12
     assert sorted(layout.patch_order.tolist()) == list(range(layout.num_patches))
     assert (layout.window_valid.sum(1) < layout.window_valid.shape[1]).any()  # partial windows exist
+    assert layout.frame_valid.sum(1).tolist() == [96, 60]  # one attention group per image for full attention
 
 
 def test_vision_matches_transformers(torch_vit, jax_vit):
@@ -68,7 +69,8 @@ def test_vision_jit_buckets_are_shape_stable(torch_vit, jax_vit):
         return nnx.merge(graphdef, state)(px, **idx)
 
     for grid in (GRID, np.array([[1, 4, 6], [1, 2, 2], [1, 10, 4]])):
-        layout = vision_layout(grid, CFG, pad_patches_to=256, pad_windows_to=16)
+        layout = vision_layout(grid, CFG, pad_patches_to=256, pad_windows_to=16, pad_frames_to=4,
+                               pad_frame_slots_to=128)
         px = pixels(grid, seed=1)
         out = forward(state, pad_pixels(px, layout), layout.arrays())[: layout.num_merged]
         assert np.abs(np.asarray(out) - reference(torch_vit, px, grid)).max() <= 1e-4

@@ -57,8 +57,8 @@ def vl_prefill(graphdef, state, input_ids, attention_mask, positions, pixel_valu
 class UnderstandingPipeline:
     """``pipeline(conversations) -> list[str]``; one conversation is a list of chat messages (see processing.chat).
 
-    ``pad_length_to`` / ``pad_patches_to`` / ``pad_windows_to`` bucket the prompt length, ViT patch count and window
-    count so that batches of similar size reuse one compiled prefill.
+    ``pad_length_to`` and the ``pad_*_to`` vision multiples (see ``vision_layout``) bucket the prompt length and the
+    ViT shapes so that batches of similar size reuse one compiled prefill.
     """
 
     def __init__(
@@ -70,6 +70,8 @@ class UnderstandingPipeline:
         pad_length_to: int = 64,
         pad_patches_to: int = 256,
         pad_windows_to: int = 8,
+        pad_frames_to: int = 4,
+        pad_frame_slots_to: int = 256,
     ):
         self.model, self.tokenizer = model, tokenizer
         vision = model.config.vision
@@ -82,7 +84,11 @@ class UnderstandingPipeline:
                 f"processor patch/merge {self.processor.patch_size}/{self.processor.merge_size} do not match the "
                 f"vision tower's {vision.patch_size}/{vision.spatial_merge_size}"
             )
-        self.pad_length_to, self.pad_patches_to, self.pad_windows_to = pad_length_to, pad_patches_to, pad_windows_to
+        self.pad_length_to = pad_length_to
+        self.vision_buckets = dict(
+            pad_patches_to=pad_patches_to, pad_windows_to=pad_windows_to, pad_frames_to=pad_frames_to,
+            pad_frame_slots_to=pad_frame_slots_to,
+        )
 
     def prepare(self, conversations: Sequence[Sequence[Message]]) -> PreparedBatch:
         """Host-side preprocessing of a batch of conversations (see :class:`PreparedBatch`)."""
@@ -105,9 +111,7 @@ class UnderstandingPipeline:
         if not all_images:
             check_image_token_count(batch.input_ids, tokens.image_pad, 0)
             return PreparedBatch(batch.input_ids, batch.attention_mask, positions, None, None)
-        layout = vision_layout(
-            grids, self.model.config.vision, pad_patches_to=self.pad_patches_to, pad_windows_to=self.pad_windows_to
-        )
+        layout = vision_layout(grids, self.model.config.vision, **self.vision_buckets)
         check_image_token_count(batch.input_ids, tokens.image_pad, layout.num_merged)
         pixels = np.asarray(pad_pixels(np.concatenate([p for p, _ in all_images]), layout))
         return PreparedBatch(batch.input_ids, batch.attention_mask, positions, pixels, layout.arrays())

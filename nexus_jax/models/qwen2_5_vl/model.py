@@ -20,7 +20,8 @@ from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
 from nexus_jax.models.qwen2_5_vl.vision_layout import VisionLayout
 
 VISION_INPUT_KEYS = (
-    "patch_order", "positions", "frame_segments", "window_gather", "window_valid", "window_scatter", "merge_reverse",
+    "patch_order", "positions", "window_gather", "window_valid", "window_scatter", "frame_gather", "frame_valid",
+    "frame_scatter", "merge_reverse",
 )
 
 

@@ -2,7 +2,8 @@
 
 Input is a packed sequence of patches of several images (``pixel_values`` [Np, C*T*P*P] in the processor's order)
 plus the host-computed :class:`~nexus_jax.models.qwen2_5_vl.vision_layout.VisionLayout` arrays. Window-attention
-blocks attend inside padded windows ``[Wn, S]``; full-attention blocks attend inside each frame via a segment mask.
+blocks attend inside padded windows ``[Wn, S]``; full-attention blocks attend inside padded frames ``[F, Sf]``
+(a per-image segment mask, so images of one packed batch never attend to each other).
 Output: merged image features [Mp, out_hidden_size] in the processor's (merge-block raster) order.
 """
 
@@ -75,17 +76,13 @@ class VisionAttention(nnx.Module):
         heads = ("length", "act_heads", None)
         return constrain(q, heads), constrain(k, heads), constrain(v, heads)
 
-    def full(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
-        """Attention within each segment id. x [N, hidden], segments [N] -> [N, hidden]."""
-        q, k, v = self.qkv_heads(x, cos, sin)
-        mask = (segments[:, None] == segments[None, :])[None, None]
-        out = layers.dot_product_attention(q[None], k[None], v[None], mask=mask)[0]
-        return self.proj(out.reshape(x.shape[0], -1))
-
-    def windowed(
+    def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, gather: jax.Array, valid: jax.Array, scatter: jax.Array
     ) -> jax.Array:
-        """Attention within padded windows. gather/valid [Wn, S], scatter [N] -> [N, hidden]."""
+        """Attention within padded token groups (windows or frames). gather/valid [G, S], scatter [N].
+
+        x [N, hidden] -> [N, hidden]; token n reads its output from flat slot scatter[n] of [G * S].
+        """
         q, k, v = self.qkv_heads(x, cos, sin)
         q, k, v = (jnp.take(t, gather, axis=0) for t in (q, k, v))  # [Wn, S, H, D]
         mask = valid[:, None, None, :]
@@ -124,11 +121,8 @@ class VisionBlock(nnx.Module):
         self.mlp = VisionMLP(config, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, idx: dict[str, jax.Array]) -> jax.Array:
-        h = self.norm1(x)
-        if self.full_attention:
-            h = self.attn.full(h, cos, sin, idx["frame_segments"])
-        else:
-            h = self.attn.windowed(h, cos, sin, idx["window_gather"], idx["window_valid"], idx["window_scatter"])
+        group = "frame" if self.full_attention else "window"
+        h = self.attn(self.norm1(x), cos, sin, idx[f"{group}_gather"], idx[f"{group}_valid"], idx[f"{group}_scatter"])
         x = constrain(x + h, ("length", "act_embed"))
         return constrain(x + self.mlp(self.norm2(x)), ("length", "act_embed"))
 
@@ -168,10 +162,12 @@ class Qwen25VisionTransformer(nnx.Module):
         *,
         patch_order: jax.Array,
         positions: jax.Array,
-        frame_segments: jax.Array,
         window_gather: jax.Array,
         window_valid: jax.Array,
         window_scatter: jax.Array,
+        frame_gather: jax.Array,
+        frame_valid: jax.Array,
+        frame_scatter: jax.Array,
         merge_reverse: jax.Array,
     ) -> jax.Array:
         """pixel_values [Np, patch_dim] (processor order, padded to the layout) -> features [Np/4, out_hidden]."""
@@ -187,18 +183,20 @@ class Qwen25VisionTransformer(nnx.Module):
         x = constrain(self.patch_embed(x), ("length", "act_embed"))
         cos, sin = vision_rotary(positions, self.config.head_dim, self.config.rope_theta)
         idx = dict(
-            frame_segments=frame_segments, window_gather=window_gather, window_valid=window_valid,
-            window_scatter=window_scatter,
+            window_gather=window_gather, window_valid=window_valid, window_scatter=window_scatter,
+            frame_gather=frame_gather, frame_valid=frame_valid, frame_scatter=frame_scatter,
         )
         for block in self.blocks:
             x = block(x, cos, sin, idx)
         merged = self.merger(x)
         return jnp.take(merged, merge_reverse, axis=0)
 
-    def encode(self, pixel_values: np.ndarray | jax.Array, grid_thw: np.ndarray, *, pad_patches_to: int = 1,
-               pad_windows_to: int = 1) -> jax.Array:
-        """Compute the layout on the host, pad, run the jitted forward. -> [num_merged, out_hidden]."""
-        layout = vision_layout(grid_thw, self.config, pad_patches_to=pad_patches_to, pad_windows_to=pad_windows_to)
+    def encode(self, pixel_values: np.ndarray | jax.Array, grid_thw: np.ndarray, **pad_multiples: int) -> jax.Array:
+        """Compute the layout on the host (``pad_multiples``: see vision_layout), pad, run the jitted forward.
+
+        -> [num_merged, out_hidden].
+        """
+        layout = vision_layout(grid_thw, self.config, **pad_multiples)
         pixels = pad_pixels(pixel_values, layout)
         graphdef, state = nnx.split(self)
         arrays = {k: jnp.asarray(v) for k, v in layout.arrays().items()}

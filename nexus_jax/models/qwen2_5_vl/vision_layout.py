@@ -5,10 +5,11 @@ For a packed batch of images (``grid_thw`` rows ``[t, h, w]`` in patches) this c
 - ``patch_order`` [Np]: permutation of the processor's patch order into *window order* (all patches of window 0 of
   image 0, then window 1, ...; inside a window, 2x2 merge units in raster order). Padding rows map to themselves.
 - ``positions`` [Np, 2]: (row, col) patch coordinates in window order (for the 2-D rotary embedding).
-- ``frame_segments`` [Np]: frame id per token in window order (full-attention blocks attend within a frame);
-  padding tokens get -1.
 - ``window_gather`` [Wn, S] / ``window_valid`` [Wn, S]: token indices (window order) of each window, padded to
   ``S = merged_window**2 * merge_unit`` slots; ``window_scatter`` [Np]: flat slot of each token in ``[Wn * S]``.
+- ``frame_gather`` [F, Sf] / ``frame_valid`` / ``frame_scatter``: the same for whole frames (full-attention
+  blocks), ``Sf`` = the largest frame's patch count (bucketed). The valid mask is the per-image segment mask, so
+  attention cost is F * Sf**2 instead of (total patches)**2 for a dense segment mask over the packed batch.
 - ``merge_reverse`` [Mp]: inverse of the window permutation over merged tokens (Mp = Np / merge_unit).
 
 ``num_patches`` / ``num_merged`` are the real (unpadded) counts; padding exists only to bucket shapes for jit.
@@ -30,10 +31,12 @@ class VisionLayout:
 
     patch_order: np.ndarray
     positions: np.ndarray
-    frame_segments: np.ndarray
     window_gather: np.ndarray
     window_valid: np.ndarray
     window_scatter: np.ndarray
+    frame_gather: np.ndarray
+    frame_valid: np.ndarray
+    frame_scatter: np.ndarray
     merge_reverse: np.ndarray
     num_patches: int
     num_merged: int
@@ -43,10 +46,12 @@ class VisionLayout:
         return {
             "patch_order": self.patch_order,
             "positions": self.positions,
-            "frame_segments": self.frame_segments,
             "window_gather": self.window_gather,
             "window_valid": self.window_valid,
             "window_scatter": self.window_scatter,
+            "frame_gather": self.frame_gather,
+            "frame_valid": self.frame_valid,
+            "frame_scatter": self.frame_scatter,
             "merge_reverse": self.merge_reverse,
         }
 
@@ -87,33 +92,55 @@ def _patch_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
     return np.tile(np.stack([rows, cols], axis=-1), (t, 1))
 
 
+def _groups(sizes: np.ndarray, slots: int, pad_groups_to: int, padded: int):
+    """Gather [G, slots], valid [G, slots] and scatter [padded] indices for consecutive token runs of ``sizes``.
+
+    Padding tokens (past ``sizes.sum()``) scatter from slot 0 of group 0; their outputs are never used.
+    """
+    count, total = int(sizes.size), int(sizes.sum())
+    groups = _round_up(count, pad_groups_to)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    slot = np.arange(slots)
+    gather = np.zeros((groups, slots), np.int32)
+    valid = np.zeros((groups, slots), bool)
+    valid[:count] = slot < sizes[:, None]
+    gather[:count] = np.where(valid[:count], starts[:, None] + slot, 0)
+    owner = np.repeat(np.arange(count), sizes)
+    scatter = np.zeros(padded, np.int32)
+    scatter[:total] = owner * slots + (np.arange(total) - starts[owner])
+    return gather, valid, scatter
+
+
 def vision_layout(
     grid_thw: np.ndarray,
     config: Qwen25VisionConfig,
     *,
     pad_patches_to: int = 1,
     pad_windows_to: int = 1,
+    pad_frames_to: int = 1,
+    pad_frame_slots_to: int = 1,
 ) -> VisionLayout:
     """Index arrays for images with patch grids ``grid_thw`` [num_images, 3].
 
-    ``pad_patches_to`` / ``pad_windows_to`` round the token and window counts up to a multiple (jit buckets);
+    ``pad_*_to`` round the token, window, frame and per-frame slot counts up to a multiple (jit shape buckets).
     The padded patch count is also a multiple of the merge unit.
     """
     merge, unit, win = config.spatial_merge_size, config.merge_unit, config.merged_window
-    if pad_patches_to < 1 or pad_windows_to < 1:
-        raise ValueError(f"pad_patches_to={pad_patches_to} and pad_windows_to={pad_windows_to} must be >= 1")
+    pads = dict(pad_patches_to=pad_patches_to, pad_windows_to=pad_windows_to, pad_frames_to=pad_frames_to,
+                pad_frame_slots_to=pad_frame_slots_to)
+    if min(pads.values()) < 1:
+        raise ValueError(f"padding multiples must be >= 1, got {pads}")
     grid = _check_grid(grid_thw, merge)
 
-    merged_orders, window_sizes, positions, segments = [], [], [], []
-    merged_offset, frame_offset = 0, 0
+    merged_orders, window_sizes, positions, frame_sizes = [], [], [], []
+    merged_offset = 0
     for t, h, w in grid.tolist():
         order, sizes = _merged_window_order(t, h // merge, w // merge, win)
         merged_orders.append(order + merged_offset)
         window_sizes.append(sizes * unit)
         positions.append(_patch_positions(t, h, w, merge))
-        segments.append(np.repeat(np.arange(t) + frame_offset, h * w))
+        frame_sizes.append(np.full(t, h * w))
         merged_offset += t * (h // merge) * (w // merge)
-        frame_offset += t
 
     merged_order = np.concatenate(merged_orders)
     num_merged = int(merged_order.size)
@@ -127,31 +154,26 @@ def vision_layout(
     merge_reverse = np.argsort(merged_order)
 
     pos = np.concatenate(positions + [np.zeros((padded - num_patches, 2), np.int64)])[patch_order]
-    frame_segments = np.concatenate(segments + [np.full(padded - num_patches, -1)])[patch_order]
 
-    # Windows: contiguous runs of tokens in window order, padded to S slots each.
-    slots = win * win * unit
-    sizes = np.concatenate(window_sizes)
-    num_windows = _round_up(int(sizes.size), pad_windows_to)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    slot = np.arange(slots)
-    window_gather = np.zeros((num_windows, slots), np.int64)
-    window_valid = np.zeros((num_windows, slots), bool)
-    window_gather[: sizes.size] = np.where(slot < sizes[:, None], starts[:, None] + slot, 0)
-    window_valid[: sizes.size] = slot < sizes[:, None]
-    token_window = np.repeat(np.arange(sizes.size), sizes)
-    window_scatter = np.zeros(padded, np.int64)
-    window_scatter[:num_patches] = token_window * slots + (np.arange(num_patches) - starts[token_window])
-    # Padding tokens read any slot of the first window; their outputs are never used.
+    # Windows and frames are contiguous runs of tokens in window order, each padded to a fixed slot count.
+    window_slots = win * win * unit
+    window_gather, window_valid, window_scatter = _groups(
+        np.concatenate(window_sizes), window_slots, pad_windows_to, padded
+    )
+    frame_sizes = np.concatenate(frame_sizes)
+    frame_slots = _round_up(int(frame_sizes.max()), pad_frame_slots_to)
+    frame_gather, frame_valid, frame_scatter = _groups(frame_sizes, frame_slots, pad_frames_to, padded)
 
     i32 = np.int32
     return VisionLayout(
         patch_order=patch_order.astype(i32),
         positions=pos.astype(i32),
-        frame_segments=frame_segments.astype(i32),
-        window_gather=window_gather.astype(i32),
+        window_gather=window_gather,
         window_valid=window_valid,
-        window_scatter=window_scatter.astype(i32),
+        window_scatter=window_scatter,
+        frame_gather=frame_gather,
+        frame_valid=frame_valid,
+        frame_scatter=frame_scatter,
         merge_reverse=merge_reverse.astype(i32),
         num_patches=num_patches,
         num_merged=num_merged,
