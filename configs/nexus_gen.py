@@ -163,3 +163,12 @@ def tiny(version: Version = "v2", *, slot_grid_thw: tuple[int, int, int] = (1, 6
     base = NexusGenConfig(vl=tiny_vl(), num_slots=n, slot_grid_thw=slot_grid_thw, max_length=2048,
                           input_max_pixels=112 * 112)
     return _with_version(base, version).replace(**overrides)
+
+
+def bench(version: Version = "v2", **overrides) -> NexusGenConfig:
+    """Benchmark size: the text decoder of ``qwen2_5.bench`` (hidden 512, 8 layers, 8/2 heads), tiny ViT, 81 slots."""
+    text = qwen2_5.bench(vocab_size=32000)
+    vision = dataclasses.replace(QWEN25_VISION_TINY, out_hidden_size=text.hidden_size)
+    vl = Qwen25VLConfig(text=text, vision=vision, tokens=TINY_TOKENS)
+    base = NexusGenConfig(vl=vl, max_length=4096, input_max_pixels=112 * 112)
+    return _with_version(base, version).replace(**overrides)

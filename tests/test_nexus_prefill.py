@@ -40,7 +40,10 @@ def test_parallel_fill_equals_sequential_kv_cache_steps(version, grid):
     assert batch.shape[1] > 500 and (~batch.attention_mask).any()
     par = P.fill_slots(model, batch)
     seq = P.fill_slots_sequential(model, batch)
+    filler = P.SlotFiller(model, batch)
+    cached_par = filler.parallel(filler.prompt_cache())  # one N-token forward on top of the prompt's KV cache
     assert par.shape == (3, cfg.num_slots, cfg.hidden_size)
+    assert float(jnp.abs(cached_par - seq).max()) <= 1e-4
     err = float(jnp.abs(par - seq).max())
     print(f"{version}: parallel vs sequential max abs err {err:.2e} (scale {float(jnp.abs(seq).max()):.2f})")
     assert err <= 1e-4

@@ -12,8 +12,8 @@ Batches are left-padded and every row ends with its N slots, so the predictions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -55,14 +55,17 @@ def _check_slot_layout(batch: NexusBatch, n: int) -> None:
 
 
 def _input_features(model: NexusGenAR, batch: NexusBatch) -> jax.Array | None:
+    """Frozen-ViT features of the batch's input images [num_merged, hidden], or None."""
     if batch.inputs is None:
         return None
-    return _encode(model, jnp.asarray(batch.inputs.pixels), batch.inputs.arrays(), batch.inputs.num_merged)
+    graphdef, state = nnx.split(model)
+    layout = {k: jnp.asarray(v) for k, v in batch.inputs.arrays().items()}
+    return _encode_for(graphdef, batch.inputs.num_merged)(state, jnp.asarray(batch.inputs.pixels), layout)
 
 
-@partial(nnx.jit, static_argnums=(3,))
-def _encode(model: NexusGenAR, pixels: jax.Array, layout: dict, num_merged: int) -> jax.Array:
-    return model.encode_images(pixels, layout, num_merged)
+@lru_cache(maxsize=8)
+def _encode_for(graphdef, num_merged: int) -> Callable:
+    return jax.jit(lambda state, px, layout: nnx.merge(graphdef, state).encode_images(px, layout, num_merged))
 
 
 def _parallel(model: NexusGenAR, ids, positions, slot_index, mask, feats, input_mask) -> jax.Array:
@@ -72,53 +75,94 @@ def _parallel(model: NexusGenAR, ids, positions, slot_index, mask, feats, input_
     return model.head(hidden[:, -n - 1 : -1])
 
 
-_parallel_jit = nnx.jit(_parallel)
+@lru_cache(maxsize=8)
+def _parallel_for(graphdef) -> Callable:
+    """Jitted :func:`_parallel` for one model structure (functional: state in, embeddings out)."""
+    return jax.jit(lambda state, *args: _parallel(nnx.merge(graphdef, state), *args))
 
 
 def fill_slots(model: NexusGenAR, batch: NexusBatch, *, jit: bool = True) -> jax.Array:
     """One parallel forward pass -> predicted image embeddings [B, N, hidden] (N = ``num_slots``)."""
     _check_slot_layout(batch, model.config.num_slots)
-    fn = _parallel_jit if jit else _parallel
-    return fn(
-        model, jnp.asarray(batch.input_ids), jnp.asarray(batch.positions), jnp.asarray(batch.slot_index),
+    args = (
+        jnp.asarray(batch.input_ids), jnp.asarray(batch.positions), jnp.asarray(batch.slot_index),
         jnp.asarray(batch.attention_mask), _input_features(model, batch), jnp.asarray(batch.input_mask),
     )
+    if not jit:
+        return _parallel(model, *args)
+    graphdef, state = nnx.split(model)
+    return _parallel_for(graphdef)(state, *args)
 
 
-def _step(graphdef, state, cache, ids, positions, slot_index, mask, feats, input_mask):
+def _step(graphdef, keep, state, cache, ids, positions, slot_index, mask, feats, input_mask):
     model = nnx.merge(graphdef, state)
     embeds = model.embed_inputs(ids, slot_index, feats, input_mask if feats is not None else None)
     hidden, cache = model.language_model.model(
         inputs_embeds=embeds, positions=positions, attention_mask=mask, cache=cache
     )
-    return model.head(hidden[:, -1]), cache
+    return (model.head(hidden[:, -keep:]) if keep else None), cache
 
 
-_step_jit = jax.jit(_step, static_argnums=(0,), donate_argnums=(2,))
+@lru_cache(maxsize=16)
+def _step_for(graphdef, keep: int) -> Callable:
+    """Jitted cached forward returning vision_head outputs of the last ``keep`` positions (0: none), one per model
+    structure (the graphdef is closed over, not hashed on every call). The cache argument is donated."""
+    return jax.jit(partial(_step, graphdef, keep), donate_argnums=(1,))
+
+
+class SlotFiller:
+    """Cached slot filling for a batch from :func:`slot_batch`.
+
+    ``prompt_cache()`` runs the prompt (everything before ``<|vision_start|>``) into a fixed-size KV cache, as a
+    decoding loop would have it when the model emits ``<|vision_start|>``. From there ``parallel(cache)`` fills all
+    N slots with one N-token forward (``<|vision_start|>``, slot_0 .. slot_{N-2}) and ``sequential(cache)`` with N
+    single-token steps (the reference implementation's loop). Both return [B, N, hidden] and consume the cache.
+    """
+
+    def __init__(self, model: NexusGenAR, batch: NexusBatch):
+        self.n = model.config.num_slots
+        _check_slot_layout(batch, self.n)
+        self.text_config = model.config.vl.text
+        self.graphdef, self.state = nnx.split(model)
+        self.batch_size, self.length = batch.input_ids.shape
+        self.start = self.length - self.n - 1  # column of <|vision_start|>
+        self.ids, self.pos = jnp.asarray(batch.input_ids), jnp.asarray(batch.positions)
+        self.slots, self.mask = jnp.asarray(batch.slot_index), jnp.asarray(batch.attention_mask)
+        self.feats = _input_features(model, batch)
+        self.input_mask = jnp.asarray(batch.input_mask)
+        self._steps: list | None = None
+
+    def _run(self, keep: int, cache, cols: slice, with_images: bool = False):
+        feats = self.feats if with_images else None
+        in_mask = self.input_mask[:, cols] if with_images else None
+        return _step_for(self.graphdef, keep)(
+            self.state, cache, self.ids[:, cols], self.pos[:, :, cols], self.slots[:, cols], self.mask[:, cols],
+            feats, in_mask,
+        )
+
+    def prompt_cache(self):
+        """KV cache (capacity L) holding the prompt before ``<|vision_start|>``."""
+        cache = init_cache_for(self.text_config, self.batch_size, self.length)
+        return self._run(0, cache, slice(0, self.start), with_images=True)[1]
+
+    def parallel(self, cache) -> jax.Array:
+        """One forward of the N slot-phase tokens on top of ``cache`` -> [B, N, hidden]."""
+        return self._run(self.n, cache, slice(self.start, self.length - 1))[0]
+
+    def sequential(self, cache) -> jax.Array:
+        """N single-token forwards (``<|vision_start|>``, then one slot per step) -> [B, N, hidden]."""
+        if self._steps is None:  # per-step inputs sliced once, so the loop does nothing but the forwards
+            cols = [slice(t, t + 1) for t in range(self.start, self.length - 1)]
+            self._steps = [(self.ids[:, c], self.pos[:, :, c], self.slots[:, c], self.mask[:, c]) for c in cols]
+        step = _step_for(self.graphdef, 1)
+        outs = []
+        for ids, pos, slots, mask in self._steps:
+            out, cache = step(self.state, cache, ids, pos, slots, mask, None, None)
+            outs.append(out[:, 0])
+        return jnp.stack(outs, axis=1)
 
 
 def fill_slots_sequential(model: NexusGenAR, batch: NexusBatch) -> jax.Array:
-    """Reference: prefill the prompt through ``<|vision_start|>``, then N - 1 single-slot KV-cache steps.
-
-    Same inputs and positions as :func:`fill_slots`; returns [B, N, hidden].
-    """
-    n = model.config.num_slots
-    _check_slot_layout(batch, n)
-    b, length = batch.input_ids.shape
-    prefix = length - n
-    graphdef, state = nnx.split(model)
-    cache = init_cache_for(model.config.vl.text, b, length)
-    ids, pos = jnp.asarray(batch.input_ids), jnp.asarray(batch.positions)
-    slots, mask = jnp.asarray(batch.slot_index), jnp.asarray(batch.attention_mask)
-    feats = _input_features(model, batch)
-    in_mask = jnp.asarray(batch.input_mask[:, :prefix])
-    out, cache = _step_jit(
-        graphdef, state, cache, ids[:, :prefix], pos[:, :, :prefix], slots[:, :prefix], mask[:, :prefix], feats,
-        in_mask,
-    )
-    outs = [out]
-    for t in range(prefix, length - 1):
-        sl = slice(t, t + 1)
-        out, cache = _step_jit(graphdef, state, cache, ids[:, sl], pos[:, :, sl], slots[:, sl], mask[:, sl], None, None)
-        outs.append(out)
-    return jnp.stack(outs, axis=1)
+    """Reference path: prompt into a KV cache, then N single-slot steps. Same result as :func:`fill_slots`."""
+    filler = SlotFiller(model, batch)
+    return filler.sequential(filler.prompt_cache())
