@@ -1,0 +1,1 @@
+"""Rectified-flow schedules, Euler updates and the jitted FLUX sampler."""
