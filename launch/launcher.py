@@ -1,0 +1,116 @@
+"""``nexus-jax launch``: the Cloud TPU commands for a plan config and slice (printed; executed with ``--run``).
+
+Two paths:
+* ``tpu-vm`` (default): ``gcloud compute tpus tpu-vm create`` -> copy the work tree to every worker -> install ->
+  run ``python -m launch.distributed <job>`` on all workers (``--worker=all``) -> delete.
+* ``xpk`` (GKE): ``xpk cluster create`` -> ``xpk workload create --command ...`` (needs a container image holding
+  this repository, ``--docker-image``).
+
+The job is the plan config's ``job`` (e.g. ``train --preset ar_stage3 ...``) plus ``--data`` / ``--run-dir`` and any
+arguments after ``--``. ``launch.distributed`` initialises multi-host JAX on every worker before running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from configs.plans import PlanConfig, get_plan
+from launch.topology import Topology, parse_topology
+
+INSTALL = "cd ~/nexus-jax && python3 -m pip install -q -e '.[tpu]'"
+
+
+def job_command(plan: PlanConfig, data: str | None, run_dir: str | None, extra: Sequence[str]) -> list[str]:
+    """argv run on every worker: multi-host init + the nexus-jax command."""
+    if not plan.job:
+        raise ValueError(f"plan config {plan.name!r} has no job command to launch")
+    argv = ["python3", "-m", "launch.distributed", *plan.job]
+    if plan.job[0] == "train":
+        if not data or not run_dir:
+            raise ValueError(f"{plan.name} trains: pass --data <records> and --run-dir <gs://bucket/dir>")
+        argv += ["--data", data, "--run-dir", run_dir]
+    return argv + list(extra)
+
+
+def tpu_vm_commands(plan: PlanConfig, topo: Topology, name: str, zone: str, project: str | None, spot: bool,
+                    job: Sequence[str], keep: bool = False) -> list[list[str]]:
+    """create, copy, install, run, and (unless ``keep``) delete: gcloud argv lists."""
+    common = [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
+    create = ["gcloud", "compute", "tpus", "tpu-vm", "create", name, *common,
+              f"--accelerator-type={topo.accelerator_type}", f"--version={topo.chip.runtime_version}"]
+    if spot:
+        create.append("--spot")
+    copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", ".", f"{name}:~/nexus-jax", *common,
+            "--worker=all"]
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *common, "--worker=all", "--command"]
+    install = ssh + [INSTALL]
+    run = ssh + [f"cd ~/nexus-jax && {shlex.join(job)}"]
+    delete = ["gcloud", "compute", "tpus", "tpu-vm", "delete", name, *common, "--quiet"]
+    return [create, copy, install, run] + ([] if keep else [delete])
+
+
+def xpk_commands(plan: PlanConfig, topo: Topology, name: str, cluster: str, zone: str, project: str | None,
+                 image: str, job: Sequence[str]) -> list[list[str]]:
+    """xpk cluster create, workload create (argv lists)."""
+    common = [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
+    cluster_create = ["xpk", "cluster", "create", f"--cluster={cluster}", f"--tpu-type={topo.accelerator_type}",
+                      "--num-slices=1", *common]
+    workload = ["xpk", "workload", "create", f"--cluster={cluster}", f"--workload={name}",
+                f"--tpu-type={topo.accelerator_type}", "--num-slices=1", f"--docker-image={image}", *common,
+                f"--command={shlex.join(job)}"]
+    return [cluster_create, workload]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nexus-jax launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="plan config (configs/plans.py), e.g. ar_train")
+    p.add_argument("--topology", help="slice, e.g. v5p:4x4x4 (default: the config's intended slice)")
+    p.add_argument("--name", required=True, help="TPU VM / workload name")
+    p.add_argument("--zone", required=True, help="e.g. us-east5-a (v5p), us-east1-d (v6e)")
+    p.add_argument("--project", help="GCP project (default: gcloud's)")
+    p.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
+    p.add_argument("--keep", action="store_true", help="do not delete the TPU VM after the job")
+    p.add_argument("--data", help="training records (JSONL or array_record directory, e.g. gs://...)")
+    p.add_argument("--run-dir", help="checkpoints and logs (gs://...)")
+    p.add_argument("--xpk", action="store_true", help="GKE via xpk instead of plain TPU VMs")
+    p.add_argument("--cluster", help="xpk cluster name")
+    p.add_argument("--docker-image", help="xpk: image containing this repository")
+    p.add_argument("--run", action="store_true", help="execute the commands (default: print them)")
+    p.add_argument("extra", nargs="*", help="extra job arguments (after --)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = get_plan(args.config)
+        topo = parse_topology(args.topology or plan.topology)
+        job = job_command(plan, args.data, args.run_dir, args.extra)
+        if args.xpk:
+            if not args.cluster or not args.docker_image:
+                raise ValueError("--xpk needs --cluster and --docker-image")
+            commands = xpk_commands(plan, topo, args.name, args.cluster, args.zone, args.project,
+                                    args.docker_image, job)
+        else:
+            commands = tpu_vm_commands(plan, topo, args.name, args.zone, args.project, args.spot, job, args.keep)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {plan.name} on {topo.name} = {topo.accelerator_type} ({topo.num_chips} chips, {topo.num_hosts} hosts)."
+          f" Check it fits first: nexus-jax plan --config {plan.name} --topology {topo.name}")
+    for cmd in commands:
+        print(shlex.join(cmd))
+        if args.run:
+            rc = subprocess.call(cmd)
+            if rc:
+                print(f"error: command failed with exit code {rc}: {shlex.join(cmd)}", file=sys.stderr)
+                return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Workloads: what the planner compiles. Each turns a :class:`configs.plans.PlanConfig` into a program builder.
+
+A :class:`Workload` builds an abstract, sharded :class:`launch.compiled.Program` for a mesh, optionally at reduced
+depth (``overrides`` such as ``{"layers": 2}``; the planner uses those loop-free reduced programs to extrapolate
+costs when the full program has while loops, see :func:`launch.compiled.extrapolate`). Register new workloads in
+:data:`BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from configs.plans import PlanConfig
+from configs.training import OptimConfig
+from launch import flops
+from launch.compiled import Program
+from launch.train_program import LowerInContext, abstract_batch, train_program
+from nexus_jax import sharding
+
+Overrides = Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A plannable program family.
+
+    ``depths``: full-size repeat counts of identical blocks (knob -> count), for cost extrapolation.
+    ``cost_multiplier``: the full program repeats the depth-extrapolated program this many times (sampling steps;
+    extrapolation then builds with ``{"steps": 1}``). ``model_flops``: analytic FLOPs per step, whole slice.
+    """
+
+    name: str
+    build: Callable[[Mesh, Overrides | None], Program]
+    depths: Mapping[str, int]
+    model_flops: float
+    tokens_per_step: int
+    rules: sharding.Rules
+    cost_multiplier: int = 1
+    notes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _optim(frozen: tuple[str, ...] = ()) -> OptimConfig:
+    return OptimConfig(learning_rate=1e-5, warmup_steps=100, frozen=frozen)
+
+
+# --- matmul-only ----------------------------------------------------------------------------------------------
+def matmul_workload(plan: PlanConfig, remat: str) -> Workload:
+    from launch.matmul_model import MatmulStack, matmul_loss, train_flops
+
+    cfg = plan.model
+
+    def build(mesh: Mesh, overrides: Overrides | None) -> Program:
+        c = dataclasses.replace(cfg, num_layers=overrides["layers"]) if overrides else cfg
+        return train_program(
+            lambda: MatmulStack(c, remat=remat, rngs=nnx.Rngs(0)), matmul_loss,
+            {"x": ((plan.global_batch, c.dim), jnp.dtype(plan.compute_dtype), ("batch", None))},
+            _optim(), plan.compute_dtype, mesh, sharding.TRAIN_RULES,
+        )
+
+    return Workload("matmul_train", build, {"layers": cfg.num_layers}, train_flops(cfg, plan.global_batch),
+                    plan.global_batch, sharding.TRAIN_RULES, notes={"loss": "mean(y^2)", "optimizer": "adamw"})
+
+
+# --- Nexus-Gen AR ---------------------------------------------------------------------------------------------
+def _ar_loss(model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+    from nexus_jax.nexus.loss import nexus_ar_loss
+
+    del rng
+    cfg = model.config
+    out = model(batch["input_ids"], positions=batch["positions"], slot_index=batch["slot_index"],
+                attention_mask=batch["attention_mask"])
+    loss, parts = nexus_ar_loss(out.logits, out.image_embeds, batch["labels"], batch["image_targets"],
+                                image_token_id=cfg.tokens.image_pad, token_weight=cfg.token_loss_weight,
+                                image_weight=cfg.image_loss_weight)
+    return loss, {k: v for k, v in parts.items() if k.endswith("loss")}
+
+
+def ar_workload(plan: PlanConfig, remat: str) -> Workload:
+    from nexus_jax.models.nexus_ar import NexusGenAR
+
+    cfg = plan.model
+    text = cfg.vl.text.replace(remat=remat)
+    b, s, d = plan.global_batch, plan.seq_len, text.hidden_size
+    if s < cfg.num_slots + 2:
+        raise ValueError(f"seq_len={s} cannot hold the {cfg.num_slots} output-image slots plus their markers")
+    i32 = jnp.int32
+    batch = {
+        "input_ids": ((b, s), i32, ("batch", "length")),
+        "labels": ((b, s), i32, ("batch", "length")),
+        "attention_mask": ((b, s), i32, ("batch", "length")),
+        "slot_index": ((b, s), i32, ("batch", "length")),
+        "positions": ((3, b, s), i32, (None, "batch", "length")),
+        "image_targets": ((b, s, d), jnp.dtype(text.dtype), ("batch", "length", "act_embed")),
+    }
+
+    def build(mesh: Mesh, overrides: Overrides | None) -> Program:
+        t = text.replace(num_layers=overrides["layers"]) if overrides else text
+        c = cfg.replace(vl=dataclasses.replace(cfg.vl, text=t))
+        return train_program(lambda: NexusGenAR(c, rngs=nnx.Rngs(0)), _ar_loss, batch,
+                             _optim(frozen=(r"(^|/)visual/",)), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
+
+    model_flops = flops.ar_train_flops(text, b, s, extra_matmul_params=d * d)
+    notes = {
+        "loss": "nexus_jax.nexus.loss.nexus_ar_loss (token CE + 0.5 MSE + 0.5 (1 - cos) on output slots)",
+        "model": "nexus_jax.models.nexus_ar.NexusGenAR (ViT parameters frozen, held in HBM)",
+        "inputs": "image targets are precomputed frozen-ViT features (the ViT forward is not in the step: "
+                  "~0.4 TFLOP per 252x252 target vs ~190 TFLOP per 4096-token sequence)",
+        "optimizer": "adamw + global-norm clip (nexus_jax.training.optim), grad_accum 1",
+    }
+    return Workload("ar_train", build, {"layers": text.num_layers}, model_flops, b * s, sharding.TRAIN_RULES,
+                    notes=notes)
+
+
+# --- generation decoder ---------------------------------------------------------------------------------------
+def _dit_cfg(plan: PlanConfig, overrides: Overrides | None) -> Any:
+    cfg = dataclasses.replace(plan.model, param_dtype=jnp.dtype(plan.param_dtype),
+                              dtype=jnp.dtype(plan.compute_dtype))
+    if overrides:
+        cfg = dataclasses.replace(cfg, num_double_blocks=overrides.get("double_blocks", cfg.num_double_blocks),
+                                  num_single_blocks=overrides.get("single_blocks", cfg.num_single_blocks))
+    return cfg
+
+
+def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
+    from launch.decoder_model import ADAPTER_IN, GenerationDecoder, flow_matching_loss
+
+    if plan.context_len != 81:
+        raise ValueError(f"decoder_train compiles the generation decoder (81 context tokens), got {plan.context_len}")
+    b, t = plan.global_batch, (plan.image_size // 16) ** 2
+    dt, f32 = jnp.dtype(plan.compute_dtype), jnp.float32
+    cfg0 = plan.model
+    batch = {
+        "latents": ((b, t, cfg0.in_channels), dt, ("batch", "length", None)),
+        "noise": ((b, t, cfg0.in_channels), dt, ("batch", "length", None)),
+        "embeds": ((b, plan.context_len, ADAPTER_IN), dt, ("batch", "length", None)),
+        "pooled": ((b, cfg0.pooled_dim), dt, ("batch", None)),
+        "sigma": ((b,), f32, ("batch",)),
+        "weight": ((b,), f32, ("batch",)),
+    }
+    loss = functools.partial(flow_matching_loss, image_size=plan.image_size)
+
+    def build(mesh: Mesh, overrides: Overrides | None) -> Program:
+        cfg = _dit_cfg(plan, overrides)
+        return train_program(lambda: GenerationDecoder(cfg, remat=remat, rngs=nnx.Rngs(0)), loss, batch,
+                             _optim(), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
+
+    notes = {
+        "loss": "weighted flow matching MSE (launch.decoder_model.flow_matching_loss)",
+        "model": "launch.decoder_model.GenerationDecoder = adapter + nexus_jax.models.flux.FluxDiT",
+        "inputs": "VAE latents precomputed (frozen VAE not in the step)",
+        "param_dtype": plan.param_dtype,
+    }
+    return Workload("decoder_train", build,
+                    {"double_blocks": cfg0.num_double_blocks, "single_blocks": cfg0.num_single_blocks},
+                    flops.decoder_train_flops(cfg0, b, t, plan.context_len), b * t, sharding.TRAIN_RULES,
+                    notes=notes)
+
+
+# --- sampling (batch inference) -------------------------------------------------------------------------------
+NEGATIVE_TOKENS = 512  # T5("") padded to 512 tokens (negative branch of CFG)
+
+
+def decoder_sample_workload(plan: PlanConfig, remat: str) -> Workload:
+    from launch.decoder_model import ADAPTER_IN, GenerationDecoder, sample
+
+    del remat  # no backward pass
+    rules = sharding.INFERENCE_RULES
+    b, t = plan.global_batch, (plan.image_size // 16) ** 2
+    dt = jnp.dtype(plan.compute_dtype)
+    cfg0 = plan.model
+    inputs = {
+        "noise": ((b, t, cfg0.in_channels), dt, ("batch", "length", None)),
+        "embeds": ((b, plan.context_len, ADAPTER_IN), dt, ("batch", "length", None)),
+        "pooled": ((b, cfg0.pooled_dim), dt, ("batch", None)),
+        "neg_context": ((b, NEGATIVE_TOKENS, cfg0.context_dim), dt, ("batch", "length", None)),
+        "neg_pooled": ((b, cfg0.pooled_dim), dt, ("batch", None)),
+    }
+
+    def build(mesh: Mesh, overrides: Overrides | None) -> Program:
+        cfg = _dit_cfg(plan, overrides)
+        steps = overrides.get("steps", plan.num_steps) if overrides else plan.num_steps
+        ctor = lambda: GenerationDecoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+        graphdef, abs_state = nnx.split(nnx.eval_shape(ctor))
+        state_sh = sharding.state_shardings(abs_state, mesh, rules)
+        state_sh = jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else NamedSharding(mesh, x), state_sh)
+        state_args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state,
+                                  state_sh)
+        args = abstract_batch(inputs, mesh, rules)
+
+        def run(state, noise, embeds, pooled, neg_context, neg_pooled):
+            model = nnx.merge(graphdef, state)
+            return sample(model, noise, embeds, pooled, neg_context, neg_pooled, image_size=plan.image_size,
+                          steps=steps, cfg_scale=plan.cfg_scale, unroll=overrides is not None)
+
+        fn = jax.jit(run, out_shardings=args["noise"].sharding)
+        return Program(LowerInContext(fn, mesh, rules), (state_args, *args.values()))
+
+    model_flops = flops.sample_flops(cfg0, b, t, plan.context_len, NEGATIVE_TOKENS, plan.num_steps, plan.cfg_scale)
+    notes = {
+        "program": f"{plan.num_steps}-step Euler flow-matching sampler with CFG {plan.cfg_scale} "
+                   "(positive: adapter(81 AR embeddings); negative: T5('') 512 tokens), latents out",
+        "model": "launch.decoder_model.GenerationDecoder = adapter + nexus_jax.models.flux.FluxDiT",
+        "excluded": "VAE decode (separate program) and the AR prefill",
+    }
+    return Workload("decoder_sample", build,
+                    {"double_blocks": cfg0.num_double_blocks, "single_blocks": cfg0.num_single_blocks},
+                    model_flops, b, rules, cost_multiplier=plan.num_steps, notes=notes)
+
+
+BUILDERS: dict[str, Callable[[PlanConfig, str], Workload]] = {
+    "matmul_train": matmul_workload,
+    "ar_train": ar_workload,
+    "decoder_train": decoder_train_workload,
+    "decoder_sample": decoder_sample_workload,
+}
+
+
+def make_workload(plan: PlanConfig, remat: str | None = None) -> Workload:
+    """The workload of ``plan`` with remat policy ``remat`` (default: the plan's)."""
+    if plan.workload not in BUILDERS:
+        raise ValueError(f"unknown workload {plan.workload!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[plan.workload](plan, plan.remat if remat is None else remat)
