@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from configs.flux import FluxDiTConfig
@@ -52,10 +51,10 @@ class GenerationDecoder(nnx.Module):
 
 
 def image_ids(image_size: int) -> jax.Array:
-    """(0, row, col) position ids of the packed latent grid: [(S/16)^2, 3]."""
-    n = image_size // 16
-    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    return jnp.asarray(np.stack([np.zeros_like(rows), rows, cols], -1).reshape(-1, 3), jnp.float32)
+    """(0, row, col) RoPE ids of the packed latent tokens of a square image: [(S/16)^2, 3]."""
+    from nexus_jax.models.flux.packing import image_ids as packed_ids
+
+    return packed_ids(image_size // 8, image_size // 8)
 
 
 def flow_matching_loss(model: GenerationDecoder, batch: dict[str, jax.Array], rng: jax.Array, *,
@@ -64,52 +63,44 @@ def flow_matching_loss(model: GenerationDecoder, batch: dict[str, jax.Array], rn
 
     batch: latents / noise [B, T, 64], embeds [B, 81, 3584], pooled [B, 768], sigma [B], weight [B].
     """
+    from nexus_jax.diffusion.flow_match import add_noise, velocity_target
+
     del rng
     x0, eps, sigma = batch["latents"], batch["noise"], batch["sigma"]
-    s = sigma[:, None, None].astype(x0.dtype)
-    xt = (1 - s) * x0 + s * eps
+    xt = add_noise(x0, eps, sigma)
     context = model.adapter(batch["embeds"])
     b = x0.shape[0]
     txt_ids = jnp.zeros((context.shape[1], 3), jnp.float32)
     v = model.dit(xt, sigma, context, batch["pooled"], txt_ids, image_ids(image_size),
                   jnp.full((b,), GUIDANCE, sigma.dtype))
-    err = jnp.mean(jnp.square((v - (eps - x0)).astype(jnp.float32)), axis=(1, 2))
+    err = jnp.mean(jnp.square((v - velocity_target(x0, eps)).astype(jnp.float32)), axis=(1, 2))
     return jnp.mean(err * batch["weight"]), {}
-
-
-def shifted_sigmas(steps: int, shift: float = SHIFT) -> np.ndarray:
-    """DiffSynth FlowMatch schedule: s = linspace(1, 0.003/1.002, steps), sigma = shift s / (1 + (shift-1) s), + 0."""
-    s = np.linspace(1.0, 0.003 / 1.002, steps)
-    return np.append(shift * s / (1 + (shift - 1) * s), 0.0).astype(np.float32)
 
 
 def sample(model: GenerationDecoder, noise: jax.Array, embeds: jax.Array, pooled: jax.Array,
            neg_context: jax.Array, neg_pooled: jax.Array, *, image_size: int, steps: int, cfg_scale: float,
            unroll: bool) -> jax.Array:
-    """Euler sampling with CFG: v = v_neg + cfg (v_pos - v_neg). noise [B, T, 64] -> latents [B, T, 64].
+    """The project sampler (nexus_jax.diffusion.sampler.denoise: Euler + CFG ``v_neg + cfg (v_pos - v_neg)``, fixed
+    shift 3) on ``adapter(embeds)``. noise [B, T, 64] packed tokens -> denoised tokens [B, T, 64].
 
-    ``unroll`` uses a Python loop (loop-free HLO, for cost extrapolation) instead of ``fori_loop``.
+    ``unroll`` runs the loop body (velocity + Euler step) ``steps`` times in Python: a loop-free program whose cost
+    XLA counts fully (used for cost extrapolation at ``steps=1``).
     """
-    sig = jnp.asarray(shifted_sigmas(steps))
+    from nexus_jax.diffusion.flow_match import euler_step, fixed_shift_sigmas
+    from nexus_jax.diffusion.sampler import TOKENS, Conditioning, denoise, velocity
+
+    sig = jnp.asarray(fixed_shift_sigmas(steps, SHIFT))
     context = model.adapter(embeds)
     b = noise.shape[0]
     ids = image_ids(image_size)
-    g = jnp.full((b,), GUIDANCE, noise.dtype)
-    pos_ids = jnp.zeros((context.shape[1], 3), jnp.float32)
-    neg_ids = jnp.zeros((neg_context.shape[1], 3), jnp.float32)
-
-    def step(i, x):
-        s = jnp.full((b,), sig[i], noise.dtype)
-        v = model.dit(x, s, context, pooled, pos_ids, ids, g)
-        if cfg_scale != 1.0:
-            v_neg = model.dit(x, s, neg_context, neg_pooled, neg_ids, ids, g)
-            v = v_neg + cfg_scale * (v - v_neg)
-        x = x + v * (sig[i + 1] - sig[i])
-        return sharding.constrain(x, ("batch", "length", None))
-
-    if unroll:
-        x = noise
-        for i in range(steps):
-            x = step(i, x)
-        return x
-    return jax.lax.fori_loop(0, steps, step, noise)
+    g = jnp.full((b,), GUIDANCE, jnp.float32)
+    cond = Conditioning(context, pooled, jnp.zeros((context.shape[1], 3), jnp.float32))
+    neg = Conditioning(neg_context, neg_pooled, jnp.zeros((neg_context.shape[1], 3), jnp.float32))
+    neg = neg if cfg_scale != 1.0 else None
+    if not unroll:
+        return denoise(model.dit, noise, ids, sig, cond, neg, g, cfg_scale)
+    x = sharding.constrain(noise.astype(jnp.float32), TOKENS)
+    for i in range(steps):
+        v = velocity(model.dit, x, sig[i], ids, cond, neg, g, cfg_scale)
+        x = sharding.constrain(euler_step(x, v, sig[i], sig[i + 1]), TOKENS)
+    return x
