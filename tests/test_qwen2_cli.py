@@ -1,0 +1,62 @@
+"""The text-generation CLI and the temporary main job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from configs.qwen2_5 import tiny
+from nexus_jax import main_job, text_generation_cli
+from nexus_jax.models.qwen2.hf_reference import build_hf_model
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_cli_loads_hf_checkpoint_and_matches_transformers_generate(tmp_path, capsys):
+    cfg = tiny(num_layers=1)
+    hf = build_hf_model(cfg, seed=4)
+    hf.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "cfg.json").write_text(json.dumps({"num_layers": 1}))
+    rc = text_generation_cli.main([
+        "--config", "tiny", "--config-json", str(tmp_path / "cfg.json"), "--hf-checkpoint", str(tmp_path / "ckpt"),
+        "--prompt-ids", "5,17,300,2", "--prompt-ids", "9,9", "--max-new-tokens", "6",
+    ])
+    assert rc == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert [r["prompt_ids"] for r in rows] == [[5, 17, 300, 2], [9, 9]]
+    for row in rows:
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([row["prompt_ids"]]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert row["generated_ids"] == ref[0, len(row["prompt_ids"]) :].tolist()
+
+
+def test_cli_bad_input_exits_2_with_message(capsys):
+    assert text_generation_cli.main(["--prompt-ids", "1,2,384"]) == 2
+    assert "token id 384 is out of range" in capsys.readouterr().err
+    assert text_generation_cli.main([]) == 2
+    assert "at least one --prompt" in capsys.readouterr().err
+
+
+def test_main_job_writes_output_atomically(tmp_path, capsys):
+    rc = main_job.main(["--output-dir", str(tmp_path), "--max-new-tokens", "8", "--prompt", "a red fox"])
+    assert rc == 0
+    payload = json.loads((tmp_path / "text_generation.json").read_text())
+    assert payload["prompt_ids"] == list(b"a red fox")
+    assert len(payload["generated_ids"]) == 8
+    assert all(0 <= t < tiny().vocab_size for t in payload["generated_ids"])
+    assert [p.name for p in tmp_path.iterdir()] == ["text_generation.json"]  # no temporary file left behind
+    direct = text_generation_cli.run(tiny(), [list(b"a red fox")], max_new_tokens=8, seed=0)
+    assert direct[0]["generated_ids"] == payload["generated_ids"]
+
+
+def test_left_pad_rejects_empty_prompt():
+    ids, mask = text_generation_cli.left_pad([[1, 2, 3], [4]], pad_id=0)
+    np.testing.assert_array_equal(ids, [[1, 2, 3], [0, 0, 4]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+    with pytest.raises(ValueError, match="at least one token"):
+        text_generation_cli.left_pad([[1], []], pad_id=0)
