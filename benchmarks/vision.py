@@ -73,7 +73,7 @@ def main() -> None:
     load_hf_vision(model, {k: v.numpy() for k, v in torch_model.state_dict().items()})
     layout = vision_layout(grid, cfg)
     graphdef, state = nnx.split(model)
-    arrays = {k: jax.numpy.asarray(v) for k, v in layout.arrays().items()}
+    arrays = {k: jax.numpy.asarray(v) for k, v in layout.arrays(frame_groups=True).items()}
     jax_pixels = pad_pixels(pixels, layout)
 
     @jax.jit

@@ -54,11 +54,12 @@ def test_layout_has_several_windows_and_is_a_permutation():
 def test_vision_matches_transformers(torch_vit, jax_vit):
     px = pixels(GRID)
     ref = reference(torch_vit, px, GRID)
-    out = np.asarray(jax_vit.encode(px, GRID))
-    err = np.abs(out - ref).max()
-    print(f"vision tower max abs error {err:.3g} (|ref| max {np.abs(ref).max():.3g})")
-    assert out.shape == ref.shape == (int(GRID.prod(1).sum()) // 4, CFG.out_hidden_size)
-    assert err <= 1e-4
+    for frame_groups in (True, False):  # full attention via padded frame groups / via the dense segment mask
+        out = np.asarray(jax_vit.encode(px, GRID, frame_groups=frame_groups))
+        err = np.abs(out - ref).max()
+        print(f"vision tower (frame_groups={frame_groups}) max abs error {err:.3g} (|ref| max {np.abs(ref).max():.3g})")
+        assert out.shape == ref.shape == (int(GRID.prod(1).sum()) // 4, CFG.out_hidden_size)
+        assert err <= 1e-4
 
 
 def test_vision_jit_buckets_are_shape_stable(torch_vit, jax_vit):
@@ -72,7 +73,7 @@ def test_vision_jit_buckets_are_shape_stable(torch_vit, jax_vit):
         layout = vision_layout(grid, CFG, pad_patches_to=256, pad_windows_to=16, pad_frames_to=4,
                                pad_frame_slots_to=128)
         px = pixels(grid, seed=1)
-        out = forward(state, pad_pixels(px, layout), layout.arrays())[: layout.num_merged]
+        out = forward(state, pad_pixels(px, layout), layout.arrays(frame_groups=True))[: layout.num_merged]
         assert np.abs(np.asarray(out) - reference(torch_vit, px, grid)).max() <= 1e-4
     assert forward._cache_size() == 1
 
@@ -81,7 +82,7 @@ def test_vision_sharded_equals_unsharded(jax_vit):
     px = pixels(GRID, seed=2)
     layout = vision_layout(GRID, CFG)
     idx = {k: jnp.asarray(v) for k, v in layout.arrays().items()}
-    expected = np.asarray(jax_vit.encode(px, GRID))
+    expected = np.asarray(jax_vit.encode(px, GRID))  # frame groups; the sharded run below uses the dense mask
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     graphdef, state = nnx.split(jax_vit)
     state = jax.device_put(state, sharding.state_shardings(state, mesh, sharding.TRAIN_RULES))

@@ -114,7 +114,7 @@ class UnderstandingPipeline:
         layout = vision_layout(grids, self.model.config.vision, **self.vision_buckets)
         check_image_token_count(batch.input_ids, tokens.image_pad, layout.num_merged)
         pixels = np.asarray(pad_pixels(np.concatenate([p for p, _ in all_images]), layout))
-        return PreparedBatch(batch.input_ids, batch.attention_mask, positions, pixels, layout.arrays())
+        return PreparedBatch(batch.input_ids, batch.attention_mask, positions, pixels, layout.arrays(frame_groups=True))
 
     def generate_ids(
         self, prepared: PreparedBatch, config: GenerationConfig, rng: jax.Array | None = None

@@ -20,9 +20,9 @@ from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
 from nexus_jax.models.qwen2_5_vl.vision_layout import VisionLayout
 
 VISION_INPUT_KEYS = (
-    "patch_order", "positions", "window_gather", "window_valid", "window_scatter", "frame_gather", "frame_valid",
-    "frame_scatter", "merge_reverse",
+    "patch_order", "positions", "frame_segments", "window_gather", "window_valid", "window_scatter", "merge_reverse",
 )
+OPTIONAL_VISION_KEYS = ("frame_gather", "frame_valid", "frame_scatter")
 
 
 def merge_image_features(
@@ -62,7 +62,8 @@ class Qwen25VLForConditionalGeneration(nnx.Module):
 
     def image_features(self, pixel_values: jax.Array, vision_inputs: dict[str, jax.Array]) -> jax.Array:
         """pixel_values [Np, patch_dim] + layout arrays -> [Np / 4, hidden] (rows past the real count are padding)."""
-        return self.visual(pixel_values, **{k: vision_inputs[k] for k in VISION_INPUT_KEYS})
+        keys = VISION_INPUT_KEYS + tuple(k for k in OPTIONAL_VISION_KEYS if k in vision_inputs)
+        return self.visual(pixel_values, **{k: vision_inputs[k] for k in keys})
 
     def embed(
         self,
@@ -102,6 +103,6 @@ class Qwen25VLForConditionalGeneration(nnx.Module):
         )
 
 
-def vision_inputs_from_layout(layout: VisionLayout) -> dict[str, jax.Array]:
+def vision_inputs_from_layout(layout: VisionLayout, frame_groups: bool = False) -> dict[str, jax.Array]:
     """Layout numpy arrays -> device arrays keyed for :meth:`Qwen25VLForConditionalGeneration.image_features`."""
-    return {k: jnp.asarray(v) for k, v in layout.arrays().items()}
+    return {k: jnp.asarray(v) for k, v in layout.arrays(frame_groups).items()}

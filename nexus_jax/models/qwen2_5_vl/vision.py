@@ -2,8 +2,8 @@
 
 Input is a packed sequence of patches of several images (``pixel_values`` [Np, C*T*P*P] in the processor's order)
 plus the host-computed :class:`~nexus_jax.models.qwen2_5_vl.vision_layout.VisionLayout` arrays. Window-attention
-blocks attend inside padded windows ``[Wn, S]``; full-attention blocks attend inside padded frames ``[F, Sf]``
-(a per-image segment mask, so images of one packed batch never attend to each other).
+blocks attend inside padded windows ``[Wn, S]``; full-attention blocks attend within each frame, through a dense
+segment mask or (cheaper for many images) padded frame groups ``[F, Sf]``. Images never attend to each other.
 Output: merged image features [Mp, out_hidden_size] in the processor's (merge-block raster) order.
 """
 
@@ -76,6 +76,13 @@ class VisionAttention(nnx.Module):
         heads = ("length", "act_heads", None)
         return constrain(q, heads), constrain(k, heads), constrain(v, heads)
 
+    def dense(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
+        """Attention within each segment id (dense [N, N] mask). x [N, hidden], segments [N] -> [N, hidden]."""
+        q, k, v = self.qkv_heads(x, cos, sin)
+        mask = (segments[:, None] == segments[None, :])[None, None]
+        out = layers.dot_product_attention(q[None], k[None], v[None], mask=mask)[0]
+        return self.proj(out.reshape(x.shape[0], -1))
+
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, gather: jax.Array, valid: jax.Array, scatter: jax.Array
     ) -> jax.Array:
@@ -121,8 +128,12 @@ class VisionBlock(nnx.Module):
         self.mlp = VisionMLP(config, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, idx: dict[str, jax.Array]) -> jax.Array:
-        group = "frame" if self.full_attention else "window"
-        h = self.attn(self.norm1(x), cos, sin, idx[f"{group}_gather"], idx[f"{group}_valid"], idx[f"{group}_scatter"])
+        h = self.norm1(x)
+        if self.full_attention and "frame_gather" not in idx:
+            h = self.attn.dense(h, cos, sin, idx["frame_segments"])
+        else:
+            group = "frame" if self.full_attention else "window"
+            h = self.attn(h, cos, sin, idx[f"{group}_gather"], idx[f"{group}_valid"], idx[f"{group}_scatter"])
         x = constrain(x + h, ("length", "act_embed"))
         return constrain(x + self.mlp(self.norm2(x)), ("length", "act_embed"))
 
@@ -162,15 +173,20 @@ class Qwen25VisionTransformer(nnx.Module):
         *,
         patch_order: jax.Array,
         positions: jax.Array,
+        frame_segments: jax.Array,
         window_gather: jax.Array,
         window_valid: jax.Array,
         window_scatter: jax.Array,
-        frame_gather: jax.Array,
-        frame_valid: jax.Array,
-        frame_scatter: jax.Array,
         merge_reverse: jax.Array,
+        frame_gather: jax.Array | None = None,
+        frame_valid: jax.Array | None = None,
+        frame_scatter: jax.Array | None = None,
     ) -> jax.Array:
-        """pixel_values [Np, patch_dim] (processor order, padded to the layout) -> features [Np/4, out_hidden]."""
+        """pixel_values [Np, patch_dim] (processor order, padded to the layout) -> features [Np/4, out_hidden].
+
+        Full-attention blocks use the frame groups when ``frame_gather`` etc. are given, else the dense
+        ``frame_segments`` mask (same result).
+        """
         if pixel_values.ndim != 2 or pixel_values.shape[1] != self.config.patch_dim:
             raise ValueError(
                 f"pixel_values must be [num_patches, {self.config.patch_dim}], got {tuple(pixel_values.shape)}"
@@ -183,15 +199,20 @@ class Qwen25VisionTransformer(nnx.Module):
         x = constrain(self.patch_embed(x), ("length", "act_embed"))
         cos, sin = vision_rotary(positions, self.config.head_dim, self.config.rope_theta)
         idx = dict(
-            window_gather=window_gather, window_valid=window_valid, window_scatter=window_scatter,
-            frame_gather=frame_gather, frame_valid=frame_valid, frame_scatter=frame_scatter,
+            frame_segments=frame_segments, window_gather=window_gather, window_valid=window_valid,
+            window_scatter=window_scatter,
         )
+        if frame_gather is not None:
+            idx.update(frame_gather=frame_gather, frame_valid=frame_valid, frame_scatter=frame_scatter)
         for block in self.blocks:
             x = block(x, cos, sin, idx)
         merged = self.merger(x)
         return jnp.take(merged, merge_reverse, axis=0)
 
-    def encode(self, pixel_values: np.ndarray | jax.Array, grid_thw: np.ndarray, **pad_multiples: int) -> jax.Array:
+    def encode(
+        self, pixel_values: np.ndarray | jax.Array, grid_thw: np.ndarray, *, frame_groups: bool = True,
+        **pad_multiples: int,
+    ) -> jax.Array:
         """Compute the layout on the host (``pad_multiples``: see vision_layout), pad, run the jitted forward.
 
         -> [num_merged, out_hidden].
@@ -199,7 +220,7 @@ class Qwen25VisionTransformer(nnx.Module):
         layout = vision_layout(grid_thw, self.config, **pad_multiples)
         pixels = pad_pixels(pixel_values, layout)
         graphdef, state = nnx.split(self)
-        arrays = {k: jnp.asarray(v) for k, v in layout.arrays().items()}
+        arrays = {k: jnp.asarray(v) for k, v in layout.arrays(frame_groups).items()}
         return _jitted_forward(graphdef, state, pixels, arrays)[: layout.num_merged]
 
 

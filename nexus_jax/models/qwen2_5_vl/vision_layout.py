@@ -5,11 +5,13 @@ For a packed batch of images (``grid_thw`` rows ``[t, h, w]`` in patches) this c
 - ``patch_order`` [Np]: permutation of the processor's patch order into *window order* (all patches of window 0 of
   image 0, then window 1, ...; inside a window, 2x2 merge units in raster order). Padding rows map to themselves.
 - ``positions`` [Np, 2]: (row, col) patch coordinates in window order (for the 2-D rotary embedding).
+- ``frame_segments`` [Np]: frame id per token in window order (padding: -1); the dense full-attention mask is
+  ``segments[:, None] == segments[None, :]``.
 - ``window_gather`` [Wn, S] / ``window_valid`` [Wn, S]: token indices (window order) of each window, padded to
   ``S = merged_window**2 * merge_unit`` slots; ``window_scatter`` [Np]: flat slot of each token in ``[Wn * S]``.
 - ``frame_gather`` [F, Sf] / ``frame_valid`` / ``frame_scatter``: the same for whole frames (full-attention
-  blocks), ``Sf`` = the largest frame's patch count (bucketed). The valid mask is the per-image segment mask, so
-  attention cost is F * Sf**2 instead of (total patches)**2 for a dense segment mask over the packed batch.
+  blocks, optional), ``Sf`` = the largest frame's patch count (bucketed): attention cost F * Sf**2 instead of the
+  dense segment mask's (total patches)**2.
 - ``merge_reverse`` [Mp]: inverse of the window permutation over merged tokens (Mp = Np / merge_unit).
 
 ``num_patches`` / ``num_merged`` are the real (unpadded) counts; padding exists only to bucket shapes for jit.
@@ -31,6 +33,7 @@ class VisionLayout:
 
     patch_order: np.ndarray
     positions: np.ndarray
+    frame_segments: np.ndarray
     window_gather: np.ndarray
     window_valid: np.ndarray
     window_scatter: np.ndarray
@@ -41,19 +44,25 @@ class VisionLayout:
     num_patches: int
     num_merged: int
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The array fields, as keyword arguments for the ViT forward."""
-        return {
+    def arrays(self, frame_groups: bool = False) -> dict[str, np.ndarray]:
+        """The array fields, as keyword arguments for the ViT forward.
+
+        Without ``frame_groups`` full-attention blocks use the dense ``frame_segments`` mask and every shape is fixed
+        by ``pad_patches_to`` / ``pad_windows_to``; with it they use the padded frame groups (cheaper for many
+        images; shapes also depend on ``pad_frames_to`` / ``pad_frame_slots_to``).
+        """
+        out = {
             "patch_order": self.patch_order,
             "positions": self.positions,
+            "frame_segments": self.frame_segments,
             "window_gather": self.window_gather,
             "window_valid": self.window_valid,
             "window_scatter": self.window_scatter,
-            "frame_gather": self.frame_gather,
-            "frame_valid": self.frame_valid,
-            "frame_scatter": self.frame_scatter,
             "merge_reverse": self.merge_reverse,
         }
+        if frame_groups:
+            out.update(frame_gather=self.frame_gather, frame_valid=self.frame_valid, frame_scatter=self.frame_scatter)
+        return out
 
 
 def _check_grid(grid_thw: np.ndarray, merge: int) -> np.ndarray:
@@ -132,7 +141,7 @@ def vision_layout(
         raise ValueError(f"padding multiples must be >= 1, got {pads}")
     grid = _check_grid(grid_thw, merge)
 
-    merged_orders, window_sizes, positions, frame_sizes = [], [], [], []
+    merged_orders, window_sizes, positions, frame_sizes, segments = [], [], [], [], []
     merged_offset = 0
     for t, h, w in grid.tolist():
         order, sizes = _merged_window_order(t, h // merge, w // merge, win)
@@ -140,6 +149,7 @@ def vision_layout(
         window_sizes.append(sizes * unit)
         positions.append(_patch_positions(t, h, w, merge))
         frame_sizes.append(np.full(t, h * w))
+        segments.append(np.repeat(np.arange(t) + sum(len(f) for f in frame_sizes[:-1]), h * w))
         merged_offset += t * (h // merge) * (w // merge)
 
     merged_order = np.concatenate(merged_orders)
@@ -154,6 +164,7 @@ def vision_layout(
     merge_reverse = np.argsort(merged_order)
 
     pos = np.concatenate(positions + [np.zeros((padded - num_patches, 2), np.int64)])[patch_order]
+    frame_segments = np.concatenate(segments + [np.full(padded - num_patches, -1)])[patch_order]
 
     # Windows and frames are contiguous runs of tokens in window order, each padded to a fixed slot count.
     window_slots = win * win * unit
@@ -168,6 +179,7 @@ def vision_layout(
     return VisionLayout(
         patch_order=patch_order.astype(i32),
         positions=pos.astype(i32),
+        frame_segments=frame_segments.astype(i32),
         window_gather=window_gather,
         window_valid=window_valid,
         window_scatter=window_scatter,
