@@ -2,8 +2,9 @@
 
 Module tree (checkpoint names in brackets, transformers 4.49 layout):
 
-* ``visual``: :class:`Qwen25VisionTransformer` [``visual.*``], frozen in the released recipe;
-* ``language_model``: :class:`Qwen2ForCausalLM` [``model.*`` and ``lm_head``];
+* ``visual``: the Qwen2.5-VL ViT [``visual.*``], frozen in the released recipe;
+* ``language_model``: ``Qwen2ForCausalLM`` [``model.*`` and ``lm_head``]
+  (both built by :class:`~nexus_jax.models.qwen2_5_vl.model.Qwen25VLForConditionalGeneration`, the base class);
 * ``vision_head``: Linear(hidden -> hidden, no bias) [``vision_head.weight``, stored here as kernel [in, out]];
 * ``image_prefill_embeds``: Param [num_slots, hidden], axes ("slots", "embed") [``image_prefill_embeds.weight``];
   V2 only (None for V1, whose slots keep the ``<|image_pad|>`` token embedding).
@@ -23,8 +24,8 @@ from flax import nnx
 
 from configs.nexus_gen import NexusGenConfig
 from nexus_jax import layers, sharding
-from nexus_jax.models.qwen2 import KVCache, Qwen2ForCausalLM, check_token_ids
-from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
+from nexus_jax.models.qwen2 import KVCache, check_token_ids
+from nexus_jax.models.qwen2_5_vl.model import Qwen25VLForConditionalGeneration
 from nexus_jax.nexus.slots import check_slot_count, scatter_rows
 
 HIDDEN_AXES = ("batch", "length", "act_embed")
@@ -42,16 +43,13 @@ class NexusOutput:
     cache: KVCache | None
 
 
-class NexusGenAR(nnx.Module):
-    """The Nexus-Gen AR model (see module docstring)."""
+class NexusGenAR(Qwen25VLForConditionalGeneration):
+    """The Nexus-Gen AR model: the Qwen2.5-VL model (``visual``, ``language_model``) plus the Nexus-Gen heads."""
 
     def __init__(self, config: NexusGenConfig, *, rngs: nnx.Rngs):
+        super().__init__(config.vl, rngs=rngs)
         self.config = config
         text = config.vl.text
-        self.visual = Qwen25VisionTransformer(
-            config.vl.vision, param_dtype=text.jnp_param_dtype, dtype=text.jnp_dtype, rngs=rngs
-        )
-        self.language_model = Qwen2ForCausalLM(text, rngs=rngs)
         self.vision_head = layers.Linear(
             text.hidden_size, text.hidden_size, axes=("embed", "mlp"), use_bias=False,
             param_dtype=text.jnp_param_dtype, dtype=text.jnp_dtype, rngs=rngs,
@@ -67,7 +65,7 @@ class NexusGenAR(nnx.Module):
 
     def encode_images(self, pixel_values: jax.Array, layout: dict[str, jax.Array], num_merged: int) -> jax.Array:
         """Frozen-ViT merged features. pixel_values [Np, patch_dim] padded to ``layout`` -> [num_merged, hidden]."""
-        return self.visual(pixel_values, **layout)[:num_merged]
+        return self.image_features(pixel_values, layout)[:num_merged]
 
     def embed_inputs(
         self,
@@ -99,7 +97,7 @@ class NexusGenAR(nnx.Module):
         out = self.vision_head(hidden)
         return sharding.constrain(out, HIDDEN_AXES) if out.ndim == 3 else out
 
-    def __call__(
+    def __call__(  # type: ignore[override]  # Nexus inputs: slot indices and precomputed input-image features
         self,
         input_ids: jax.Array,
         *,
