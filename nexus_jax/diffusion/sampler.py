@@ -130,9 +130,13 @@ def make_sampler(
         v = nnx.merge(vae_graph, vae_state) if vae_graph is not None else None
         return sample(d, v, key, cond, neg, sigmas, cfg.guidance, cfg.cfg_scale, height=cfg.height, width=cfg.width)
 
-    def fn(key: jax.Array, cond: Conditioning, neg: Conditioning | None = None) -> SampleOutput:
-        use_neg = neg if cfg.cfg_scale != 1.0 else None
-        return run(nnx.state(dit), nnx.state(vae) if vae is not None else None, key, cond, use_neg)
+    def args(key: jax.Array, cond: Conditioning, neg: Conditioning | None) -> tuple:
+        return (nnx.state(dit), nnx.state(vae) if vae is not None else None, key, cond,
+                neg if cfg.cfg_scale != 1.0 else None)
 
+    def fn(key: jax.Array, cond: Conditioning, neg: Conditioning | None = None) -> SampleOutput:
+        return run(*args(key, cond, neg))
+
+    fn.lower = lambda key, cond, neg=None: run.lower(*args(key, cond, neg))  # for inspection / AOT
     del dit_state, vae_state
     return fn
