@@ -56,6 +56,12 @@ def model_latents() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
+def jit_decode(models):
+    """One jitted decode of the tiny model, shared so that tests reuse its compilations."""
+    return jax.jit(models[1].decode)
+
+
+@pytest.fixture(scope="module")
 def encoded(models, pixels) -> dict[str, np.ndarray]:
     """One compiled encoder pass: raw moments, scaled mean latents, and a scaled posterior sample (key 3)."""
     _, vae = models
@@ -69,13 +75,13 @@ def encoded(models, pixels) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("latent_hw", [(HEIGHT // 8, WIDTH // 8), (3, 3)])
-def test_decode_matches_diffusers(models, model_latents, latent_hw):
-    ref, vae = models
+def test_decode_matches_diffusers(models, jit_decode, model_latents, latent_hw):
+    ref, _ = models
     z = model_latents[:, :, : latent_hw[0], : latent_hw[1]]
     raw = z / CFG.scaling_factor + CFG.shift_factor  # what FluxPipeline feeds vae.decode
     with torch.no_grad():
         expected = nchw_to_nhwc(ref.decode(raw).sample)
-    got = np.asarray(jax.jit(vae.decode)(jnp.asarray(nchw_to_nhwc(z))))
+    got = np.asarray(jit_decode(jnp.asarray(nchw_to_nhwc(z))))
     err = np.abs(got - expected).max()
     print(f"decode {latent_hw}: max abs err {err:.3e} (output max {np.abs(expected).max():.2f})")
     assert got.shape == (BATCH, 8 * latent_hw[0], 8 * latent_hw[1], 3)
@@ -107,15 +113,15 @@ def test_encode_sample_uses_posterior_std(models, pixels, encoded):
     assert np.abs(encoded["z_sample"] - encoded["z"]).max() > 1e-3  # the sample really differs from the mean
 
 
-def test_bfloat16_compute_follows_config(models, model_latents):
+def test_bfloat16_compute_follows_config(models, jit_decode, model_latents):
     """dtype="bfloat16" really computes in bf16 (output dtype, visible rounding) and stays near the fp32 result."""
-    ref, vae32 = models
+    ref, _ = models
     vae16 = vae_from_diffusers(
         dataclasses.replace(CFG, dtype="bfloat16"), {k: v.numpy() for k, v in ref.state_dict().items()}
     )
     assert vae16.decoder.conv_in.kernel[...].dtype == jnp.float32  # storage follows param_dtype
     z = jnp.asarray(nchw_to_nhwc(model_latents))
-    x32 = np.asarray(jax.jit(vae32.decode)(z))
+    x32 = np.asarray(jit_decode(z))
     x16 = jax.jit(vae16.decode)(z)
     assert x16.dtype == jnp.bfloat16
     rel = np.abs(np.asarray(x16, np.float32) - x32).max() / np.abs(x32).max()
