@@ -1,0 +1,1 @@
+"""End-to-end pipelines: understanding (image + text -> text) and decoding (embeddings -> images)."""
