@@ -72,6 +72,7 @@ def train(
 ) -> TrainResult:
     """Run ``cfg.loop.total_steps`` optimiser steps (resuming per ``cfg.checkpoint.resume``)."""
     run_dir = Path(run_dir)
+    batches = task.make_batches(cfg.data.seed)  # first: a bad data path fails before any compilation
     mesh = mesh or cfg.mesh.build()
     optim = dataclasses.replace(cfg.optim, frozen=cfg.optim.frozen + task.frozen)
     graphdef, state, abstract = state_lib.init_train_state(task.model_ctor, optim, mesh, rules, cfg.loop.seed)
@@ -80,7 +81,6 @@ def train(
     ckpt_dir = Path(cfg.checkpoint.directory)
     ckpt_dir = ckpt_dir if ckpt_dir.is_absolute() else run_dir / ckpt_dir
     ckpt = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
-    batches = task.make_batches(cfg.data.seed)
     resumed = ckpt.resolve(cfg.checkpoint.resume)
     if resumed is not None:
         state, data_state = ckpt.restore(resumed, abstract)
