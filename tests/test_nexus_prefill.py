@@ -1,5 +1,7 @@
 """Slot filling: one parallel forward == N sequential single-slot KV-cache steps; batching, editing, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from flax import nnx
 from configs import nexus_gen
 from nexus_jax import sharding
 from nexus_jax.models.nexus_ar import NexusGenAR
+from nexus_jax.models.qwen2 import init_cache_for
 from nexus_jax.nexus import batch as B
 from nexus_jax.nexus import prefill as P
 from nexus_jax.nexus import templates as T
@@ -65,6 +68,24 @@ def test_fill_matches_unpadded_single_requests_and_teacher_forced_forward():
                                                      full.attention_mask)))
     sel = full.labels[0, 1:] == cfg.tokens.image_pad
     np.testing.assert_allclose(np.asarray(out.image_embeds[0, :-1][sel]), np.asarray(batched[0]), atol=1e-5)
+
+
+def test_fill_from_a_decode_loop_cache_at_vision_start():
+    """A decoding loop that stops when the model emits <|vision_start|> hands over its cache and next positions."""
+    cfg = nexus_gen.tiny("v2")
+    model = _model(cfg)
+    batch = P.slot_batch(_requests(), TOK.encode, cfg)
+    filler = P.SlotFiller(model, batch)
+    prompt_pos = np.where(batch.attention_mask[:, : filler.start], batch.positions[0, :, : filler.start], -1)
+    next_position = prompt_pos.max(axis=1) + 1
+    ids, pos, _ = P.slot_phase_inputs(cfg, next_position)
+    np.testing.assert_array_equal(pos, batch.positions[:, :, filler.start : -1])  # same ids as get_rope_index
+    np.testing.assert_array_equal(ids, batch.input_ids[:, filler.start : -1])
+    got = P.fill_slots_from_cache(model, filler.prompt_cache(), next_position)
+    assert float(jnp.abs(got - P.fill_slots(model, batch)).max()) <= 1e-5
+    full = init_cache_for(cfg.vl.text, 3, filler.start + 2)
+    with pytest.raises(ValueError, match="has 2 free slots; the image needs 9"):
+        P.fill_slots_from_cache(model, dataclasses.replace(full, index=jnp.asarray(filler.start)), next_position)
 
 
 def test_editing_prompt_carries_324_reference_tokens_at_full_size():

@@ -166,3 +166,41 @@ def fill_slots_sequential(model: NexusGenAR, batch: NexusBatch) -> jax.Array:
     """Reference path: prompt into a KV cache, then N single-slot steps. Same result as :func:`fill_slots`."""
     filler = SlotFiller(model, batch)
     return filler.sequential(filler.prompt_cache())
+
+
+def slot_phase_inputs(cfg, next_position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs of the slot phase for rows whose next text position is ``next_position`` [B].
+
+    Tokens: ``<|vision_start|>`` then N - 1 slots. Positions [3, B, N]: the start token sits at the text position
+    ``p`` on all three streams; slot k at (s, s + row_k, s + col_k) with s = p + 1 on the merged slot grid (as
+    ``get_rope_index`` places an image). Returns (ids [B, N], positions [3, B, N], slot_index [B, N]).
+    """
+    p = np.asarray(next_position, np.int64).reshape(-1, 1)
+    n = cfg.num_slots
+    rows, cols = cfg.merged_slot_grid
+    r, c = np.divmod(np.arange(n - 1), cols)
+    start = p + 1
+    pos = np.stack([np.broadcast_to(start, (p.shape[0], n - 1)), start + r, start + c])
+    pos = np.concatenate([np.broadcast_to(p[None], (3, p.shape[0], 1)), pos], axis=2)
+    ids = np.full((p.shape[0], n), cfg.tokens.image_pad, np.int32)
+    ids[:, 0] = cfg.tokens.vision_start
+    slots = np.concatenate([np.full((p.shape[0], 1), -1), np.broadcast_to(np.arange(n - 1), (p.shape[0], n - 1))], 1)
+    return ids, pos.astype(np.int32), slots.astype(np.int32)
+
+
+def fill_slots_from_cache(model: NexusGenAR, cache, next_position: np.ndarray) -> jax.Array:
+    """Image mode of a decoding loop: the model has just emitted ``<|vision_start|>`` (not yet fed) and ``cache``
+    holds everything before it; ``next_position`` [B] is each row's next text position (cache index + rope delta).
+    One N-token forward fills all N slots -> [B, N, hidden]. The cache is consumed."""
+    cfg = model.config
+    ids, pos, slots = slot_phase_inputs(cfg, next_position)
+    if cache.capacity - int(cache.index) < cfg.num_slots:
+        raise ValueError(
+            f"the KV cache has {cache.capacity - int(cache.index)} free slots; the image needs {cfg.num_slots}"
+        )
+    graphdef, state = nnx.split(model)
+    mask = jnp.ones(ids.shape, bool)
+    out, _ = _step_for(graphdef, cfg.num_slots)(
+        state, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(slots), mask, None, None
+    )
+    return out
