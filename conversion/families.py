@@ -174,6 +174,32 @@ def _nexus_family() -> Family:
     )
 
 
+# ------------------------------------------------------------------------------------------------- Qwen2.5 text only
+def _qwen2_family() -> Family:
+    from configs import qwen2_5
+
+    def build(cfg, rngs):
+        from nexus_jax.models.qwen2 import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(cfg, rngs=rngs)
+
+    def table(cfg):
+        from conversion.tables.qwen2_5_vl import text_mapping
+
+        return text_mapping(cfg.num_layers, cfg.tie_word_embeddings)
+
+    return Family(
+        name="qwen2_text",
+        description="Qwen2 / Qwen2.5 decoder-only text model (transformers names)",
+        presets={"qwen2_5_1_5b": qwen2_5.qwen2_5_1_5b, "qwen2_5_vl_7b_text": qwen2_5.qwen2_5_vl_7b,
+                 "tiny": qwen2_5.tiny},
+        build=build,
+        tables={"hf_qwen2": table},
+        export_scheme="hf_qwen2",
+        config_from_json=lambda d: config_io.from_dict(qwen2_5.Qwen2TextConfig, d),
+    )
+
+
 # -------------------------------------------------------------------------------------------------------------- FLUX
 def _flux_family() -> Family:
     from configs.flux import FluxDiTConfig
@@ -235,6 +261,7 @@ def _vae_family() -> Family:
 
 _FACTORIES: dict[str, Callable[[], Family]] = {
     "nexus_ar": _nexus_family,
+    "qwen2_text": _qwen2_family,
     "flux_dit": _flux_family,
     "vae": _vae_family,
 }

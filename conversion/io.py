@@ -135,13 +135,19 @@ class SafetensorsReader(TensorReader):
 
     def read(self, name: str) -> np.ndarray:
         path, offset, nbytes = self._loc[name]
-        with open(path, "rb") as f:
-            buf = bytearray(nbytes)
+        buf = np.empty(nbytes, np.uint8)  # not zero-filled: pages are touched once, by the read
+        with open(path, "rb", buffering=0) as f:
             f.seek(offset)
-            got = f.readinto(buf)
+            got = 0
+            view = memoryview(buf)
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
         if got != nbytes:
             raise TruncatedFileError(path, [name], offset + got, offset + nbytes)
-        return np.frombuffer(buf, dtype=self.dtypes[name]).reshape(self.shapes[name])
+        return buf.view(self.dtypes[name]).reshape(self.shapes[name])
 
 
 def torch_to_numpy(t: Any) -> np.ndarray:

@@ -13,6 +13,7 @@ SCHEMES: dict[str, str] = {
     "nexus_v1_decoder": "Nexus-Gen V1 decoder_81_512 (unprefixed adapter 0/1/3/4.* + unprefixed DiffSynth DiT)",
     "nexus_v2_generation": "Nexus-Gen V2 generation decoder (adapter.* + pipe.dit.*)",
     "nexus_v2_editing": "Nexus-Gen V2 editing decoder (embedding_merger.* + pipe.dit.*)",
+    "hf_qwen2": "transformers Qwen2 / Qwen2.5 text model (model.layers.*, no vision tower)",
     "diffsynth_flux_dit": "DiffSynth FluxDiT state dict (blocks.*, single_blocks.*, final_norm_out.*)",
     "diffusers_flux_transformer": (
         "diffusers FluxTransformer2DModel (transformer_blocks.*, single_transformer_blocks.*)"
@@ -48,5 +49,7 @@ def detect_scheme(keys: Collection[str], where: str = "the checkpoint") -> str:
         if _has_prefix(keys, "encoder.down.") or _has_prefix(keys, "decoder.up."):
             return "bfl_vae"
     if "model.embed_tokens.weight" in keys and _has_prefix(keys, "model.layers."):
-        return "nexus_ar" if "vision_head.weight" in keys else "hf_qwen2_5_vl"
+        if "vision_head.weight" in keys:
+            return "nexus_ar"
+        return "hf_qwen2_5_vl" if _has_prefix(keys, "visual.") else "hf_qwen2"
     raise UnknownSchemeError(keys, where, SCHEMES)
