@@ -14,6 +14,7 @@ from nexus_jax.generation.generate import GenerationConfig
 from nexus_jax.models.qwen2_5_vl.hf_reference import reference_vl_pair
 from nexus_jax.models.qwen2_5_vl.model import check_image_token_count
 from nexus_jax.pipelines.understanding import UnderstandingPipeline
+from nexus_jax.processing.chat import expand_image_pads, render_chat
 from nexus_jax.processing.image_processor import Qwen2VLImageProcessor
 
 CFG = tiny()
@@ -163,3 +164,17 @@ def test_bad_inputs_raise(pipeline):
         pipeline.prepare([corrupt])
     with pytest.raises(ValueError, match="role 'robot'"):
         pipeline.prepare([[{"role": "robot", "content": "hi"}]])
+
+
+def test_chat_template_and_pad_expansion():
+    text, images = render_chat([{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                             {"type": "text", "text": "Describe it."}]}])
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Describe it.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert images == ["a.png"]
+    assert expand_image_pads("a<|image_pad|>b<|image_pad|>", [2, 3]) == "a" + "<|image_pad|>" * 2 + "b" + (
+        "<|image_pad|>" * 3)
+    with pytest.raises(ValueError, match="2 <\\|image_pad\\|> placeholders but 1 images"):
+        expand_image_pads("<|image_pad|><|image_pad|>", [4])

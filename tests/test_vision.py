@@ -10,7 +10,7 @@ from flax import nnx
 from configs.qwen2_5_vl import QWEN25_VISION_TINY as CFG
 from nexus_jax import sharding
 from nexus_jax.models.qwen2_5_vl.hf_reference import reference_vision_pair
-from nexus_jax.models.qwen2_5_vl.vision import pad_pixels
+from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer, pad_pixels
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
 
 # 112x168 px -> 8x12 patches -> 4x6 merged -> 2x3 full windows; 84x140 px -> 3x5 merged -> 2x3 windows (partial).
@@ -109,3 +109,15 @@ def test_vision_rejects_bad_input(jax_vit):
         vision_layout(np.array([[1, 4, 5]]), CFG)
     with pytest.raises(ValueError, match="pixel_values has 10 patches but grid_thw describes 16"):
         jax_vit.encode(np.zeros((10, CFG.patch_dim), np.float32), np.array([[1, 4, 4]]))
+
+
+def test_full_size_parameter_count_and_shapes():
+    from configs.qwen2_5_vl import QWEN25_VISION_7B
+
+    model = nnx.eval_shape(lambda: Qwen25VisionTransformer(QWEN25_VISION_7B, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    sizes = {".".join(map(str, path)): int(np.prod(v.shape)) for path, v in nnx.to_flat_state(params)}
+    assert sum(sizes.values()) == 676_550_144  # blocks 630,470,400 + patch embed 1,505,280 + merger 44,574,464
+    assert sizes["patch_embed.proj.kernel"] == 1_505_280
+    assert sum(v for k, v in sizes.items() if k.startswith("merger.")) == 44_574_464
+    assert model.blocks[7].full_attention and not model.blocks[8].full_attention
