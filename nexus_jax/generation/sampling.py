@@ -27,10 +27,20 @@ def sample_next(
     temperature: jax.Array | float = 0.0,
     top_p: jax.Array | float = 1.0,
 ) -> jax.Array:
-    """logits [B, V] (float32) -> token ids [B] int32. temperature == 0 means greedy (argmax)."""
+    """logits [B, V] (float32) -> token ids [B] int32. temperature == 0 means greedy (argmax).
+
+    ``lax.cond`` skips the sampling work (and the vocabulary sort unless top_p < 1) when it is not needed.
+    """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    filtered = top_p_filter(logits / safe_t, top_p)
-    sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(logits):
+        scaled = logits / temperature
+        filtered = jax.lax.cond(top_p < 1.0, lambda x: top_p_filter(x, top_p), lambda x: x, scaled)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
