@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs.qwen2_5 import tiny
 from nexus_jax.models.qwen2 import Qwen2DecoderLayer, init_cache_for, rope_cos_sin
+from nexus_jax.models.qwen2.attention import grouped_query_attention
 from nexus_jax.models.qwen2.hf_params import LAYER_LINEARS
 from nexus_jax.models.qwen2.hf_reference import reference_pair
 
@@ -182,3 +183,19 @@ def test_tied_1d_rope_model_matches_transformers_qwen2():
     out = _forward(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
     err = np.abs(np.asarray(out.logits) - ref.logits.numpy())[mask.astype(bool)].max()
     assert err <= 1e-4, f"tied 1-D RoPE logits max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_grouped_query_attention_matches_torch_sdpa(per_head_mask):
+    rng = np.random.default_rng(9)
+    b, lq, lk, hq, hkv, d = 2, 7, 11, 9, 3, 16
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((b, lq, hq, d), (b, lk, hkv, d), (b, lk, hkv, d)))
+    mask = rng.random((b, hq if per_head_mask else 1, lq, lk)) < 0.6
+    mask[..., 0] = True  # every query row sees at least one key
+    out = grouped_query_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    t = lambda x: torch.tensor(x).transpose(1, 2)  # noqa: E731  [B, L, H, D] -> [B, H, L, D]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        t(q), t(k), t(v), attn_mask=torch.tensor(mask), enable_gqa=True
+    ).transpose(1, 2)
+    err = np.abs(np.asarray(out) - ref.numpy()).max()
+    assert err <= 1e-5, f"attention max abs error {err:.3g}"

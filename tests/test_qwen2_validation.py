@@ -86,3 +86,15 @@ def test_remat_gives_same_loss_and_gradients():
     assert abs(float(l0) - float(l1)) < 1e-6
     err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g0, g1)))
     assert err < 1e-6
+
+
+def test_bf16_compute_with_fp32_params_tracks_fp32():
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 24)))
+    fp32 = create_model(CFG, seed=4)
+    bf16 = create_model(CFG.replace(dtype="bfloat16"), seed=4)
+    assert bf16.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32
+    out16, out32 = nnx.jit(lambda m: m(ids))(bf16), nnx.jit(lambda m: m(ids))(fp32)
+    assert out16.hidden_states.dtype == jnp.bfloat16 and out16.logits.dtype == jnp.float32
+    err = float(jnp.abs(out16.logits - out32.logits).max())
+    scale = float(jnp.abs(out32.logits).max())
+    assert 0 < err <= 0.05 * scale, f"bf16 vs fp32 logits error {err:.3g} (scale {scale:.3g})"
