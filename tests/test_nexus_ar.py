@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from configs import nexus_gen
 from nexus_jax.models.nexus_ar import NexusGenAR
-from nexus_jax.models.qwen2.hf_params import load_hf_state_dict
-from nexus_jax.models.qwen2.hf_reference import _text_kwargs
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision
+from nexus_jax.models.qwen2.hf_reference import hf_state_dict_numpy
+from nexus_jax.models.qwen2_5_vl.hf_reference import build_hf_vl, zeros_like_module
+from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl
 from nexus_jax.nexus import batch as B
 from nexus_jax.nexus import templates as T
 from nexus_jax.nexus.loss import model_loss
@@ -29,31 +28,15 @@ LONG = ("a tiny red fox sleeping under a crooked apple tree at dusk, " * 10).str
 
 def build_pair(cfg, seed=0, std=0.08):
     """(torch model, torch vision_head, torch prefill or None, JAX NexusGenAR) with identical weights."""
-    tok = cfg.tokens
-    hf_cfg = Qwen2_5_VLConfig(
-        text_config=_text_kwargs(cfg.vl.text), vision_config=cfg.vl.vision.to_hf_dict(),
-        image_token_id=tok.image_pad, video_token_id=tok.video_pad, vision_start_token_id=tok.vision_start,
-        vision_end_token_id=tok.vision_end,
-    )
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval().float()
+    hf = build_hf_vl(cfg.vl, seed=seed, std=std, attn_implementation="eager")
     h = cfg.hidden_size
+    torch.manual_seed(seed)
     head = torch.nn.Linear(h, h, bias=False)
-    prefill = torch.nn.Parameter(torch.zeros(cfg.num_slots, h)) if cfg.uses_prefill_embeds else None
+    prefill = torch.nn.Parameter(torch.randn(cfg.num_slots, h)) if cfg.uses_prefill_embeds else None
     with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + std * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.2 if "visual" in name else std)
         head.weight.normal_(0.0, std)
-        if prefill is not None:
-            prefill.normal_(0.0, 1.0)
-    model = NexusGenAR(cfg, rngs=nnx.Rngs(seed))
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    load_hf_state_dict(model.language_model, sd)
-    load_hf_vision(model.visual, sd, prefix="model.visual.")
+    model = zeros_like_module(lambda: NexusGenAR(cfg, rngs=nnx.Rngs(seed)))
+    load_hf_vl(model, hf_state_dict_numpy(hf))
     model.vision_head.kernel[...] = jnp.asarray(head.weight.detach().numpy().T)
     if prefill is not None:
         model.image_prefill_embeds[...] = jnp.asarray(prefill.detach().numpy())

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs.nexus_gen import NexusGenConfig
 from nexus_jax.models.nexus_ar import NexusGenAR
-from nexus_jax.models.qwen2 import init_cache_for
+from nexus_jax.models.qwen2 import KVCache, init_cache_for
 from nexus_jax.nexus import templates
 from nexus_jax.nexus.batch import NexusBatch, Sample, make_batch
 
@@ -40,7 +41,9 @@ def editing_samples(
     return [Sample(templates.editing_messages(t, language), input_images=[im]) for t, im in zip(instructions, images)]
 
 
-def slot_batch(samples: Sequence[Sample], encode: templates.Encode, model_or_cfg, **kwargs) -> NexusBatch:
+def slot_batch(
+    samples: Sequence[Sample], encode: templates.Encode, model_or_cfg: NexusGenAR | NexusGenConfig, **kwargs
+) -> NexusBatch:
     """Batch for :func:`fill_slots`: each sequence stops after the N slots of its first output image."""
     cfg = getattr(model_or_cfg, "config", model_or_cfg)
     return make_batch(samples, encode, cfg, training=False, stop_after_slots=True, **kwargs)
@@ -140,16 +143,16 @@ class SlotFiller:
             feats, in_mask,
         )
 
-    def prompt_cache(self):
+    def prompt_cache(self) -> KVCache:
         """KV cache (capacity L) holding the prompt before ``<|vision_start|>``."""
         cache = init_cache_for(self.text_config, self.batch_size, self.length)
         return self._run(0, cache, slice(0, self.start), with_images=True)[1]
 
-    def parallel(self, cache) -> jax.Array:
+    def parallel(self, cache: KVCache) -> jax.Array:
         """One forward of the N slot-phase tokens on top of ``cache`` -> [B, N, hidden]."""
         return self._run(self.n, cache, slice(self.start, self.length - 1))[0]
 
-    def sequential(self, cache) -> jax.Array:
+    def sequential(self, cache: KVCache) -> jax.Array:
         """N single-token forwards (``<|vision_start|>``, then one slot per step) -> [B, N, hidden]."""
         if self._steps is None:  # per-step inputs sliced once, so the loop does nothing but the forwards
             cols = [slice(t, t + 1) for t in range(self.start, self.length - 1)]
@@ -168,7 +171,7 @@ def fill_slots_sequential(model: NexusGenAR, batch: NexusBatch) -> jax.Array:
     return filler.sequential(filler.prompt_cache())
 
 
-def slot_phase_inputs(cfg, next_position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slot_phase_inputs(cfg: NexusGenConfig, next_position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs of the slot phase for rows whose next text position is ``next_position`` [B].
 
     Tokens: ``<|vision_start|>`` then N - 1 slots. Positions [3, B, N]: the start token sits at the text position
@@ -188,7 +191,7 @@ def slot_phase_inputs(cfg, next_position: np.ndarray) -> tuple[np.ndarray, np.nd
     return ids, pos.astype(np.int32), slots.astype(np.int32)
 
 
-def fill_slots_from_cache(model: NexusGenAR, cache, next_position: np.ndarray) -> jax.Array:
+def fill_slots_from_cache(model: NexusGenAR, cache: KVCache, next_position: np.ndarray) -> jax.Array:
     """Image mode of a decoding loop: the model has just emitted ``<|vision_start|>`` (not yet fed) and ``cache``
     holds everything before it; ``next_position`` [B] is each row's next text position (cache index + rope delta).
     One N-token forward fills all N slots -> [B, N, hidden]. The cache is consumed."""
