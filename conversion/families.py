@@ -19,7 +19,7 @@ class Family:
     name: str
     description: str
     presets: dict[str, Callable[[], Any]]
-    build: Callable[[Any, Any], Any]  # (config, rngs) -> nnx.Module
+    build: Callable[[Any, Any], Any] | None  # (config, rngs) -> nnx.Module; None: tables alone fix the shapes
     tables: dict[str, Callable[[Any], Mapping]]
     export_scheme: str
     config_to_json: Callable[[Any], dict] = config_io.to_dict
@@ -88,8 +88,12 @@ def nexus_config_from_hf(hf: dict, shapes: dict[str, tuple[int, ...]] | None = N
     if "spatial_patch_size" in v:
         vkw["patch_size"] = v["spatial_patch_size"]
     vision = qwen2_5_vl.Qwen25VisionConfig(**vkw)
-    ids = dict(image_pad="image_token_id", video_pad="video_token_id", vision_start="vision_start_token_id",
-               vision_end="vision_end_token_id")
+    ids = dict(
+        image_pad="image_token_id",
+        video_pad="video_token_id",
+        vision_start="vision_start_token_id",
+        vision_end="vision_end_token_id",
+    )
     tokens = dataclasses.replace(qwen2_5_vl.Qwen25VLTokens(), **{f: hf[k] for f, k in ids.items() if k in hf})
     vl = qwen2_5_vl.Qwen25VLConfig(
         text=text, vision=vision, tokens=tokens, tokens_per_second=v.get("tokens_per_second", 2)
@@ -191,8 +195,11 @@ def _qwen2_family() -> Family:
     return Family(
         name="qwen2_text",
         description="Qwen2 / Qwen2.5 decoder-only text model (transformers names)",
-        presets={"qwen2_5_1_5b": qwen2_5.qwen2_5_1_5b, "qwen2_5_vl_7b_text": qwen2_5.qwen2_5_vl_7b,
-                 "tiny": qwen2_5.tiny},
+        presets={
+            "qwen2_5_1_5b": qwen2_5.qwen2_5_1_5b,
+            "qwen2_5_vl_7b_text": qwen2_5.qwen2_5_vl_7b,
+            "tiny": qwen2_5.tiny,
+        },
         build=build,
         tables={"hf_qwen2": table},
         export_scheme="hf_qwen2",
@@ -230,6 +237,38 @@ def _flux_family() -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------- Nexus-Gen decoders
+def _decoder_family(kind: str) -> Family:
+    """Generation (V1 / V2) or editing decoder. The JAX paths are ``dit.*`` + ``adapter.*`` / ``embedding_merger.*``;
+    no decoder model class is wired in yet, so shapes come from the tables and the source (names are still checked
+    both ways; the DiT part loads into ``FluxDiT`` with ``pipeline.load_submodule(ckpt, "dit.", ...)``)."""
+    from configs.nexus_decoders import NexusDecoderConfig
+
+    def table(name):
+        def make(cfg):
+            from conversion.tables import nexus_decoders
+
+            return getattr(nexus_decoders, name)(cfg)
+
+        return make
+
+    tables = (
+        {"nexus_v1_decoder": table("v1_generation_mapping"), "nexus_v2_generation": table("v2_generation_mapping")}
+        if kind == "generation"
+        else {"nexus_v2_editing": table("v2_editing_mapping")}
+    )
+    return Family(
+        name=f"{kind}_decoder",
+        description=f"Nexus-Gen {kind} decoder (FLUX DiT + {'adapter' if kind == 'generation' else 'merger'})",
+        presets={"full": getattr(NexusDecoderConfig, kind), "tiny": NexusDecoderConfig.tiny},
+        build=None,
+        tables=tables,
+        export_scheme=next(iter(tables)),
+        config_from_json=lambda d: config_io.from_dict(NexusDecoderConfig, d),
+        weights_prefix="generation_decoder" if kind == "generation" else "edit_decoder",
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------- VAE
 def _vae_family() -> Family:
     from configs.vae import FluxVAEConfig
@@ -264,6 +303,8 @@ _FACTORIES: dict[str, Callable[[], Family]] = {
     "qwen2_text": _qwen2_family,
     "flux_dit": _flux_family,
     "vae": _vae_family,
+    "generation_decoder": lambda: _decoder_family("generation"),
+    "editing_decoder": lambda: _decoder_family("editing"),
 }
 
 

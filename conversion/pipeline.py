@@ -88,10 +88,14 @@ def import_checkpoint(
         cfg = config
         scheme = scheme or detect_scheme(reader.shapes, str(source))
         table = family.table(scheme, cfg)
-        abstract, target = _abstract_model(family, cfg)
-        steps = engine.plan(
-            table, reader.shapes, {k: v.shape for k, v in target.items()}, "to_jax", source_name=reader.where
-        )
+        if family.build is None:
+            if mesh is not None:
+                raise ConversionError(f"family {family.name!r} has no JAX model wired in: --mesh is not available")
+            abstract, target_shapes = None, None
+        else:
+            abstract, target = _abstract_model(family, cfg)
+            target_shapes = {k: v.shape for k, v in target.items()}
+        steps = engine.plan(table, reader.shapes, target_shapes, "to_jax", source_name=reader.where)
         place = None
         if mesh is not None:
             from nexus_jax.sharding import INFERENCE_RULES
@@ -188,6 +192,22 @@ def _grouped_reader(params: Path, steps, shapes, stored, group_bytes: int):
         return cache.pop(name)
 
     return read
+
+
+def load_arrays(source: str | os.PathLike, prefix: str = "") -> dict[str, Any]:
+    """Host arrays of a converted checkpoint whose paths start with ``prefix`` (prefix stripped)."""
+    params = Path(source) / orbax_io.PARAMS_DIR
+    names = [n for n in orbax_io.metadata(params) if n.startswith(prefix)]
+    if not names:
+        raise ConversionError(f"{source} has no tensors under {prefix!r}")
+    return {n[len(prefix) :]: a for n, a in orbax_io.load(params, names).items()}
+
+
+def load_submodule(source: str | os.PathLike, prefix: str, module: Any) -> Any:
+    """Fill ``module`` (e.g. a ``FluxDiT``) from the tensors under ``prefix`` (e.g. ``dit.``) of a checkpoint."""
+    from conversion.state import assign
+
+    return assign(module, load_arrays(source, prefix))
 
 
 def load_model(source: str | os.PathLike, mesh: Any = None, rules: Any = None, config: Any = None) -> Any:
