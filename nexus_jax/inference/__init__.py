@@ -1,0 +1,1 @@
+"""Batch inference: requests JSONL -> PNGs and a results JSONL (``nexus-jax infer``)."""

@@ -1,0 +1,101 @@
+"""Load a converted inference checkpoint directory (what ``nexus-jax infer --checkpoint`` points at).
+
+Layout (each model directory is an Orbax checkpoint written by ``nexus-jax convert import``)::
+
+    ar/                     Nexus-Gen AR model          (family nexus_ar)
+    generation_decoder/     generation decoder          (optional; family of the Nexus-Gen decoders)
+    edit_decoder/           editing decoder             (optional)
+    vae/                    FLUX VAE                    (needed by both decoders)
+    empty_prompt.safetensors  pooled CLIP("") and T5("") (needed by the decoders)
+    tokenizer.json          {"type": "bytes"} or {"type": "hf", "path": "<dir with tokenizer files>"}
+
+Missing optional parts only disable the tasks that need them (those requests fail with a clear error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nexus_jax.inference.runner import EmptyPrompt, ImageDecoder
+
+AR_DIR, GEN_DIR, EDIT_DIR, VAE_DIR = "ar", "generation_decoder", "edit_decoder", "vae"
+EMPTY_PROMPT, TOKENIZER = "empty_prompt.safetensors", "tokenizer.json"
+
+
+@dataclasses.dataclass
+class TextCodec:
+    """``encode(text) -> ids`` for plain text and ``decode(ids) -> text`` without special tokens."""
+
+    encode: Callable[[str], Sequence[int]]
+    decode: Callable[[Sequence[int]], str]
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    ar: Any
+    codec: TextCodec
+    vae: Any | None = None
+    generation: ImageDecoder | None = None
+    editing: ImageDecoder | None = None
+    empty: EmptyPrompt | None = None
+
+
+def load_codec(root: Path, tokens: Any) -> TextCodec:
+    spec = json.loads((root / TOKENIZER).read_text()) if (root / TOKENIZER).exists() else {"type": "bytes"}
+    if spec.get("type") == "bytes":
+        from nexus_jax.nexus.tiny import ByteTokenizer
+
+        tok = ByteTokenizer(tokens)
+        return TextCodec(tok.encode, lambda ids: tok.decode([i for i in ids if int(i) < 256]))
+    if spec.get("type") == "hf":
+        from transformers import AutoTokenizer
+
+        path = spec["path"] if os.path.isabs(spec["path"]) else str(root / spec["path"])
+        hf = AutoTokenizer.from_pretrained(path)
+        return TextCodec(lambda s: hf.encode(s, add_special_tokens=False),
+                         lambda ids: hf.decode(list(map(int, ids)), skip_special_tokens=True))
+    raise ValueError(f"{root / TOKENIZER}: unknown tokenizer type {spec.get('type')!r}; expected 'bytes' or 'hf'")
+
+
+def load_empty_prompt(path: Path) -> EmptyPrompt:
+    from safetensors.numpy import load_file
+
+    d = load_file(str(path))
+    missing = {"pooled", "t5"} - set(d)
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}; it needs 'pooled' [pooled_dim] and 't5' [Lt, context_dim]")
+    return EmptyPrompt(np.asarray(d["pooled"], np.float32).reshape(-1), np.asarray(d["t5"], np.float32))
+
+
+def as_image_decoder(model: Any) -> ImageDecoder:
+    """Wrap a loaded Nexus-Gen decoder model (``dit`` + ``adapter`` or ``embedding_merger``)."""
+    from nexus_jax.inference.conditioners import conditioner_for
+
+    return ImageDecoder(dit=model.dit, conditioner=conditioner_for(model), sampler=model.config.sampler)
+
+
+def load(checkpoint: str | os.PathLike, mesh: Any = None) -> Checkpoint:
+    """Load every component present under ``checkpoint``; raises FileNotFoundError naming what is missing."""
+    from conversion.pipeline import load_model
+
+    root = Path(checkpoint)
+    if not (root / AR_DIR).is_dir():
+        raise FileNotFoundError(f"{root}: no AR model directory {AR_DIR}/ (convert one with `nexus-jax convert`)")
+    ar = load_model(root / AR_DIR, mesh=mesh)
+    ck = Checkpoint(ar=ar, codec=load_codec(root, ar.config.tokens))
+    if (root / VAE_DIR).is_dir():
+        ck.vae = load_model(root / VAE_DIR, mesh=mesh)
+    if (root / EMPTY_PROMPT).exists():
+        ck.empty = load_empty_prompt(root / EMPTY_PROMPT)
+    if (root / GEN_DIR).is_dir():
+        ck.generation = as_image_decoder(load_model(root / GEN_DIR, mesh=mesh))
+    if (root / EDIT_DIR).is_dir():
+        ck.editing = as_image_decoder(load_model(root / EDIT_DIR, mesh=mesh))
+    return ck
