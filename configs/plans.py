@@ -161,6 +161,11 @@ TINY_DECODER = _add(PlanConfig(
     name="tiny_decoder_train", workload="decoder_train", model=FluxDiTConfig.tiny(), topology="v5p:2x2x1",
     mesh=(1, 4, 1), remat="full", global_batch=4, image_size=64, context_len=81, compute_dtype="float32",
 ))
+TINY_EDIT = _add(PlanConfig(
+    name="tiny_editing_decoder_train", workload="decoder_train", model=FluxDiTConfig.tiny(), topology="v5p:2x2x1",
+    mesh=(1, 4, 1), remat="full", global_batch=4, image_size=64, context_len=405, compute_dtype="float32",
+    description="tiny DiT with the full-width (3584) merger layer: the merger is not shrunk by FluxDiTConfig.tiny",
+))
 TINY_SAMPLE = _add(PlanConfig(
     name="tiny_decoder_sample", workload="decoder_sample", model=FluxDiTConfig.tiny(), topology="v5p:2x2x1",
     mesh=(2, 1, 2), remat="none", global_batch=4, image_size=64, context_len=81, num_steps=4,

@@ -50,6 +50,46 @@ class GenerationDecoder(nnx.Module):
             self.dit.single_blocks = nnx.List([Remat(b, remat) for b in self.dit.single_blocks])
 
 
+class Merger(nnx.Module):
+    """Editing-decoder conditioner (nexus-gen.md 2.3): one bidirectional Qwen2.5 decoder layer over [81 target; 324
+    source] ViT embeddings, then RMSNorm -> Linear(3584 -> 16384) -> RMSNorm -> SiLU -> Linear(16384 -> 4096) ->
+    RMSNorm. embeds [B, N, 3584], positions [3, B, N] (M-RoPE) -> context [B, N, 4096]."""
+
+    def __init__(self, cfg: FluxDiTConfig, *, rngs: nnx.Rngs):
+        from configs.nexus_decoders import MergerConfig
+        from nexus_jax.layers import RMSNorm
+        from nexus_jax.models.qwen2.decoder_layer import Qwen2DecoderLayer
+
+        mcfg = MergerConfig()
+        self.layer_cfg = mcfg.layer.replace(param_dtype=jnp.dtype(cfg.param_dtype).name,
+                                            dtype=jnp.dtype(cfg.dtype or cfg.param_dtype).name)
+        d, hidden = self.layer_cfg.hidden_size, mcfg.projector_dim
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        self.layers = nnx.List([Qwen2DecoderLayer(self.layer_cfg, rngs=rngs)])
+        self.norms = nnx.List([RMSNorm(n, eps=1e-6, param_dtype=cfg.param_dtype, rngs=rngs)
+                               for n in (d, hidden, cfg.context_dim)])
+        self.proj_in = Linear(d, hidden, axes=("embed", "mlp"), **kw)
+        self.proj_out = Linear(hidden, cfg.context_dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array) -> jax.Array:
+        from nexus_jax.models.qwen2.rope import rope_cos_sin
+
+        c = self.layer_cfg
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
+        x, _ = self.layers[0](embeds.astype(c.jnp_dtype), cos, sin, None)
+        x = self.proj_in(self.norms[0](x))
+        x = jax.nn.silu(self.norms[1](x))
+        return self.norms[2](self.proj_out(x))
+
+
+class EditingDecoder(nnx.Module):
+    """``merger`` + ``dit``; DiT blocks wrapped in :class:`Remat` when ``remat`` != "none"."""
+
+    def __init__(self, cfg: FluxDiTConfig, *, remat: str = "none", rngs: nnx.Rngs):
+        self.merger = Merger(cfg, rngs=rngs)
+        self.dit = GenerationDecoder(cfg, remat=remat, rngs=rngs).dit
+
+
 def image_ids(image_size: int) -> jax.Array:
     """(0, row, col) RoPE ids of the packed latent tokens of a square image: [(S/16)^2, 3]."""
     from nexus_jax.models.flux.packing import image_ids as packed_ids
@@ -61,16 +101,21 @@ def flow_matching_loss(model: GenerationDecoder, batch: dict[str, jax.Array], rn
                        image_size: int) -> tuple[jax.Array, dict]:
     """Weighted rectified-flow MSE: x_t = (1 - s) x0 + s eps, target eps - x0.
 
-    batch: latents / noise [B, T, 64], embeds [B, 81, 3584], pooled [B, 768], sigma [B], weight [B].
+    batch: latents / noise [B, T, 64], embeds [B, 81, 3584], pooled [B, 768], sigma [B], weight [B]; for the
+    editing decoder embeds [B, 405, 3584], merger_positions [3, B, 405] and txt_ids [1, 405, 3] (DiT RoPE ids).
     """
     from nexus_jax.diffusion.flow_match import add_noise, velocity_target
 
     del rng
     x0, eps, sigma = batch["latents"], batch["noise"], batch["sigma"]
     xt = add_noise(x0, eps, sigma)
-    context = model.adapter(batch["embeds"])
+    if isinstance(model, EditingDecoder):
+        context = model.merger(batch["embeds"], batch["merger_positions"])
+        txt_ids = batch["txt_ids"][0]
+    else:
+        context = model.adapter(batch["embeds"])
+        txt_ids = jnp.zeros((context.shape[1], 3), jnp.float32)
     b = x0.shape[0]
-    txt_ids = jnp.zeros((context.shape[1], 3), jnp.float32)
     v = model.dit(xt, sigma, context, batch["pooled"], txt_ids, image_ids(image_size),
                   jnp.full((b,), GUIDANCE, sigma.dtype))
     err = jnp.mean(jnp.square((v - velocity_target(x0, eps)).astype(jnp.float32)), axis=(1, 2))

@@ -49,6 +49,19 @@ def dit_forward_flops(cfg: FluxDiTConfig, image_tokens: int, context_tokens: int
     return dense + attention
 
 
+def adapter_forward_flops(cfg: FluxDiTConfig, context_tokens: int) -> float:
+    """Generation adapter forward for one sample."""
+    return 2.0 * (ADAPTER_IN * cfg.context_dim + cfg.context_dim**2) * context_tokens
+
+
+def merger_forward_flops(tokens: int, hidden: int = 3584, intermediate: int = 18944, heads: int = 28,
+                         kv_heads: int = 4, head_dim: int = 128, projector: int = 16384, out: int = 4096) -> float:
+    """Editing merger forward for one sample: one bidirectional Qwen2.5 layer + projector on ``tokens``."""
+    layer = hidden * heads * head_dim * 2 + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate
+    dense = 2.0 * (layer + hidden * projector + projector * out) * tokens
+    return dense + 4.0 * tokens * tokens * heads * head_dim
+
+
 def decoder_train_flops(cfg: FluxDiTConfig, batch: int, image_tokens: int, context_tokens: int) -> float:
     """Generation-decoder train step (DiT + adapter all trainable): 3 x forward."""
     return 3.0 * batch * dit_forward_flops(cfg, image_tokens, context_tokens, ADAPTER_IN)
@@ -61,5 +74,4 @@ def sample_flops(
     """Sampling: the adapter once, then ``steps`` x (positive DiT pass [+ negative pass if cfg_scale != 1])."""
     pos = dit_forward_flops(cfg, image_tokens, context_tokens)
     neg = dit_forward_flops(cfg, image_tokens, negative_tokens) if cfg_scale != 1.0 else 0.0
-    adapter = 2.0 * (ADAPTER_IN * cfg.context_dim + cfg.context_dim**2) * context_tokens
-    return batch * (steps * (pos + neg) + adapter)
+    return batch * (steps * (pos + neg) + adapter_forward_flops(cfg, context_tokens))

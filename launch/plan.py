@@ -90,7 +90,7 @@ def measure(workload: Workload, mesh: Any, full: bool) -> tuple[compiled.Measure
         try:
             full_m = compiled.compile_and_measure(program)
         except compiled.CompilerOutOfMemory as oom:
-            return _oom_measurement(workload, mesh, fixed, program, oom)
+            return _oom_measurement(program, oom)
         seconds += full_m.compile_seconds
         if not full_m.has_while and workload.cost_multiplier == 1:
             return full_m, "full compile", "unrolled compile (loop-free program)", seconds
@@ -109,22 +109,15 @@ def measure(workload: Workload, mesh: Any, full: bool) -> tuple[compiled.Measure
     return compiled.as_measurement(fields, False, seconds), "layer-difference extrapolation", cost_src, seconds
 
 
-def _oom_measurement(workload: Workload, mesh: Any, fixed: dict[str, int], program: compiled.Program,
-                     oom: compiled.CompilerOutOfMemory) -> tuple[compiled.Measurement, str, str, float]:
+def _oom_measurement(program: compiled.Program, oom: compiled.CompilerOutOfMemory
+                     ) -> tuple[compiled.Measurement, str, str, float]:
     """The compiler refused the full program for lack of HBM: arguments from the abstract shapes, temporaries from
-    the compiler's message; costs from the reduced-depth extrapolation when that compiles (else 0)."""
-    args = compiled.argument_bytes(program.args)
-    try:
-        fields, parts = compiled.extrapolate(lambda o: workload.build(mesh, o), workload.depths, fixed)
-        for name in ("flops", "bytes_accessed", "optimal_seconds"):
-            fields[name] *= workload.cost_multiplier
-        cost_src, seconds = "layer-difference extrapolation (full program out of memory)", sum(
-            p.compile_seconds for p in parts)
-    except compiled.CompilerOutOfMemory:
-        fields, cost_src, seconds = dict.fromkeys(("flops", "bytes_accessed", "optimal_seconds"), 0.0), "none", 0.0
-    fields.update(argument_bytes=args, output_bytes=0, alias_bytes=0, temp_bytes=oom.required_bytes, code_bytes=0)
+    the compiler's message; no cost estimate (the program cannot run on this slice)."""
+    fields = dict.fromkeys(("flops", "bytes_accessed", "optimal_seconds"), 0.0)
+    fields.update(argument_bytes=compiled.argument_bytes(program.args), output_bytes=0, alias_bytes=0,
+                  temp_bytes=oom.required_bytes, code_bytes=0)
     src = f"compiler out-of-memory error ({oom}); arguments from the abstract shapes"
-    return compiled.as_measurement(fields, False, seconds), src, cost_src, seconds
+    return compiled.as_measurement(fields, False, 0.0), src, "not estimated (does not fit)", 0.0
 
 
 def report(plan: PlanConfig, topo: Topology, sizes: tuple[int, int, int], remat: str, full: bool = True,

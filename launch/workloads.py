@@ -129,11 +129,18 @@ def _dit_cfg(plan: PlanConfig, overrides: Overrides | None) -> Any:
     return cfg
 
 
-def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
-    from launch.decoder_model import ADAPTER_IN, GenerationDecoder, flow_matching_loss
+EDIT_TOKENS = 81 + 324  # 81 AR-predicted target embeddings + 324 source-image ViT embeddings
 
-    if plan.context_len != 81:
-        raise ValueError(f"decoder_train compiles the generation decoder (81 context tokens), got {plan.context_len}")
+
+def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
+    """Generation decoder (81 context tokens: adapter) or editing decoder (405: merger) train step."""
+    from launch.decoder_model import ADAPTER_IN, EditingDecoder, GenerationDecoder, flow_matching_loss
+
+    if plan.context_len not in (81, EDIT_TOKENS):
+        raise ValueError(f"context_len must be 81 (generation decoder) or {EDIT_TOKENS} (editing decoder), "
+                         f"got {plan.context_len}")
+    editing = plan.context_len == EDIT_TOKENS
+    model_cls = EditingDecoder if editing else GenerationDecoder
     b, t = plan.global_batch, (plan.image_size // 16) ** 2
     dt, f32 = jnp.dtype(plan.compute_dtype), jnp.float32
     cfg0 = plan.model
@@ -145,23 +152,30 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
         "sigma": ((b,), f32, ("batch",)),
         "weight": ((b,), f32, ("batch",)),
     }
+    if editing:
+        batch["merger_positions"] = ((3, b, EDIT_TOKENS), f32, (None, "batch", "length"))
+        batch["txt_ids"] = ((1, EDIT_TOKENS, 3), f32, (None, None, None))
     loss = functools.partial(flow_matching_loss, image_size=plan.image_size)
 
     def build(mesh: Mesh, overrides: Overrides | None) -> Program:
         cfg = _dit_cfg(plan, overrides)
-        return train_program(lambda: GenerationDecoder(cfg, remat=remat, rngs=nnx.Rngs(0)), loss, batch,
+        return train_program(lambda: model_cls(cfg, remat=remat, rngs=nnx.Rngs(0)), loss, batch,
                              _optim(), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
 
+    model_flops = flops.decoder_train_flops(cfg0, b, t, plan.context_len)
+    if editing:  # the merger replaces the adapter: one bidirectional Qwen layer + projector on 405 tokens
+        model_flops += 3.0 * b * flops.merger_forward_flops(plan.context_len) - 3.0 * b * flops.adapter_forward_flops(
+            cfg0, plan.context_len)
     notes = {
         "loss": "weighted flow matching MSE (launch.decoder_model.flow_matching_loss)",
-        "model": "launch.decoder_model.GenerationDecoder = adapter + nexus_jax.models.flux.FluxDiT",
+        "model": "launch.decoder_model." + ("EditingDecoder = merger" if editing else "GenerationDecoder = adapter")
+                 + " + nexus_jax.models.flux.FluxDiT",
         "inputs": "VAE latents precomputed (frozen VAE not in the step)",
         "param_dtype": plan.param_dtype,
     }
-    return Workload("decoder_train", build,
+    return Workload("editing_decoder_train" if editing else "decoder_train", build,
                     {"double_blocks": cfg0.num_double_blocks, "single_blocks": cfg0.num_single_blocks},
-                    flops.decoder_train_flops(cfg0, b, t, plan.context_len), b * t, sharding.TRAIN_RULES,
-                    notes=notes)
+                    model_flops, b * t, sharding.TRAIN_RULES, notes=notes)
 
 
 # --- sampling (batch inference) -------------------------------------------------------------------------------

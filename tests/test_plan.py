@@ -42,7 +42,8 @@ def hand_batch_bytes(dim: int, batch: int, data: int, fsdp: int) -> float:
     return F32 * batch * dim / (data * fsdp)
 
 
-@pytest.mark.parametrize("mesh", [(1, 4, 1), (2, 2, 1), (1, 2, 2)])
+@pytest.mark.parametrize("mesh", [(1, 2, 2), pytest.param((1, 4, 1), marks=pytest.mark.slow),
+                                  pytest.param((2, 2, 1), marks=pytest.mark.slow)])
 def test_matmul_memory_and_flops_match_hand_computation(devices, mesh):
     dim, layers, batch = 256, 4, 4096
     rep = planner.report(_matmul_plan(dim, layers, batch), TOPO, mesh, "none", devices=devices)
@@ -67,6 +68,7 @@ def test_matmul_memory_and_flops_match_hand_computation(devices, mesh):
     assert 0 < rep["estimated_mfu"] <= 1.0
 
 
+@pytest.mark.slow
 def test_extrapolated_estimate_matches_full_compile(devices):
     plan = _matmul_plan(256, 6, 4096)
     full = planner.report(plan, TOPO, (1, 4, 1), "full", full=True, devices=devices)
@@ -77,6 +79,7 @@ def test_extrapolated_estimate_matches_full_compile(devices):
     assert fast["memory_per_device"]["arguments"] == pytest.approx(full["memory_per_device"]["arguments"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_search_ranks_fitting_candidates(devices, capsys):
     ranked = planner.search(get_plan("tiny_matmul"), TOPO, ["none", "full"], [(1, 4, 1), (2, 2, 1)], verify=True)
     assert len(ranked) == 4 and all(r["fits"] for r in ranked)

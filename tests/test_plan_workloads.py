@@ -32,6 +32,7 @@ def _sharded_param_fraction(program) -> float:
     return split / total
 
 
+@pytest.mark.slow
 def test_tiny_ar_train_step(devices):
     plan = get_plan("tiny_ar_train")
     rep = planner.report(plan, TOPO, plan.mesh, "full", devices=devices)
@@ -56,6 +57,14 @@ def test_tiny_decoder_train_step(devices):
     assert 1.0 <= rep["flops_per_step"] / rep["model_flops_per_step"] <= 2.0
     program = make_workload(plan, "full").build(planner._mesh(devices, (1, 4, 1)), None)
     assert _sharded_param_fraction(program) > 0.9
+
+
+@pytest.mark.slow
+def test_tiny_editing_decoder_train_step(devices):
+    plan = get_plan("tiny_editing_decoder_train")
+    rep = planner.report(plan, TOPO, plan.mesh, "full", devices=devices)
+    assert rep["fits"] and rep["workload"] == "editing_decoder_train"
+    assert 1.0 <= rep["flops_per_step"] / rep["model_flops_per_step"] <= 2.0
 
 
 @pytest.mark.slow
