@@ -1,7 +1,8 @@
 """Decoder trainer: rectified-flow (flow-matching) loss on VAE latents, conditioned on precomputed Nexus-Gen embeddings.
 
-Per step (DiffSynth's recipe, nexus-gen.md 4.2/4.3): the frozen VAE encodes the target image to model-space latents
-``x0``; a training timestep index ``i ~ U{0..T-1}`` picks ``sigma_i`` on the shift-3 schedule; ``x_t = (1 - sigma) x0
+Per step (DiffSynth's recipe, nexus-gen.md 4.2/4.3; schedule helpers from :mod:`nexus_jax.diffusion.flow_match`): the
+frozen VAE encodes the target image to model-space latents ``x0``; a training timestep index ``i ~ U{0..T-1}`` picks
+``sigma_i`` on the shift-3 schedule; ``x_t = (1 - sigma) x0
 + sigma * noise``; the DiT predicts the velocity from the conditioning (generation: ``adapter(embed)`` with zero text
 ids; editing: ``merger(embed, ref_embed)`` with the edit text ids); the loss is ``w_i * mean((v - (noise - x0))^2)``
 with DiffSynth's Gaussian timestep weights ``w`` (mean 1), averaged over the batch.
@@ -23,29 +24,13 @@ from configs.training import FlowLossConfig, TrainConfig
 from nexus_jax.data.decoder_examples import DecoderEncoder
 from nexus_jax.data.pipeline import BatchIterator, build_dataset, stack
 from nexus_jax.data.sources import open_source
+from nexus_jax.diffusion import flow_match
 from nexus_jax.models.flux.packing import image_ids, pack_latents
 from nexus_jax.training.loop import TrainTask
 
-SIGMA_MIN = 0.003 / 1.002
 VAE_FROZEN = (r"(^|/)vae/",)
 # condition(model, batch) -> (context [B, Lt, context_dim], txt_ids [Lt, 3] or [B, Lt, 3])
 ConditionFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-
-
-def training_schedule(cfg: FlowLossConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(sigmas [T], weights [T]) of DiffSynth's FlowMatchScheduler in training mode.
-
-    ``s = linspace(1, sigma_min, T)``, ``sigma = shift s / (1 + (shift - 1) s)``; weights ``exp(-2 ((1000 sigma -
-    T/2) / T)^2)`` shifted to a minimum of 0 and scaled to mean 1 (all ones when ``weighted`` is False).
-    """
-    t = cfg.num_train_timesteps
-    s = np.linspace(1.0, SIGMA_MIN, t)
-    sigmas = cfg.shift * s / (1 + (cfg.shift - 1) * s)
-    if not cfg.weighted:
-        return sigmas.astype(np.float32), np.ones(t, np.float32)
-    y = np.exp(-2 * ((sigmas * 1000 - t / 2) / t) ** 2)
-    y = y - y.min()
-    return sigmas.astype(np.float32), (y * (t / y.sum())).astype(np.float32)
 
 
 class DecoderTrainModel(nnx.Module):
@@ -61,23 +46,25 @@ class DecoderTrainModel(nnx.Module):
 
 def make_flow_loss(cfg: FlowLossConfig, condition: ConditionFn):
     """loss_fn(model, batch, rng): batch["pixels"] [B, H, W, 3] in [-1, 1] plus the conditioning arrays."""
-    sigmas_np, weights_np = training_schedule(cfg)
+    sigmas_np, weights_np = flow_match.training_schedule(cfg.shift, cfg.num_train_timesteps)
+    if not cfg.weighted:
+        weights_np = np.ones_like(weights_np)
 
     def loss_fn(model: DecoderTrainModel, batch: dict[str, jax.Array], rng: jax.Array):
         x0_img = jax.lax.stop_gradient(model.vae.encode(batch["pixels"]))  # posterior mean, model space
         b, h, w, _ = x0_img.shape
         x0 = pack_latents(x0_img)
         k_t, k_n = jax.random.split(rng)
-        idx = jax.random.randint(k_t, (b,), 0, sigmas_np.shape[0])
-        sigma = jnp.asarray(sigmas_np)[idx].astype(x0.dtype)
-        weight = jnp.asarray(weights_np)[idx]
+        sigma, weight = flow_match.sample_training_sigmas(k_t, b, sigmas_np, weights_np)
+        sigma = sigma.astype(x0.dtype)
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        xt = flow_match.add_noise(x0, noise, sigma)
         context, txt_ids = condition(model, batch)
         pooled = jnp.broadcast_to(model.pooled[...].astype(x0.dtype), (b, model.pooled.shape[-1]))
         guidance = jnp.full((b,), cfg.guidance, x0.dtype)
         v = model.dit(xt, sigma, context, pooled, txt_ids, image_ids(h, w), guidance)
-        per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0).astype(jnp.float32)), axis=(1, 2))
+        target = flow_match.velocity_target(x0, noise).astype(jnp.float32)
+        per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - target), axis=(1, 2))
         loss = jnp.mean(per_sample * weight)
         return loss, {"flow_mse": jnp.mean(per_sample), "sigma": jnp.mean(sigma.astype(jnp.float32))}
 

@@ -68,6 +68,33 @@ def init_train_state(
     return graphdef, state, abstract
 
 
+def init_from_module(
+    model: nnx.Module,
+    optim: OptimConfig,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    seed: int,
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Like :func:`init_train_state`, but starting from an existing module's weights (e.g. a converted checkpoint)."""
+    tx = make_optimizer(optim)
+    graphdef, params, frozen = split_trainable(model, optim)
+
+    def build(params: nnx.State, frozen: nnx.State) -> TrainState:
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "frozen": frozen,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+        }
+
+    abstract = jax.eval_shape(build, params, frozen)
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(build, out_shardings=shardings)(params, frozen)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return graphdef, state, abstract
+
+
 def state_shardings(state: TrainState, mesh: Mesh, rules: sharding.Rules) -> TrainState:
     """NamedShardings for every leaf: parameters and optimiser moments by their logical axes, scalars replicated."""
     out = sharding.state_shardings(state, mesh, rules)
