@@ -112,15 +112,18 @@ def model_loss(
     *,
     num_input_rows: int = 0,
     num_target_rows: int = 0,
-    train_vit: bool = False,
+    train_vit: bool | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of a :class:`~nexus_jax.models.nexus_ar.NexusGenAR` on a device batch (see ``batch.device_arrays``).
 
     ``num_input_rows`` / ``num_target_rows`` (static) are the real merged-token counts of the input / target images.
     Targets go through the ViT under ``stop_gradient`` (or come precomputed as ``batch["target_rows"]`` [T, hidden],
-    row-major over the output slots); input-image features are detached too unless ``train_vit``.
+    row-major over the output slots); input-image features are detached too unless ``train_vit`` (default: the
+    config's trainable policy trains the ViT or its merger).
     """
     cfg = model.config
+    if train_vit is None:
+        train_vit = cfg.trainable.vision_tower or cfg.trainable.vision_merger
     image_id = cfg.tokens.image_pad
     labels = batch["labels"]
     n_out = int(np.asarray(labels == image_id).sum()) if not isinstance(labels, jax.core.Tracer) else None
