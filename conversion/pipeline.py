@@ -231,5 +231,6 @@ def load_model(source: str | os.PathLike, mesh: Any = None, rules: Any = None, c
         want = target[name]
         if tuple(arrays[name].shape) != tuple(want.shape):
             raise ConversionError(f"{name}: stored shape {arrays[name].shape}, model wants {want.shape}")
-        var.set_value(jnp.asarray(arrays[name]).astype(want.dtype) if mesh is None else arrays[name].astype(want.dtype))
+        value = arrays[name] if mesh is not None else jnp.asarray(arrays[name])
+        var.set_value(value if value.dtype == want.dtype else value.astype(want.dtype))
     return abstract
