@@ -11,7 +11,7 @@ Directory written by :func:`build` (names as in ``DiffSynth-Studio/Nexus-GenV2``
     edit_decoder.bin                        torch pickle: embedding_merger.* + pipe.dit.<DiffSynth FluxDiT keys>
     ae.safetensors                          FLUX VAE, BFL names (encoder.down.*, decoder.up.*)
     empty_prompt.safetensors                precomputed CLIP("") pooled [pooled_dim] and T5("") [Lt, context_dim]
-    decoder_configs.json                    DiT / VAE / adapter / merger / sampler configs of the decoders
+    *_config.json                           configs of the decoders (DiT, adapter / merger, sampler) and the VAE
     tokenizer.json                          {"type": "bytes"}: the tiny model uses the byte tokenizer
 
 The torch names come from the converter's own mapping tables run in the export direction (``conversion.engine``),
@@ -206,10 +206,8 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
         for k, v in empty.items():
             ew.write(k, v)
         ew.close()
-        io.write_json(tmp / "decoder_configs.json", {
-            "generation": config_io.to_dict(cfgs["generation"]), "editing": config_io.to_dict(cfgs["editing"]),
-            "vae": config_io.to_dict(cfgs["vae"]),
-        })
+        for name, key in (("generation_decoder", "generation"), ("edit_decoder", "editing"), ("ae", "vae")):
+            io.write_json(tmp / f"{name}_config.json", config_io.to_dict(cfgs[key]))
         io.write_json(tmp / "tokenizer.json", {"type": "bytes"})
         io.write_json(tmp / "README.json", {"seed": seed, "note": "random weights: outputs are noise",
                                             "layout": "upstream PyTorch (Nexus-GenV2 + FLUX.1-dev names)"})

@@ -18,7 +18,7 @@ import numpy as np
 from configs.nexus_gen import NexusGenConfig
 from nexus_jax.inference.reader import Prepared
 from nexus_jax.nexus import templates
-from nexus_jax.nexus.batch import NexusBatch, vision_inputs
+from nexus_jax.nexus.batch import NexusBatch, VisionInputs, vision_inputs
 from nexus_jax.nexus.slots import input_image_mask, slot_index
 from nexus_jax.processing.rope_index import get_rope_index
 
@@ -116,3 +116,12 @@ def collate(batch: Batch, cfg: NexusGenConfig, pad_patches_to: int = 1) -> Nexus
         targets=None,
         grid_thw=grid_thw,
     )
+
+
+def collate_references(batch: Batch, cfg: NexusGenConfig, pad_patches_to: int = 1) -> VisionInputs | None:
+    """Editing: the reference (source) pixels of all ``batch.size`` rows packed for the ViT, or None."""
+    rows = batch.rows()
+    if any(p.ref_pixels is None for p in rows):
+        return None
+    return vision_inputs(np.concatenate([p.ref_pixels for p in rows]), np.concatenate([p.ref_grid for p in rows]),
+                         cfg, pad_patches_to)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from nexus_jax.inference.batching import Batch, Batcher, collate
+from nexus_jax.inference.batching import Batch, Batcher, collate, collate_references
 from nexus_jax.inference.outputs import OutputDir, Progress
 from nexus_jax.inference.reader import Done, Prepared, iterate, prepare_request, request_dataset
 from nexus_jax.inference.requests import Failure, read_lines
@@ -79,7 +79,8 @@ class InferenceJob:
                            for i in range(batch.num_real)]
             else:
                 seeds = np.asarray([p.request.seed for p in batch.rows()], np.uint32)
-                pixels = self.runner.images(batch.task, nb, seeds)
+                refs = collate_references(batch, self.ckpt.ar.config) if batch.task == "editing" else None
+                pixels = self.runner.images(batch.task, nb, seeds, refs)
                 results = []
                 for i, p in enumerate(batch.items):
                     path, digest = self.out.write_image(p.request.id, pixels[i])
@@ -123,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     job = InferenceJob(runner, ckpt, out, progress)
     cfg = ckpt.ar.config
 
+    ref_grid = ckpt.editing.model.cfg.merger.ref_grid if ckpt.editing is not None else None
+
     def prepare(req):
-        return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens)
+        return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
 
     ds = request_dataset(lines, os.path.dirname(os.path.abspath(args.input)), prepare, out.is_complete)
     batcher = Batcher(batch_size, args.length_multiple)

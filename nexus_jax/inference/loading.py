@@ -74,11 +74,29 @@ def load_empty_prompt(path: Path) -> EmptyPrompt:
     return EmptyPrompt(np.asarray(d["pooled"], np.float32).reshape(-1), np.asarray(d["t5"], np.float32))
 
 
-def as_image_decoder(model: Any) -> ImageDecoder:
-    """Wrap a loaded Nexus-Gen decoder model (``dit`` + ``adapter`` or ``embedding_merger``)."""
-    from nexus_jax.inference.conditioners import conditioner_for
+def load_decoder(path: Path, mesh: Any = None) -> ImageDecoder:
+    """A converted generation / editing decoder directory -> :class:`ImageDecoder` (params placed per the inference
+    rules when ``mesh`` is given)."""
+    from flax import nnx
 
-    return ImageDecoder(dit=model.dit, conditioner=conditioner_for(model), sampler=model.config.sampler)
+    from conversion import orbax as orbax_io
+    from conversion.families import get_family
+    from conversion.pipeline import load_arrays
+    from conversion.state import assign
+    from nexus_jax.models.nexus_decoders import EditingDecoder, GenerationDecoder
+
+    doc = orbax_io.read_config(path)
+    classes = {"generation_decoder": GenerationDecoder, "editing_decoder": EditingDecoder}
+    if doc["family"] not in classes:
+        raise ValueError(f"{path}: family {doc['family']!r} is not a decoder family {sorted(classes)}")
+    cfg = get_family(doc["family"]).config_from_json(doc["config"])
+    model = nnx.eval_shape(lambda: classes[doc["family"]](cfg, rngs=nnx.Rngs(0)))
+    assign(model, load_arrays(path))
+    if mesh is not None:
+        from nexus_jax.sharding import INFERENCE_RULES, shard_module
+
+        shard_module(model, mesh, INFERENCE_RULES)
+    return ImageDecoder(model, cfg.sampler)
 
 
 def load(checkpoint: str | os.PathLike, mesh: Any = None) -> Checkpoint:
@@ -95,7 +113,7 @@ def load(checkpoint: str | os.PathLike, mesh: Any = None) -> Checkpoint:
     if (root / EMPTY_PROMPT).exists():
         ck.empty = load_empty_prompt(root / EMPTY_PROMPT)
     if (root / GEN_DIR).is_dir():
-        ck.generation = as_image_decoder(load_model(root / GEN_DIR, mesh=mesh))
+        ck.generation = load_decoder(root / GEN_DIR, mesh)
     if (root / EDIT_DIR).is_dir():
-        ck.editing = as_image_decoder(load_model(root / EDIT_DIR, mesh=mesh))
+        ck.editing = load_decoder(root / EDIT_DIR, mesh)
     return ck

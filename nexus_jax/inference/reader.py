@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from configs.nexus_gen import NexusGenConfig
 from nexus_jax.inference.requests import Failure, Request, parse_or_fail
 from nexus_jax.nexus import templates
 from nexus_jax.nexus.batch import process_input_images
-from nexus_jax.processing.image_processor import to_rgb_uint8
+from nexus_jax.processing.image_processor import Qwen2VLImageProcessor, to_rgb_uint8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Prepared:
     chat: templates.EncodedChat
     pixels: np.ndarray | None
     grid: np.ndarray
+    ref_pixels: np.ndarray | None = None
+    ref_grid: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -62,8 +65,26 @@ def chat_messages(req: Request) -> list[templates.Message]:
     return list(req.messages)
 
 
-def prepare_request(req: Request, cfg: NexusGenConfig, encode: templates.Encode, max_new_tokens: int) -> Prepared:
-    """Decode + preprocess images, tokenise the chat; raises ValueError for an over-long prompt or a bad image."""
+def reference_pixels(image: np.ndarray, cfg: NexusGenConfig, grid_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Edit source for the editing decoder's merger: resized (bilinear, as the Nexus-Gen repo does: 504x504 = grid
+    36x36 at full size) to the merger's reference ViT grid ``grid_hw`` -> (pixels [Np, patch_dim], grid [1, 3])."""
+    v = cfg.vl.vision
+    h, w = grid_hw[0] * v.patch_size, grid_hw[1] * v.patch_size
+    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    proc = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w, patch_size=v.patch_size,
+                                 temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+    out = proc([resized])
+    if tuple(out["image_grid_thw"][0][1:]) != tuple(grid_hw):
+        raise AssertionError(f"reference grid {out['image_grid_thw'][0].tolist()} != merger grid {grid_hw}")
+    return out["pixel_values"], np.asarray(out["image_grid_thw"], np.int64)
+
+
+def prepare_request(
+    req: Request, cfg: NexusGenConfig, encode: templates.Encode, max_new_tokens: int,
+    ref_grid: tuple[int, int] | None = None,
+) -> Prepared:
+    """Decode + preprocess images, tokenise the chat; raises ValueError for an over-long prompt or a bad image.
+    ``ref_grid``: the editing merger's reference ViT grid (edit requests then also carry reference pixels)."""
     images = [to_rgb_uint8(p) for p in req.images]
     if images:
         pixels, grid = process_input_images(images, cfg)
@@ -84,7 +105,10 @@ def prepare_request(req: Request, cfg: NexusGenConfig, encode: templates.Encode,
             f"over-long prompt: {len(chat.input_ids)} tokens (image tokens and slots included) exceed the limit "
             f"{budget} ({what})"
         )
-    return Prepared(req, chat, pixels, np.asarray(grid, np.int64))
+    ref_pixels = ref = None
+    if req.task == "editing" and ref_grid is not None:
+        ref_pixels, ref = reference_pixels(images[0], cfg, ref_grid)
+    return Prepared(req, chat, pixels, np.asarray(grid, np.int64), ref_pixels, ref)
 
 
 def request_dataset(

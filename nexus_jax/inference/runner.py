@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,25 +30,21 @@ from nexus_jax.generation.generate import decode, next_positions
 from nexus_jax.models.flux.packing import image_ids, latent_size, pack_latents, unpack_latents
 from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.models.qwen2.cache import init_cache_for
-from nexus_jax.nexus.batch import NexusBatch
+from nexus_jax.nexus.batch import NexusBatch, VisionInputs
 from nexus_jax.nexus.prefill import fill_slots
-
-
-class Conditioner(Protocol):
-    """Maps predicted image embeddings [B, N, hidden] (and, for editing, reference embeddings [B, M, hidden] with
-    their ViT grid (t, h, w)) to the DiT conditioning that replaces FLUX's text encoders."""
-
-    def __call__(self, embeds: jax.Array, ref: jax.Array | None, ref_grid: tuple[int, int, int] | None,
-                 pooled: jax.Array) -> Conditioning: ...
 
 
 @dataclasses.dataclass
 class ImageDecoder:
-    """One Nexus-Gen decoder: DiT + conditioner (nnx modules) + sampler settings."""
+    """A Nexus-Gen decoder model (``GenerationDecoder`` / ``EditingDecoder``: ``dit`` + conditioner) and its
+    sampler settings."""
 
-    dit: nnx.Module
-    conditioner: nnx.Module
+    model: nnx.Module
     sampler: SamplerConfig
+
+    @property
+    def is_editing(self) -> bool:
+        return hasattr(self.model, "embedding_merger")
 
 
 @dataclasses.dataclass
@@ -58,12 +54,6 @@ class EmptyPrompt:
 
     pooled: np.ndarray
     context: np.ndarray
-
-
-def negative_conditioning(empty: EmptyPrompt, batch: int) -> Conditioning:
-    ctx = jnp.broadcast_to(jnp.asarray(empty.context, jnp.float32), (batch, *empty.context.shape))
-    pooled = jnp.broadcast_to(jnp.asarray(empty.pooled, jnp.float32), (batch, empty.pooled.shape[-1]))
-    return Conditioning(ctx, pooled, jnp.zeros((empty.context.shape[0], 3), jnp.float32))
 
 
 def seed_noise(seeds: jax.Array, h: int, w: int, channels: int) -> jax.Array:
@@ -85,13 +75,20 @@ def sample_pixels(dit: nnx.Module, vae: nnx.Module, seeds: jax.Array, cond: Cond
 
 
 @functools.lru_cache(maxsize=16)
-def _decoder_program(dit_graph, cond_graph, vae_graph, cfg: SamplerConfig, ref_grid) -> Callable:
-    """Jitted conditioner + sampler + VAE decode for one decoder (compiled once per batch shape)."""
+def _decoder_program(dec_graph, vae_graph, cfg: SamplerConfig) -> Callable:
+    """Jitted conditioning + sampling + VAE decode for one decoder (compiled once per batch shape)."""
+    from nexus_jax.models.nexus_decoders import negative_conditioning
 
-    def run(dit_state, cond_state, vae_state, seeds, embeds, ref, pooled, neg):
-        conditioner = nnx.merge(cond_graph, cond_state)
-        cond = conditioner(embeds, ref, ref_grid, pooled)
-        return sample_pixels(nnx.merge(dit_graph, dit_state), nnx.merge(vae_graph, vae_state), seeds, cond, neg, cfg)
+    def run(dec_state, vae_state, seeds, embeds, ref, pooled, neg_context, neg_pooled):
+        decoder = nnx.merge(dec_graph, dec_state)
+        b = embeds.shape[0]
+        if hasattr(decoder, "embedding_merger"):
+            with jax.ensure_compile_time_eval():  # the RoPE ids are host constants (bf16-rounded with jnp)
+                cond = decoder.conditioning(embeds, ref, pooled, latent_size(cfg.height, cfg.width))
+        else:
+            cond = decoder.conditioning(embeds, pooled)
+        neg = None if neg_context is None else negative_conditioning(neg_context, neg_pooled, b)
+        return sample_pixels(decoder.dit, nnx.merge(vae_graph, vae_state), seeds, cond, neg, cfg)
 
     return jax.jit(run)
 
@@ -132,8 +129,7 @@ class Runner:
         self.decoders = {"generation": generation, "editing": editing}
         self.max_new_tokens, self.mesh, self.rules = max_new_tokens, mesh, rules
         if mesh is not None:
-            for m in (ar, vae, *(d.dit for d in (generation, editing) if d), *(d.conditioner for d in
-                                                                             (generation, editing) if d)):
+            for m in (ar, vae, *(d.model for d in (generation, editing) if d)):
                 if m is not None:
                     sharding.shard_module(m, mesh, rules)
 
@@ -187,39 +183,42 @@ class Runner:
         with self._context():
             return fill_slots(self.ar, self._placed(nb))
 
-    def reference_embeddings(self, nb: NexusBatch) -> tuple[jax.Array, tuple[int, int, int]]:
-        """Editing: ViT features of each row's source image, [B, M, hidden], and its grid (same for all rows)."""
-        if nb.inputs is None or nb.grid_thw.shape[0] == 0:
-            raise ValueError("an editing batch needs one source image per row")
-        b = nb.input_ids.shape[0]
-        user = nb.inputs.grid_thw
-        if user.shape[0] != b or np.any(user != user[0]):
-            raise ValueError(f"editing batch: expected {b} source images of one grid, got grids {user.tolist()}")
+    def reference_embeddings(self, refs: VisionInputs, batch: int) -> jax.Array:
+        """Editing: frozen-ViT features of each row's reference (source) image -> [B, M, hidden]."""
+        if refs.grid_thw.shape[0] != batch or np.any(refs.grid_thw != refs.grid_thw[0]):
+            raise ValueError(f"editing batch: expected {batch} reference images of one grid, got "
+                             f"{refs.grid_thw.tolist()}")
         graphdef, state = nnx.split(self.ar)
         with self._context():
-            feats = _encode_images(graphdef, state, jnp.asarray(nb.inputs.pixels),
-                                   {k: jnp.asarray(v) for k, v in nb.inputs.arrays().items()},
-                                   num_merged=nb.inputs.num_merged)
-        return feats.reshape(b, -1, feats.shape[-1]), tuple(int(v) for v in user[0])
+            feats = _encode_images(graphdef, state, jnp.asarray(refs.pixels),
+                                   {k: jnp.asarray(v) for k, v in refs.arrays().items()}, num_merged=refs.num_merged)
+        return feats.reshape(batch, -1, feats.shape[-1])
 
-    def images(self, task: str, nb: NexusBatch, seeds: np.ndarray) -> np.ndarray:
-        """Generation / editing: pixels [B, H, W, 3] in ~[-1, 1] (float32, before PNG encoding)."""
+    def images(self, task: str, nb: NexusBatch, seeds: np.ndarray, refs: VisionInputs | None = None) -> np.ndarray:
+        """Generation / editing: pixels [B, H, W, 3] in ~[-1, 1] (float32, before PNG encoding). ``seeds`` [B]
+        give each row's initial noise; ``refs`` are the editing decoder's reference images."""
         decoder = self.decoders.get(task)
-        if decoder is None or self.vae is None or self.empty is None:
-            raise ValueError(f"no {task} decoder / VAE / empty-prompt conditioning loaded")
+        if decoder is None:
+            raise ValueError(f"the checkpoint has no {task} decoder")
+        if self.vae is None or self.empty is None:
+            raise ValueError("the checkpoint has no VAE / empty-prompt conditioning (needed by the decoders)")
+        b = nb.input_ids.shape[0]
+        if np.asarray(seeds).shape != (b,):
+            raise ValueError(f"need one seed per row: seeds shape {np.asarray(seeds).shape}, batch {b}")
         embeds = self.slot_embeddings(nb)
-        ref, ref_grid = self.reference_embeddings(nb) if task == "editing" else (None, None)
-        b = embeds.shape[0]
-        pooled = jnp.broadcast_to(jnp.asarray(self.empty.pooled, jnp.float32), (b, self.empty.pooled.shape[-1]))
-        neg = negative_conditioning(self.empty, b) if decoder.sampler.cfg_scale != 1.0 else None
-        dg, ds = nnx.split(decoder.dit)
-        cg, cs = nnx.split(decoder.conditioner)
+        ref = None
+        if decoder.is_editing:
+            if refs is None:
+                raise ValueError("the editing decoder needs reference images (prepare_request(..., ref_grid=...))")
+            ref = self.reference_embeddings(refs, b)
+        pooled = jnp.asarray(self.empty.pooled, jnp.float32)[None]
+        use_cfg = decoder.sampler.cfg_scale != 1.0
+        neg_ctx = jnp.asarray(self.empty.context, jnp.float32)[None] if use_cfg else None
+        dg, ds = nnx.split(decoder.model)
         vg, vs = nnx.split(self.vae)
-        program = _decoder_program(dg, cg, vg, decoder.sampler, ref_grid)
+        program = _decoder_program(dg, vg, decoder.sampler)
         with self._context():
-            seeds_d = self._put(np.asarray(seeds, np.uint32))
-            if neg is not None:
-                neg = neg._replace(context=self._put(neg.context), pooled=self._put(neg.pooled))
             ref_d = None if ref is None else self._put(ref)
-            pixels = program(ds, cs, vs, seeds_d, self._put(embeds), ref_d, self._put(pooled), neg)
+            pixels = program(ds, vs, self._put(np.asarray(seeds, np.uint32)), self._put(embeds), ref_d, pooled,
+                             neg_ctx, pooled if use_cfg else None)
         return np.asarray(pixels, np.float32)
