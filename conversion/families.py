@@ -239,10 +239,15 @@ def _flux_family() -> Family:
 
 # ---------------------------------------------------------------------------------------------- Nexus-Gen decoders
 def _decoder_family(kind: str) -> Family:
-    """Generation (V1 / V2) or editing decoder. The JAX paths are ``dit.*`` + ``adapter.*`` / ``embedding_merger.*``;
-    no decoder model class is wired in yet, so shapes come from the tables and the source (names are still checked
-    both ways; the DiT part loads into ``FluxDiT`` with ``pipeline.load_submodule(ckpt, "dit.", ...)``)."""
+    """Generation (V1 / V2) or editing decoder: ``nexus_jax.models.nexus_decoders.GenerationDecoder`` /
+    ``EditingDecoder`` (paths ``dit.*`` + ``adapter.*`` / ``embedding_merger.*``)."""
     from configs.nexus_decoders import NexusDecoderConfig
+
+    def build(cfg, rngs):
+        from nexus_jax.models import nexus_decoders
+
+        cls = nexus_decoders.GenerationDecoder if kind == "generation" else nexus_decoders.EditingDecoder
+        return cls(cfg, rngs=rngs)
 
     def table(name):
         def make(cfg):
@@ -261,7 +266,7 @@ def _decoder_family(kind: str) -> Family:
         name=f"{kind}_decoder",
         description=f"Nexus-Gen {kind} decoder (FLUX DiT + {'adapter' if kind == 'generation' else 'merger'})",
         presets={"full": getattr(NexusDecoderConfig, kind), "tiny": NexusDecoderConfig.tiny},
-        build=None,
+        build=build,
         tables=tables,
         export_scheme=next(iter(tables)),
         config_from_json=lambda d: config_io.from_dict(NexusDecoderConfig, d),
