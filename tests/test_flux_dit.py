@@ -134,11 +134,22 @@ def test_bad_inputs_raise(models):
 
 
 def test_full_config_shapes():
+    """FLUX.1-dev sizes without building 12B parameters: embedders + 19 double + 38 single blocks."""
     cfg = FluxDiTConfig.full()
-    abstract = nnx.eval_shape(lambda: FluxDiT(cfg, rngs=nnx.Rngs(0)))
-    n = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+    def count(n_double: int, n_single: int) -> tuple[int, FluxDiT]:
+        c = FluxDiTConfig.full(num_double_blocks=n_double, num_single_blocks=n_single)
+        abstract = nnx.eval_shape(lambda: FluxDiT(c, rngs=nnx.Rngs(0)))
+        flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+        return sum(int(np.prod(v.get_value().shape)) for _, v in flat), abstract
+
+    base, _ = count(0, 0)
+    one_double, _ = count(1, 0)
+    one_single, abstract = count(0, 1)
+    total = base + cfg.num_double_blocks * (one_double - base) + cfg.num_single_blocks * (one_single - base)
     with torch.device("meta"):
         reference = FluxTransformer2DModel(guidance_embeds=True)  # diffusers defaults = FLUX.1-dev
-    assert n == sum(p.numel() for p in reference.parameters()) == 11_901_408_320, n
+    assert total == sum(p.numel() for p in reference.parameters()) == 11_901_408_320, total
     assert abstract.single_blocks[0].to_qkv_mlp.kernel.shape == (3072, 21504)
     assert abstract.final_norm_out.linear.kernel.shape == (3072, 6144)
+    assert (cfg.num_double_blocks, cfg.num_single_blocks, cfg.num_heads, cfg.head_dim) == (19, 38, 24, 128)
