@@ -1,65 +1,107 @@
-"""Temporary main job: a tiny random Qwen2.5 model generates text from a prompt; the result goes to outputs/.
+"""The main job: default checkpoint -> converter -> batch inference on the shipped example requests.
 
-Writes ``<output-dir>/text_generation.json`` atomically (temporary file + rename). Run ``python -m nexus_jax.main_job``.
+    1. build the embedded default checkpoint (small Nexus-Gen-shaped model, random weights, UPSTREAM PyTorch layout:
+       AR safetensors shards + index, generation_decoder.bin / edit_decoder.bin, FLUX ae.safetensors, empty-prompt
+       conditioning) into ``<work-dir>/default_checkpoint``;
+    2. convert every component with ``conversion`` (torch layout -> Orbax + config.json) into
+       ``<work-dir>/converted``;
+    3. run ``nexus-jax infer`` on ``examples/requests.jsonl`` (understanding, generation and editing requests),
+       writing PNGs, ``results.jsonl`` and ``summary.json`` to ``<output-dir>``.
+
+Steps whose outputs already exist are reused, and inference resumes, so a rerun is cheap. Run
+``python -m nexus_jax.main_job`` (the README's ``bash scripts/main.sh``). With random weights the images are noise
+and the answers are gibberish; docs/inference.md shows the same flow with the real Nexus-GenV2 checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import shutil
 import sys
-import tempfile
 import time
+from pathlib import Path
 
-DEFAULT_PROMPT = "Generate an image according to the following description: a red fox in the snow."
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "requests.jsonl"
+
+# (file or directory in the default checkpoint, converted directory, converter family, config file)
+COMPONENTS = (
+    ("ar", "ar", "nexus_ar", "ar/nexus_gen_config.json"),
+    ("generation_decoder.bin", "generation_decoder", "generation_decoder", "generation_decoder_config.json"),
+    ("edit_decoder.bin", "edit_decoder", "editing_decoder", "edit_decoder_config.json"),
+    ("ae.safetensors", "vae", "vae", "ae_config.json"),
+)
+COPIED = ("empty_prompt.safetensors", "tokenizer.json")
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to ``path`` via a temporary file in the same directory and an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def log(msg: str) -> None:
+    print(f"[main] {msg}", file=sys.stderr, flush=True)
+
+
+def build_checkpoint(path: Path, seed: int) -> None:
+    from nexus_jax import default_checkpoint
+
+    if path.exists():
+        log(f"default checkpoint: reusing {path}")
+        return
+    t = time.perf_counter()
+    default_checkpoint.build(path, seed)
+    log(f"default checkpoint: built {path} in {time.perf_counter() - t:.1f}s (seed {seed})")
+
+
+def convert(source: Path, out: Path) -> int:
+    """Convert every component (skipping those already converted); returns the converter's first failing status."""
+    from conversion import cli as convert_cli
+
+    out.mkdir(parents=True, exist_ok=True)
+    for src, dst, family, config in COMPONENTS:
+        if (out / dst).exists():
+            log(f"convert {src}: reusing {out / dst}")
+            continue
+        t = time.perf_counter()
+        rc = convert_cli.main(["import", str(source / src), str(out / dst), "--family", family,
+                               "--config", str(source / config), "--no-progress"])
+        if rc != 0:
+            log(f"convert {src}: failed with status {rc}")
+            return rc
+        log(f"convert {src} -> {out / dst} ({family}) in {time.perf_counter() - t:.1f}s")
+    for name in COPIED:
+        shutil.copyfile(source / name, out / name)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="nexus-jax main", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="outputs")
+    p = argparse.ArgumentParser(prog="python -m nexus_jax.main_job", description=__doc__.splitlines()[0])
+    p.add_argument("--output-dir", default="outputs", help="PNGs, results.jsonl, summary.json")
+    p.add_argument("--work-dir", default=None, help="checkpoints (default: <output-dir>/work)")
+    p.add_argument("--requests", default=str(EXAMPLES), help="requests JSONL (default: the shipped examples)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the default checkpoint's random weights")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from configs.qwen2_5 import tiny
-    from nexus_jax.text_generation_cli import ByteTokenizer, run
+    from nexus_jax.inference import cli as infer_cli
+    from nexus_jax.inference.examples import write_examples
 
-    config = tiny()
-    tokenizer = ByteTokenizer()
+    out = Path(args.output_dir)
+    work = Path(args.work_dir) if args.work_dir else out / "work"
+    requests = Path(args.requests)
+    if not requests.exists():
+        if requests != EXAMPLES:
+            log(f"requests file {requests} does not exist")
+            return 2
+        write_examples(EXAMPLES.parent)
+        log(f"wrote the example requests to {EXAMPLES}")
     start = time.perf_counter()
-    [result] = run(config, [tokenizer.encode(args.prompt)], max_new_tokens=args.max_new_tokens, seed=args.seed,
-                   tokenizer=tokenizer)
-    payload = {
-        "job": "text_generation",
-        "model": "tiny random Qwen2.5 text decoder (weights are random: the text is noise)",
-        "config": {k: v for k, v in vars(config).items()},
-        "seed": args.seed,
-        "prompt": args.prompt,
-        **result,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    path = os.path.join(args.output_dir, "text_generation.json")
-    write_json_atomic(path, payload)
-    print(f"wrote {path}: {len(result['generated_ids'])} tokens generated")
-    return 0
+    build_checkpoint(work / "default_checkpoint", args.seed)
+    rc = convert(work / "default_checkpoint", work / "converted")
+    if rc != 0:
+        return rc
+    infer_args = ["--checkpoint", str(work / "converted"), "--input", str(requests), "--output", str(out),
+                  "--batch-size", str(args.batch_size)]
+    rc = infer_cli.main(infer_args + (["--no-progress"] if args.no_progress else []))
+    log(f"done in {time.perf_counter() - start:.1f}s: results in {out / 'results.jsonl'}, images in {out / 'images'}")
+    return rc
 
 
 if __name__ == "__main__":
