@@ -67,17 +67,21 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> tuple[float, float]:
 def bench_forward(model, hf, cfg, args, rng) -> dict[str, float]:
     ids = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len))
     jids, tids = jnp.asarray(ids, jnp.int32), torch.tensor(ids)
+    pos = np.broadcast_to(np.arange(args.prompt_len), ids.shape)
+    if cfg.mrope_section is not None:
+        pos = np.broadcast_to(pos[None], (3, *ids.shape))
+    jpos, tpos = jnp.asarray(pos), torch.tensor(np.ascontiguousarray(pos))  # explicit: no position logic timed
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def jax_forward(state, ids):
-        return nnx.merge(graphdef, state)(ids).logits
+    def jax_forward(state, ids, pos):
+        return nnx.merge(graphdef, state)(ids, positions=pos).logits
 
-    jax_forward(state, jids).block_until_ready()
-    hf(input_ids=tids)
+    jax_forward(state, jids, jpos).block_until_ready()
+    hf(input_ids=tids, position_ids=tpos)
     tj, tt = interleaved(
-        lambda: timed(lambda: jax_forward(state, jids).block_until_ready()),
-        lambda: timed(lambda: hf(input_ids=tids)),
+        lambda: timed(lambda: jax_forward(state, jids, jpos).block_until_ready()),
+        lambda: timed(lambda: hf(input_ids=tids, position_ids=tpos)),
         args.repeats,
     )
     n_tok = args.batch * args.prompt_len
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads; 1 also makes XLA single-threaded")
+    p.add_argument("--rope", choices=["1d", "mrope"], default="1d",
+                   help="1d: transformers Qwen2ForCausalLM (leanest torch path, default); mrope: Qwen2.5-VL text model")
     args = p.parse_args(argv)
 
     torch.set_grad_enabled(False)
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     head_dim = args.hidden // 8
     hw = (head_dim // 2 - head_dim // 8) // 2  # M-RoPE split in Qwen2.5-VL proportions (16, 24, 24 of 64)
-    section = (head_dim // 2 - 2 * hw, hw, hw)
+    section = (head_dim // 2 - 2 * hw, hw, hw) if args.rope == "mrope" else None
     cfg = bench(num_layers=args.layers, hidden_size=args.hidden, head_dim=head_dim, mrope_section=section)
     hf, model = reference_pair(cfg, seed=0, std=0.02)
     rng = np.random.default_rng(0)
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, "
           f"mlp {cfg.intermediate_size}, vocab {cfg.vocab_size}; jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {load_before:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"on {os.cpu_count()} cores; reference {type(hf).__name__}")
 
     fwd = bench_forward(model, hf, cfg, args, rng)
     dec = {b: bench_decode(model, hf, cfg, args, rng, b) for b in args.decode_batches}
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                          for b, d in dec.items()},
         "matmul_ceiling_ratio": round(fwd["matmul_ceiling_ratio"], 4),
         "forward_fraction_of_jax_matmul_ceiling": round(fwd["forward_fraction_of_jax_matmul_ceiling"], 4),
+        "reference": type(hf).__name__,
         "threads": torch.get_num_threads(),
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
