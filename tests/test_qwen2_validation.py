@@ -40,6 +40,16 @@ def test_prompt_longer_than_cache_raises(model):
         model(jnp.asarray(ids), cache=init_cache_for(CFG, 1, 16))
 
 
+def test_bad_shapes_raise(model):
+    msg = rf"inputs_embeds must be \[B, L, hidden_size={CFG.hidden_size}\], got \(1, 4, 8\)"
+    with pytest.raises(ValueError, match=msg):
+        model(inputs_embeds=jnp.zeros((1, 4, 8)))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+    with pytest.raises(ValueError, match=r"positions must have shape \[B, L\] or \[3, B, L\], got \(2, 1, 4\)"):
+        model(jnp.ones((1, 4), jnp.int32), positions=jnp.zeros((2, 1, 4), jnp.int32))
+
+
 def test_prompt_beyond_max_positions_and_right_padding_raise(model):
     short = tiny(num_layers=1, max_position_embeddings=32)
     with pytest.raises(ValueError, match=r"exceeds max_position_embeddings=32"):

@@ -83,6 +83,8 @@ class Qwen2Model(nnx.Module):
         if input_ids is not None:
             check_token_ids(input_ids, cfg.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"inputs_embeds must be [B, L, hidden_size={cfg.hidden_size}], got {inputs_embeds.shape}")
         x = sharding.constrain(inputs_embeds.astype(cfg.jnp_dtype), HIDDEN_AXES)
         b, length, _ = x.shape
         if attention_mask is not None and attention_mask.shape != (b, length):
