@@ -50,8 +50,8 @@ class GenerationOutput:
     num_generated: jax.Array
 
 
-def _validate(model: Qwen2ForCausalLM, ids: np.ndarray, mask: np.ndarray, config: GenerationConfig) -> int:
-    """Host-side checks; returns the cache capacity."""
+def validate_prompts(model: Qwen2ForCausalLM, ids: np.ndarray, mask: np.ndarray, config: GenerationConfig) -> int:
+    """Host-side checks of left-padded prompts (ids / mask [B, L] numpy); returns the KV cache capacity to use."""
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
     if mask.shape != ids.shape:
@@ -74,6 +74,9 @@ def _validate(model: Qwen2ForCausalLM, ids: np.ndarray, mask: np.ndarray, config
             f"max_position_embeddings={model.config.max_position_embeddings}"
         )
     return capacity
+
+
+_validate = validate_prompts  # old private name, still imported by callers
 
 
 def next_positions(positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -152,7 +155,7 @@ def generate(
     """
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
-    capacity = _validate(model, ids, mask, config)
+    capacity = validate_prompts(model, ids, mask, config)
     if positions is None:
         positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
     rng = jax.random.key(0) if rng is None else rng

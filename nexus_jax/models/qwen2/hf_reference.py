@@ -17,7 +17,8 @@ from nexus_jax.models.qwen2.hf_params import load_hf_state_dict
 from nexus_jax.models.qwen2.model import Qwen2ForCausalLM
 
 
-def _text_kwargs(config: Qwen2TextConfig) -> dict[str, Any]:
+def text_config_kwargs(config: Qwen2TextConfig) -> dict[str, Any]:
+    """transformers ``Qwen2Config`` / ``Qwen2_5_VLTextConfig`` keyword arguments for ``config``."""
     if config.hidden_size != config.num_heads * config.head_dim:
         raise ValueError(
             f"transformers derives head_dim from hidden_size / num_heads; hidden_size={config.hidden_size} != "
@@ -43,12 +44,15 @@ def _text_kwargs(config: Qwen2TextConfig) -> dict[str, Any]:
     }
 
 
+_text_kwargs = text_config_kwargs  # old private name, still imported by callers
+
+
 def build_hf_model(config: Qwen2TextConfig, *, seed: int = 0, std: float = 0.08, attn_implementation: str = "sdpa"):
     """A float32 transformers model with all weights drawn from N(0, std) (norm weights around 1)."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-    text = _text_kwargs(config)
+    text = text_config_kwargs(config)
     if config.mrope_section is not None:
         hf_config = Qwen2_5_VLConfig(
             text_config=text,
