@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from configs import nexus_gen
 from configs.flux import FluxDiTConfig
+from configs.nexus_decoders import MergerConfig
 
 WorkloadKind = Literal["matmul_train", "ar_train", "decoder_train", "decoder_sample"]
 REMAT_CHOICES: tuple[str, ...] = ("none", "full", "dots", "dots_no_batch")
@@ -55,6 +56,7 @@ class PlanConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     description: str = ""
+    merger: Any = None  # MergerConfig of the editing decoder (None: full size)
     job: tuple[str, ...] = ()  # the nexus-jax command a launched slice runs (data / run-dir flags are appended)
 
     def __post_init__(self) -> None:
@@ -164,7 +166,7 @@ TINY_DECODER = _add(PlanConfig(
 TINY_EDIT = _add(PlanConfig(
     name="tiny_editing_decoder_train", workload="decoder_train", model=FluxDiTConfig.tiny(), topology="v5p:2x2x1",
     mesh=(1, 4, 1), remat="full", global_batch=4, image_size=64, context_len=405, compute_dtype="float32",
-    description="tiny DiT with the full-width (3584) merger layer: the merger is not shrunk by FluxDiTConfig.tiny",
+    merger=MergerConfig.tiny(out_dim=32),
 ))
 TINY_SAMPLE = _add(PlanConfig(
     name="tiny_decoder_sample", workload="decoder_sample", model=FluxDiTConfig.tiny(), topology="v5p:2x2x1",

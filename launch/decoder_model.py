@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.flux import FluxDiTConfig
+from configs.nexus_decoders import MergerConfig
 from launch.remat import Remat
 from nexus_jax import sharding
 from nexus_jax.layers import LayerNorm, Linear
@@ -55,12 +56,12 @@ class Merger(nnx.Module):
     source] ViT embeddings, then RMSNorm -> Linear(3584 -> 16384) -> RMSNorm -> SiLU -> Linear(16384 -> 4096) ->
     RMSNorm. embeds [B, N, 3584], positions [3, B, N] (M-RoPE) -> context [B, N, 4096]."""
 
-    def __init__(self, cfg: FluxDiTConfig, *, rngs: nnx.Rngs):
-        from configs.nexus_decoders import MergerConfig
+    def __init__(self, cfg: FluxDiTConfig, mcfg: MergerConfig, *, rngs: nnx.Rngs):
         from nexus_jax.layers import RMSNorm
         from nexus_jax.models.qwen2.decoder_layer import Qwen2DecoderLayer
 
-        mcfg = MergerConfig()
+        if mcfg.out_dim != cfg.context_dim:
+            raise ValueError(f"merger out_dim {mcfg.out_dim} must equal the DiT context_dim {cfg.context_dim}")
         self.layer_cfg = mcfg.layer.replace(param_dtype=jnp.dtype(cfg.param_dtype).name,
                                             dtype=jnp.dtype(cfg.dtype or cfg.param_dtype).name)
         d, hidden = self.layer_cfg.hidden_size, mcfg.projector_dim
@@ -85,8 +86,8 @@ class Merger(nnx.Module):
 class EditingDecoder(nnx.Module):
     """``merger`` + ``dit``; DiT blocks wrapped in :class:`Remat` when ``remat`` != "none"."""
 
-    def __init__(self, cfg: FluxDiTConfig, *, remat: str = "none", rngs: nnx.Rngs):
-        self.merger = Merger(cfg, rngs=rngs)
+    def __init__(self, cfg: FluxDiTConfig, mcfg: MergerConfig, *, remat: str = "none", rngs: nnx.Rngs):
+        self.merger = Merger(cfg, mcfg, rngs=rngs)
         self.dit = GenerationDecoder(cfg, remat=remat, rngs=rngs).dit
 
 

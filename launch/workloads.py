@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from configs.nexus_decoders import MergerConfig
 from configs.plans import PlanConfig
 from configs.training import OptimConfig
 from launch import flops
@@ -140,14 +141,15 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
         raise ValueError(f"context_len must be 81 (generation decoder) or {EDIT_TOKENS} (editing decoder), "
                          f"got {plan.context_len}")
     editing = plan.context_len == EDIT_TOKENS
-    model_cls = EditingDecoder if editing else GenerationDecoder
+    mcfg = plan.merger or MergerConfig()
+    embed_dim = mcfg.layer.hidden_size if editing else ADAPTER_IN
     b, t = plan.global_batch, (plan.image_size // 16) ** 2
     dt, f32 = jnp.dtype(plan.compute_dtype), jnp.float32
     cfg0 = plan.model
     batch = {
         "latents": ((b, t, cfg0.in_channels), dt, ("batch", "length", None)),
         "noise": ((b, t, cfg0.in_channels), dt, ("batch", "length", None)),
-        "embeds": ((b, plan.context_len, ADAPTER_IN), dt, ("batch", "length", None)),
+        "embeds": ((b, plan.context_len, embed_dim), dt, ("batch", "length", None)),
         "pooled": ((b, cfg0.pooled_dim), dt, ("batch", None)),
         "sigma": ((b,), f32, ("batch",)),
         "weight": ((b,), f32, ("batch",)),
@@ -159,13 +161,19 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
 
     def build(mesh: Mesh, overrides: Overrides | None) -> Program:
         cfg = _dit_cfg(plan, overrides)
-        return train_program(lambda: model_cls(cfg, remat=remat, rngs=nnx.Rngs(0)), loss, batch,
-                             _optim(), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
+        if editing:
+            ctor = lambda: EditingDecoder(cfg, mcfg, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
+        else:
+            ctor = lambda: GenerationDecoder(cfg, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
+        return train_program(ctor, loss, batch, _optim(), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
 
     model_flops = flops.decoder_train_flops(cfg0, b, t, plan.context_len)
     if editing:  # the merger replaces the adapter: one bidirectional Qwen layer + projector on 405 tokens
-        model_flops += 3.0 * b * flops.merger_forward_flops(plan.context_len) - 3.0 * b * flops.adapter_forward_flops(
-            cfg0, plan.context_len)
+        layer = mcfg.layer
+        merger = flops.merger_forward_flops(plan.context_len, layer.hidden_size, layer.intermediate_size,
+                                            layer.num_heads, layer.num_kv_heads, layer.head_dim, mcfg.projector_dim,
+                                            mcfg.out_dim)
+        model_flops += 3.0 * b * (merger - flops.adapter_forward_flops(cfg0, plan.context_len))
     notes = {
         "loss": "weighted flow matching MSE (launch.decoder_model.flow_matching_loss)",
         "model": "launch.decoder_model." + ("EditingDecoder = merger" if editing else "GenerationDecoder = adapter")
