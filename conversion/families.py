@@ -42,16 +42,21 @@ class Family:
 
 
 # ------------------------------------------------------------------------------------------------------- Nexus-Gen AR
-def _nexus_from_json(d: dict) -> Any:
-    from configs import nexus_gen, qwen2_5, qwen2_5_vl
+def _vl_from_json(vl: dict) -> Any:
+    from configs import qwen2_5, qwen2_5_vl
 
-    vl = d["vl"]
-    vl_cfg = qwen2_5_vl.Qwen25VLConfig(
+    return qwen2_5_vl.Qwen25VLConfig(
         text=config_io.from_dict(qwen2_5.Qwen2TextConfig, vl["text"]),
         vision=config_io.from_dict(qwen2_5_vl.Qwen25VisionConfig, vl["vision"]),
         tokens=config_io.from_dict(qwen2_5_vl.Qwen25VLTokens, vl["tokens"]),
         tokens_per_second=vl["tokens_per_second"],
     )
+
+
+def _nexus_from_json(d: dict) -> Any:
+    from configs import nexus_gen
+
+    vl_cfg = _vl_from_json(d["vl"])
     kwargs = {k: v for k, v in d.items() if k not in ("vl", "trainable")}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     trainable = config_io.from_dict(nexus_gen.TrainablePolicy, d.get("trainable", {}))
@@ -176,6 +181,40 @@ def _nexus_family() -> Family:
         config_from_hf=nexus_config_from_hf,
         hf_config=nexus_hf_config,
     )
+
+
+# ------------------------------------------------------------------------------------------------- plain Qwen2.5-VL
+def _qwen2_5_vl_family() -> Family:
+    from configs import nexus_gen, qwen2_5, qwen2_5_vl
+
+    def build(cfg, rngs):
+        from nexus_jax.models.qwen2_5_vl.model import Qwen25VLForConditionalGeneration
+
+        return Qwen25VLForConditionalGeneration(cfg, rngs=rngs)
+
+    def table(cfg):
+        from conversion.tables.qwen2_5_vl import qwen2_5_vl_mapping
+
+        return qwen2_5_vl_mapping(cfg)
+
+    return Family(
+        name="qwen2_5_vl",
+        description="transformers Qwen2.5-VL (ViT + text decoder, no Nexus-Gen heads)",
+        presets={"7b": lambda: qwen2_5_vl.Qwen25VLConfig(text=qwen2_5.qwen2_5_vl_7b()), "tiny": nexus_gen.tiny_vl},
+        build=build,
+        tables={"hf_qwen2_5_vl": table},
+        export_scheme="hf_qwen2_5_vl",
+        config_from_json=_vl_from_json,
+        config_from_hf=lambda hf, shapes=None: nexus_config_from_hf(hf).vl,
+        hf_config=lambda cfg: nexus_hf_config(_VLHolder(cfg)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _VLHolder:
+    """Stands in for a NexusGenConfig where only ``.vl`` is read (:func:`nexus_hf_config`)."""
+
+    vl: Any
 
 
 # ------------------------------------------------------------------------------------------------- Qwen2.5 text only
@@ -305,6 +344,7 @@ def _vae_family() -> Family:
 
 _FACTORIES: dict[str, Callable[[], Family]] = {
     "nexus_ar": _nexus_family,
+    "qwen2_5_vl": _qwen2_5_vl_family,
     "qwen2_text": _qwen2_family,
     "flux_dit": _flux_family,
     "vae": _vae_family,

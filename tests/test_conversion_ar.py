@@ -23,7 +23,7 @@ from configs import nexus_gen
 from conversion import io
 from conversion.cli import main as convert
 from conversion.families import nexus_hf_config
-from conversion.pipeline import load_model
+from conversion.pipeline import load_arrays, load_model
 
 VERSIONS = ["v2", "v1"]
 
@@ -170,3 +170,21 @@ def test_import_sharded_over_mesh(converted, tmp_path):
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert not emb.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(emb), np.asarray(plain.language_model.model.embed_tokens.embedding[...]))
+
+
+def test_plain_qwen2_5_vl_imports_and_round_trips(converted, tmp_path):
+    """Without the Nexus-Gen heads the same files are a transformers Qwen2.5-VL checkpoint (family qwen2_5_vl)."""
+    cfg, hf, _, _, sd, root = converted
+    plain = {k: v for k, v in sd.items() if not k.startswith(("vision_head", "image_prefill_embeds"))}
+    write_checkpoint(tmp_path / "torch", plain, hf.config.to_dict(), shard_bytes=300_000)
+    assert convert(["detect", str(tmp_path / "torch")]) == 0
+    assert convert(["import", str(tmp_path / "torch"), str(tmp_path / "jax"), "--family", "qwen2_5_vl",
+                    "--no-progress"]) == 0
+    ours = load_arrays(tmp_path / "jax")
+    nexus = load_arrays(root / "jax")
+    assert set(ours) == set(nexus) - {"vision_head.kernel", "image_prefill_embeds"}
+    assert all(np.array_equal(v, nexus[k]) for k, v in ours.items())
+    assert convert(["export", str(tmp_path / "jax"), str(tmp_path / "back"), "--no-progress"]) == 0
+    with io.open_checkpoint(tmp_path / "back") as back:
+        assert set(back.shapes) == set(plain)
+        assert all(back.read(k).tobytes() == v.tobytes() for k, v in plain.items())

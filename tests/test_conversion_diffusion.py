@@ -193,3 +193,5 @@ def test_flux_import_sharded_equals_unsharded(flux, tmp_path):
     k = a["single_blocks.0.to_qkv_mlp.kernel"].get_value()
     assert not k.sharding.is_fully_replicated and len(k.sharding.device_set) == 8
     assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert convert(["export", str(tmp_path / "j"), str(tmp_path / "back"), "--no-progress"]) == 0
+    assert_same_tensors(tmp_path / "back", state_dict_np(flux[0]))
