@@ -141,6 +141,8 @@ def extrapolate(
         if full == 1:
             continue
         two = compile_and_measure(build({**base_depths, knob: 2}))
+        if two.has_while:
+            raise ValueError(f"depth extrapolation needs loop-free programs, but the {knob}=2 program has a while loop")
         measured.append(two)
         for name, value in linear_fields(two).items():
             total[name] += (full - 1) * (value - linear_fields(base)[name])
