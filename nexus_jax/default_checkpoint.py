@@ -56,7 +56,7 @@ def _torch_arrays(module: Any, mapping: Any) -> dict[str, np.ndarray]:
     return dict(engine.execute(steps, arrays.__getitem__))
 
 
-def _randomize(module: Any, seed: int, scale: float = 0.05) -> None:
+def randomize_params(module: Any, seed: int, scale: float = 0.05) -> None:
     """Give every parameter random values (norm scales around 1), so no weight is at its zero / one init."""
     import jax.numpy as jnp
 
@@ -129,7 +129,7 @@ def _dit_state(cfg: Any, seed: int) -> dict[str, np.ndarray]:
     from nexus_jax.models.flux import FluxDiT
 
     dit = FluxDiT(cfg.dit, rngs=nnx.Rngs(seed))
-    _randomize(dit, seed)
+    randomize_params(dit, seed)
     return {f"pipe.dit.{k}": v for k, v in _torch_arrays(dit, diffsynth_mapping(cfg.dit)).items()}
 
 
@@ -174,7 +174,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
     with io.atomic_output_dir(root) as tmp:
         # AR model: sharded safetensors + index, 4.49 names
         ar = NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(seed))
-        _randomize(ar, seed)
+        randomize_params(ar, seed)
         state = _torch_arrays(ar, nexus_ar_mapping(cfgs["ar"]))
         (tmp / "ar").mkdir()
         entries = [(k, v.shape, v.dtype) for k, v in state.items()]
@@ -191,7 +191,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
         _save_bin(tmp / "edit_decoder.bin", merger_state(cfgs["editing"], rng) | _dit_state(cfgs["editing"], seed + 3))
         # VAE in BFL ae.safetensors names
         vae = FluxVAE(cfgs["vae"], rngs=nnx.Rngs(seed + 4))
-        _randomize(vae, seed + 4, scale=0.1)
+        randomize_params(vae, seed + 4, scale=0.1)
         vstate = _torch_arrays(vae, bfl_mapping(cfgs["vae"]))
         vw = io.SafetensorsWriter(tmp, [(k, v.shape, v.dtype) for k, v in vstate.items()], 2**62, prefix="ae")
         for k, v in vstate.items():
