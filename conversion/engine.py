@@ -502,15 +502,31 @@ def output_shapes(mapping: Mapping, source: AnyMapping[str, Shape], direction: s
     return out
 
 
-def execute(steps: Sequence[Step], read: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+def execute(
+    steps: Sequence[Step], read: Callable[[str], np.ndarray], prefetch: bool = False
+) -> Iterator[tuple[str, np.ndarray]]:
     """Stream ``(output name, array)`` pairs: each step reads only its own inputs, so at most one rule's tensors
-    are alive at a time (plus whatever the consumer keeps)."""
-    for step in steps:
-        xs = [read(n) for n in step.inputs]
-        for n, x, want in zip(step.inputs, xs, step.input_shapes):
-            if tuple(x.shape) != tuple(want):
-                raise ShapeMismatchError({n: (tuple(x.shape), tuple(want))}, "the source data")
-        ys = step.run(xs)
-        del xs
-        yield from zip(step.outputs, ys)
-        del ys
+    are alive at a time (plus whatever the consumer keeps). ``prefetch`` reads the next step's inputs in a
+    background thread while the current step is transformed and consumed (one more step of memory)."""
+    if not prefetch:
+        for step in steps:
+            yield from _run_step(step, [read(n) for n in step.inputs])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="conversion-read") as pool:
+        pending = pool.submit(lambda s: [read(n) for n in s.inputs], steps[0]) if steps else None
+        for i, step in enumerate(steps):
+            xs = pending.result()
+            pending = pool.submit(lambda s: [read(n) for n in s.inputs], steps[i + 1]) if i + 1 < len(steps) else None
+            yield from _run_step(step, xs)
+            del xs
+
+
+def _run_step(step: Step, xs: list[np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    for n, x, want in zip(step.inputs, xs, step.input_shapes):
+        if tuple(x.shape) != tuple(want):
+            raise ShapeMismatchError({n: (tuple(x.shape), tuple(want))}, "the source data")
+    ys = step.run(xs)
+    xs.clear()
+    yield from zip(step.outputs, ys)

@@ -102,7 +102,9 @@ def import_checkpoint(
 
             place, _ = _placer(abstract, mesh, rules or INFERENCE_RULES)
         n_out = sum(len(s.outputs) for s in steps)
-        items = io.iter_progress(engine.execute(steps, reader.read), n_out, f"import {family.name}", progress)
+        items = io.iter_progress(
+            engine.execute(steps, reader.read, prefetch=True), n_out, f"import {family.name}", progress
+        )
         with io.atomic_output_dir(out, overwrite) as tmp:
             orbax_io.save_streaming(tmp / orbax_io.PARAMS_DIR, items, place, group_bytes)
             orbax_io.write_config(
