@@ -90,12 +90,23 @@ def run_all(runner: Runner, items, batch_size: int, length_multiple: int) -> dic
 
 @pytest.fixture(scope="module")
 def one_by_one(requests):
-    # batch 1 and no length padding: every request alone, unpadded
-    return run_all(build_runner(), requests, batch_size=1, length_multiple=1)
+    """Every request alone (batch 1), and g1 / u1 also without any length padding."""
+    runner = build_runner()
+    alone = run_all(runner, requests, batch_size=1, length_multiple=64)
+    unpadded = run_all(runner, [p for p in requests if p.request.id in ("g1", "u1")], batch_size=1,
+                       length_multiple=1)
+    return alone, unpadded
 
 
+@pytest.mark.slow  # ~65 s of CPU (compiles AR, decoders and VAE for batch 1 and 4); ~3 min wall on a busy machine
 def test_batch_equals_one_by_one(requests, one_by_one):
+    one_by_one, unpadded = one_by_one
     batched = run_all(build_runner(), requests, batch_size=4, length_multiple=64)
+    # left padding does not change a result
+    assert np.array_equal(unpadded["u1"], one_by_one["u1"])
+    pad_err = [float(np.max(np.abs(a - b))) for a, b in zip(unpadded["g1"], one_by_one["g1"])]
+    print("unpadded vs padded g1 max abs error (pixels, embeddings):", pad_err)
+    assert max(pad_err) < 1e-5
     assert set(batched) == set(one_by_one) == {p.request.id for p in requests}
     pix, emb = {}, {}
     for rid, ref in one_by_one.items():
@@ -117,6 +128,7 @@ def test_batch_equals_one_by_one(requests, one_by_one):
 
 @pytest.mark.slow
 def test_sharded_equals_unsharded(requests, one_by_one):
+    one_by_one = one_by_one[0]
     mesh = make_mesh(2, 2, 2)
     runner = build_runner(mesh)
     kernel = runner.ar.language_model.model.layers[0].mlp.gate_proj.kernel
