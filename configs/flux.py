@@ -31,6 +31,7 @@ class FluxDiTConfig:
     eps: float = 1e-6
     param_dtype: Any = jnp.float32
     dtype: Any = None  # compute dtype; None = follow inputs/params
+    remat: str = "none"  # per block: "none" | "full" | "dots" | "dots_no_batch" (as configs/qwen2_5.py)
 
     def __post_init__(self) -> None:
         if sum(self.rope_axes_dim) != self.head_dim:
@@ -38,6 +39,8 @@ class FluxDiTConfig:
                              f"{self.head_dim}")
         if any(d % 2 for d in self.rope_axes_dim):
             raise ValueError(f"every rope axis dim must be even, got {self.rope_axes_dim}")
+        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+            raise ValueError(f"remat={self.remat!r} is not one of ('none', 'full', 'dots', 'dots_no_batch')")
         if self.in_channels % 4:
             raise ValueError(f"in_channels {self.in_channels} must be 4 x latent channels (2x2 packing)")
 

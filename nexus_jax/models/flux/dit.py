@@ -12,6 +12,16 @@ from nexus_jax.models.flux.blocks import ACT, AdaLNModulation, DoubleStreamBlock
 from nexus_jax.models.flux.embeddings import TimestepEmbedder, make_silu_mlp, rope_tables, silu_mlp
 from nexus_jax.sharding import constrain
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _call_block(block: nnx.Module, *args: jax.Array):
+    return block(*args)
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -92,12 +102,15 @@ class FluxDiT(nnx.Module):
         cos, sin = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=-2), self.cfg.rope_axes_dim,
                                self.cfg.rope_theta)
         cos, sin = cos[..., None, :], sin[..., None, :]  # [(B,) L, 1, hd/2]: broadcast over heads
+        run = _call_block
+        if self.cfg.remat != "none":
+            run = nnx.remat(_call_block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=True)
         for block in self.blocks:
-            img, txt = block(img, txt, temb, cos, sin)
+            img, txt = run(block, img, txt, temb, cos, sin)
         lt = txt.shape[1]
         x = jnp.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            x = block(x, temb, cos, sin)
+            x = run(block, x, temb, cos, sin)
         img = x[:, lt:]
         scale, shift = self.final_norm_out(temb)
         img = layer_norm(img, self.cfg.eps) * (1 + scale[:, None]) + shift[:, None]
