@@ -250,3 +250,24 @@ def test_interrupted_conversion_leaves_no_output(flux_source, monkeypatch):
         convert(["import", str(tmp / "src"), str(tmp / "out"), "--family", "flux_dit", "--config", "tiny",
                  "--no-progress"])
     assert sorted(p.name for p in tmp.iterdir()) == ["src"]
+
+
+def test_nexus_gen_config_json_gives_the_full_size_config():
+    """The released Nexus-Gen config.json (transformers 4.49 flat layout; nexus-gen.md 1.2) -> NexusGenConfig."""
+    from configs import nexus_gen
+    from conversion.families import nexus_config_from_hf
+
+    hf = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "vocab_size": 152064, "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+        "rope_scaling": {"type": "default", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": False,
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_config": {"hidden_size": 1280, "in_chans": 3, "spatial_patch_size": 14, "tokens_per_second": 2},
+    }
+    v2 = nexus_config_from_hf(hf, {"image_prefill_embeds.weight": (81, 3584)})
+    assert v2 == nexus_gen.nexus_gen_v2()
+    assert nexus_config_from_hf(hf, {"vision_head.weight": (3584, 3584)}) == nexus_gen.nexus_gen_v1()
+    with pytest.raises(ConversionError, match="has 9 rows"):
+        nexus_config_from_hf(hf, {"image_prefill_embeds.weight": (9, 3584)})
