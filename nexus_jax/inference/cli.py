@@ -43,7 +43,7 @@ def _mesh(spec: str | None):
     from nexus_jax.sharding import make_mesh
 
     if spec is None:
-        return make_mesh(data=-1) if len(jax.devices()) > 1 else None
+        return make_mesh(data=-1, fsdp=1, tensor=1) if len(jax.devices()) > 1 else None
     try:
         d, f, t = (int(x) for x in spec.split(","))
     except ValueError:
