@@ -16,6 +16,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from configs.nexus_decoders import MergerConfig, NexusDecoderConfig
 from configs.vae import FluxVAEConfig
 from nexus_jax import sharding
+from nexus_jax.models.flux import image_ids
 from nexus_jax.models.flux.diffusers_names import assign_flat
 from nexus_jax.models.nexus_decoders import (
     EditingDecoder,
@@ -222,3 +223,53 @@ def test_editing_pipeline_and_bad_inputs():
         tiny_pipeline("gen", height=40)
     with pytest.raises(ValueError, match="empty-prompt pooled contains"):
         DecodePipeline(pipe.decoder, pipe.vae, EmptyPrompt(np.full((1, 24), np.inf, np.float32), pipe.empty.t5))
+
+
+# ------------------------------------------------------------------------------------------------ whole decoders
+def test_decoders_match_torch_composition():
+    """conditioner -> DiT velocity for both decoders vs torch adapter / merger -> diffusers FluxTransformer2DModel."""
+    from tests.test_flux_dit import jax_flux_from, torch_flux
+
+    cfg = NexusDecoderConfig.tiny()
+    dit_t = torch_flux(cfg.dit, seed=11)
+    a = cfg.adapter
+    adapter_t = randomize(nn.Sequential(nn.Linear(a.in_dim, a.out_dim), nn.LayerNorm(a.out_dim), nn.ReLU(),
+                                        nn.Linear(a.out_dim, a.out_dim), nn.LayerNorm(a.out_dim)), seed=12)
+    merger_t = randomize(TorchMerger(cfg.merger), seed=13)
+    gen, edit = GenerationDecoder(cfg, rngs=nnx.Rngs(0)), EditingDecoder(cfg, rngs=nnx.Rngs(0))
+    dit_state = nnx.state(jax_flux_from(dit_t, cfg.dit))
+    nnx.update(gen.dit, dit_state)
+    nnx.update(edit.dit, dit_state)
+    assign_flat(gen.adapter, torch_to_flat(adapter_t))
+    assign_flat(edit.embedding_merger, {k: v for k, v in torch_to_flat(merger_t).items() if k[0] != "rotary"})
+
+    rng = np.random.default_rng(14)
+    b, hl, wl = 2, 6, 10  # latent 48x80 px / 8
+    embeds = rng.standard_normal((b, 9, a.in_dim)).astype(np.float32)
+    ref = rng.standard_normal((b, 24, a.in_dim)).astype(np.float32)
+    pooled = rng.standard_normal((1, cfg.dit.pooled_dim)).astype(np.float32)
+    tokens = rng.standard_normal((b, (hl // 2) * (wl // 2), 64)).astype(np.float32)
+    sigma, guidance = np.array([0.8, 0.3], np.float32), np.full((b,), 3.5, np.float32)
+    img_ids = np.asarray(image_ids(hl, wl))
+
+    def torch_v(context, txt_ids):
+        with torch.no_grad():
+            return dit_t(hidden_states=torch.from_numpy(tokens), encoder_hidden_states=context,
+                         pooled_projections=torch.from_numpy(pooled).expand(b, -1), timestep=torch.from_numpy(sigma),
+                         img_ids=torch.from_numpy(img_ids), txt_ids=txt_ids, guidance=torch.from_numpy(guidance)).sample
+
+    with torch.no_grad():
+        gen_ref = torch_v(adapter_t(torch.from_numpy(embeds)), torch.zeros(9, 3)).numpy()
+        edit_ids = torch.from_numpy(edit_text_ids((hl, wl), cfg.merger.target_grid, cfg.merger.ref_grid))
+        edit_ref = torch_v(merger_t(torch.from_numpy(embeds), torch.from_numpy(ref)), edit_ids).numpy()
+
+    def ours_v(dec, cond):
+        return dec.dit(jnp.asarray(tokens), jnp.asarray(sigma), cond.context, cond.pooled, cond.txt_ids,
+                       jnp.asarray(img_ids), jnp.asarray(guidance))
+
+    gen_out = jax.jit(lambda d: ours_v(d, d.conditioning(jnp.asarray(embeds), jnp.asarray(pooled))))(gen)
+    edit_out = jax.jit(lambda d: ours_v(d, d.conditioning(jnp.asarray(embeds), jnp.asarray(ref), jnp.asarray(pooled),
+                                                          (hl, wl))))(edit)
+    errs = np.abs(np.asarray(gen_out) - gen_ref).max(), np.abs(np.asarray(edit_out) - edit_ref).max()
+    print(f"generation decoder max abs err {errs[0]:.2e}, editing decoder {errs[1]:.2e}")
+    assert max(errs) <= 1e-4
