@@ -11,7 +11,6 @@ with DiffSynth's Gaussian timestep weights ``w`` (mean 1), averaged over the bat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +19,41 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs.nexus_decoders import NexusDecoderConfig
 from configs.training import FlowLossConfig, TrainConfig
+from configs.vae import FluxVAEConfig
 from nexus_jax.data.decoder_examples import DecoderEncoder
 from nexus_jax.data.pipeline import BatchIterator, build_dataset, stack
 from nexus_jax.data.sources import open_source
 from nexus_jax.diffusion import flow_match
+from nexus_jax.diffusion.sampler import Conditioning
 from nexus_jax.models.flux.packing import image_ids, pack_latents
+from nexus_jax.models.nexus_decoders import EditingDecoder, GenerationDecoder
+from nexus_jax.models.vae import FluxVAE
 from nexus_jax.training.loop import TrainTask
 
 VAE_FROZEN = (r"(^|/)vae/",)
-# condition(model, batch) -> (context [B, Lt, context_dim], txt_ids [Lt, 3] or [B, Lt, 3])
-ConditionFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
 
 
 class DecoderTrainModel(nnx.Module):
-    """What the decoder trainer optimises: ``conditioner`` + ``dit`` (trained), ``vae`` (frozen), ``pooled`` (the
-    precomputed CLIP("") pooled vector [pooled_dim]; an nnx.Variable, not a Param, so never trained)."""
+    """What the decoder trainer optimises: ``decoder`` (a Nexus-Gen Generation/EditingDecoder: conditioner + DiT,
+    trained), ``vae`` (frozen) and ``pooled`` (precomputed CLIP("") pooled vector [pooled_dim]; an nnx.Variable, not a
+    Param, so never trained)."""
 
-    def __init__(self, conditioner: nnx.Module, dit: nnx.Module, vae: nnx.Module, pooled: np.ndarray):
-        self.conditioner = conditioner
-        self.dit = dit
+    def __init__(self, decoder: nnx.Module, vae: nnx.Module, pooled: np.ndarray):
+        self.decoder = decoder
         self.vae = vae
         self.pooled = nnx.Variable(jnp.asarray(pooled, jnp.float32))
 
+    def conditioning(self, batch: dict[str, jax.Array], latent_hw: tuple[int, int]) -> Conditioning:
+        pooled = self.pooled[...][None]
+        if isinstance(self.decoder, EditingDecoder):
+            return self.decoder.conditioning(batch["embed"], batch.get("ref_embed"), pooled, latent_hw)
+        return self.decoder.conditioning(batch["embed"], pooled)
 
-def make_flow_loss(cfg: FlowLossConfig, condition: ConditionFn):
-    """loss_fn(model, batch, rng): batch["pixels"] [B, H, W, 3] in [-1, 1] plus the conditioning arrays."""
+
+def make_flow_loss(cfg: FlowLossConfig):
+    """loss_fn(model, batch, rng): batch["pixels"] [B, H, W, 3] in [-1, 1], "embed" [B, N, D] (+ "ref_embed")."""
     sigmas_np, weights_np = flow_match.training_schedule(cfg.shift, cfg.num_train_timesteps)
     if not cfg.weighted:
         weights_np = np.ones_like(weights_np)
@@ -59,10 +67,10 @@ def make_flow_loss(cfg: FlowLossConfig, condition: ConditionFn):
         sigma = sigma.astype(x0.dtype)
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
         xt = flow_match.add_noise(x0, noise, sigma)
-        context, txt_ids = condition(model, batch)
-        pooled = jnp.broadcast_to(model.pooled[...].astype(x0.dtype), (b, model.pooled.shape[-1]))
+        cond = model.conditioning(batch, (h, w))
         guidance = jnp.full((b,), cfg.guidance, x0.dtype)
-        v = model.dit(xt, sigma, context, pooled, txt_ids, image_ids(h, w), guidance)
+        v = model.decoder.dit(xt, sigma, cond.context, cond.pooled.astype(x0.dtype), cond.txt_ids,
+                              image_ids(h, w), guidance)
         target = flow_match.velocity_target(x0, noise).astype(jnp.float32)
         per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - target), axis=(1, 2))
         loss = jnp.mean(per_sample * weight)
@@ -71,24 +79,41 @@ def make_flow_loss(cfg: FlowLossConfig, condition: ConditionFn):
     return loss_fn
 
 
-def generation_condition(model: DecoderTrainModel, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Generation decoder: ``adapter(embed)`` replaces the T5 tokens; all text ids are zero."""
-    context = model.conditioner(batch["embed"])
-    return context, jnp.zeros((context.shape[1], 3), jnp.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class DecoderParts:
-    """Constructors of one decoder family (filled from the model modules by :func:`decoder_parts`)."""
+    """Model configs of one decoder job and the conditioning shapes its records must have."""
 
-    conditioner: Callable[[nnx.Rngs], nnx.Module]
-    dit: Callable[[nnx.Rngs], nnx.Module]
-    vae: Callable[[nnx.Rngs], nnx.Module]
-    condition: ConditionFn
-    embed_rows: int
-    embed_dim: int
-    ref_rows: int
-    pooled_dim: int
+    decoder: NexusDecoderConfig
+    vae: FluxVAEConfig
+    editing: bool
+
+    @property
+    def embed_rows(self) -> int:
+        """Target embeddings per record: the AR slots of one output image (81 at full size, 9 tiny)."""
+        g, m = self.decoder.merger.target_grid, self.decoder.merger.spatial_merge
+        return (g[0] // m) * (g[1] // m)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.decoder.merger.layer.hidden_size if self.editing else self.decoder.adapter.in_dim
+
+    @property
+    def ref_rows(self) -> int:
+        g, m = self.decoder.merger.ref_grid, self.decoder.merger.spatial_merge
+        return (g[0] // m) * (g[1] // m) if self.editing else 0
+
+
+def decoder_parts(task: str, preset: str) -> DecoderParts:
+    """task 'generation_decoder' | 'editing_decoder'; preset 'tiny' | 'flux_dev'."""
+    if task not in ("generation_decoder", "editing_decoder"):
+        raise ValueError(f"decoder task must be 'generation_decoder' or 'editing_decoder', got {task!r}")
+    editing = task == "editing_decoder"
+    if preset == "tiny":
+        return DecoderParts(NexusDecoderConfig.tiny(), FluxVAEConfig.tiny(), editing)
+    if preset == "flux_dev":
+        dec = NexusDecoderConfig.editing() if editing else NexusDecoderConfig.generation()
+        return DecoderParts(dec, FluxVAEConfig.full(), editing)
+    raise ValueError(f"unknown decoder model preset {preset!r}; choose 'tiny' or 'flux_dev'")
 
 
 def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | None = None,
@@ -96,13 +121,16 @@ def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | 
     """The decoder :class:`TrainTask` (records at ``cfg.data.path``)."""
     root = str(image_root if image_root is not None else (cfg.data.image_root or Path(cfg.data.path).parent))
     encoder = DecoderEncoder(cfg.data.image_size, parts.embed_rows, parts.embed_dim, parts.ref_rows, root)
-    pooled = np.zeros(parts.pooled_dim, np.float32) if pooled is None else np.asarray(pooled, np.float32)
-    if pooled.shape != (parts.pooled_dim,):
-        raise ValueError(f"pooled vector has shape {pooled.shape}, expected ({parts.pooled_dim},)")
+    pooled_dim = parts.decoder.dit.pooled_dim
+    pooled = np.zeros(pooled_dim, np.float32) if pooled is None else np.asarray(pooled, np.float32)
+    if pooled.shape != (pooled_dim,):
+        raise ValueError(f"pooled vector has shape {pooled.shape}, expected ({pooled_dim},) (CLIP('') pooled output)")
+
+    decoder_cls = EditingDecoder if parts.editing else GenerationDecoder
 
     def ctor() -> DecoderTrainModel:
         rngs = nnx.Rngs(cfg.loop.seed)
-        return DecoderTrainModel(parts.conditioner(rngs), parts.dit(rngs), parts.vae(rngs), pooled)
+        return DecoderTrainModel(decoder_cls(parts.decoder, rngs=rngs), FluxVAE(parts.vae, rngs=rngs), pooled)
 
     def batches(path: str, seed: int, epochs: int | None) -> BatchIterator:
         ds = build_dataset(open_source(path), encoder, seed=seed, num_epochs=epochs)
@@ -115,7 +143,7 @@ def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | 
     return TrainTask(
         name=cfg.task,
         model_ctor=ctor,
-        loss_fn=make_flow_loss(cfg.flow_loss, parts.condition),
+        loss_fn=make_flow_loss(cfg.flow_loss),
         make_batches=lambda seed: batches(cfg.data.path, seed, cfg.data.num_epochs),
         make_eval_batches=(lambda: batches(cfg.data.eval_path, 0, 1)) if cfg.data.eval_path else None,
         count_tokens=count,

@@ -54,6 +54,7 @@ class TrainResult:
     resumed_from: int | None
     losses: dict[int, float]
     state: Any
+    evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def _global_batch(batch: Batch, shardings: dict[str, Any]) -> dict[str, jax.Array]:
@@ -94,8 +95,13 @@ def train(
     eval_fn = jax.jit(state_lib.make_eval_step(graphdef, task.loss_fn, cfg.loop.compute_dtype))
     jitted: dict[Any, Any] = {}
     losses: dict[int, float] = {}
+    evals: dict[int, dict[str, float]] = {}
+    do_eval = bool(cfg.loop.eval_every and task.make_eval_batches)
     try:
         with sharding.sharding_context(mesh, rules):
+            if do_eval and start == 0:  # baseline before any update
+                evals[0] = evaluate(eval_fn, state, task, cfg.loop.eval_batches, mesh, rules)
+                writer.eval(0, evals[0])
             for step in range(start, cfg.loop.total_steps):
                 host_batch = next(batches)
                 record_ids = host_batch.pop("record_id").tolist() if "record_id" in host_batch else None
@@ -108,8 +114,9 @@ def train(
                 host = writer.step(step + 1, metrics, tokens=task.count_tokens(host_batch),
                                    records=len(record_ids or []), record_ids=record_ids, skipped=batches.skipped)
                 losses[step + 1] = host["loss"]
-                if cfg.loop.eval_every and (step + 1) % cfg.loop.eval_every == 0 and task.make_eval_batches:
-                    writer.eval(step + 1, evaluate(eval_fn, state, task, cfg.loop.eval_batches, mesh, rules))
+                if do_eval and (step + 1) % cfg.loop.eval_every == 0:
+                    evals[step + 1] = evaluate(eval_fn, state, task, cfg.loop.eval_batches, mesh, rules)
+                    writer.eval(step + 1, evals[step + 1])
                 if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.loop.total_steps:
                     ckpt.save(step + 1, state, batches.get_state())
                 if step_delay_s:
@@ -117,7 +124,7 @@ def train(
     finally:
         ckpt.close()
         writer.close()
-    return TrainResult(int(np.asarray(state["step"])), resumed, losses, state)
+    return TrainResult(int(np.asarray(state["step"])), resumed, losses, state, evals)
 
 
 def evaluate(eval_fn, state, task: TrainTask, num_batches: int, mesh, rules) -> dict[str, float]:
