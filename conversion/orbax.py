@@ -72,7 +72,8 @@ def _fast_write_context():
     # Host arrays handed to Orbax here are fresh and never mutated, so its defensive deep copy is skipped.
     ctx = ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
     ctx.array.saving.use_compression = False
-    saved = {name: dict(getattr(tsu, name)) for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT")}
+    names = [n for n in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT") if isinstance(getattr(tsu, n, None), dict)]
+    saved = {name: dict(getattr(tsu, name)) for name in names}  # private Orbax globals: skipped if they move
     for name in saved:
         getattr(tsu, name)["file_io_sync"] = False
     try:

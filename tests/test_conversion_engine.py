@@ -271,3 +271,14 @@ def test_nexus_gen_config_json_gives_the_full_size_config():
     assert nexus_config_from_hf(hf, {"vision_head.weight": (3584, 3584)}) == nexus_gen.nexus_gen_v1()
     with pytest.raises(ConversionError, match="has 9 rows"):
         nexus_config_from_hf(hf, {"image_prefill_embeds.weight": (9, 3584)})
+
+
+def test_index_naming_absent_shards_is_reported(flux_source, capsys):
+    _, tmp = flux_source
+    index = json.loads((tmp / "src" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (tmp / "src" / gone).unlink()
+    err = run_failing(capsys, ["import", str(tmp / "src"), str(tmp / "out"), "--family", "flux_dit", "--config",
+                               "tiny", "--no-progress"], tmp / "out")
+    lost = [k for k, f in index["weight_map"].items() if f == gone]
+    assert f"names shard files that do not exist: ['{gone}']" in err and lost[0] in err
