@@ -19,10 +19,10 @@ def _sentence(rng: np.random.Generator, n: int) -> str:
     return " ".join(rng.choice(WORDS, size=n))
 
 
-def _png(path: Path, rng: np.random.Generator, height: int, width: int) -> None:
+def _png(path: Path, rng: np.random.Generator, height: int, width: int, noise: int = 32) -> None:
     base = rng.integers(0, 255, size=(1, 1, 3))
     grad = np.linspace(0, 1, width)[None, :, None] * rng.integers(0, 128, size=(1, 1, 3))
-    img = np.clip(base + grad + rng.integers(0, 32, size=(height, width, 3)), 0, 255).astype(np.uint8)
+    img = np.clip(base + grad + rng.integers(0, noise + 1, size=(height, width, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(img).save(path)
 
 
@@ -61,7 +61,7 @@ def write_ar_dataset(directory: str | Path, num_records: int, seed: int = 0, tex
 
 def write_decoder_dataset(directory: str | Path, num_records: int, embed_shape: tuple[int, int],
                           ref_shape: tuple[int, int] | None = None, seed: int = 0,
-                          image_size: tuple[int, int] = (40, 56)) -> Path:
+                          image_size: tuple[int, int] = (40, 56), pixel_noise: int = 32) -> Path:
     """``records.jsonl`` with {"image", "embed"[, "ref_embed"]} + PNG/NPY files; returns the JSONL path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def write_decoder_dataset(directory: str | Path, num_records: int, embed_shape: 
     lines = []
     for i in range(num_records):
         rec = {"id": f"dec{i}", "image": f"dec_{i}.png", "embed": f"dec_{i}_embed.npy"}
-        _png(d / rec["image"], rng, *image_size)
+        _png(d / rec["image"], rng, *image_size, noise=pixel_noise)
         np.save(d / rec["embed"], rng.standard_normal(embed_shape).astype(np.float32))
         if ref_shape is not None:
             rec["ref_embed"] = f"dec_{i}_ref.npy"
