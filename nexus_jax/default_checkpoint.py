@@ -56,20 +56,22 @@ def _torch_arrays(module: Any, mapping: Any) -> dict[str, np.ndarray]:
     return dict(engine.execute(steps, arrays.__getitem__))
 
 
-def randomize_params(module: Any, seed: int, scale: float = 0.05) -> None:
-    """Give every parameter random values (norm scales around 1), so no weight is at its zero / one init."""
+def randomize_params(module: Any, seed: int, scale: float = 0.05) -> Any:
+    """Give every parameter random values (norm scales around 1), so no weight is at its zero / one init. Works on
+    an abstract (``nnx.eval_shape``) module too. Returns the module."""
     import jax.numpy as jnp
 
     from conversion.state import flat_variables
 
     rng = np.random.default_rng(seed)
     for name, var in sorted(flat_variables(module).items()):
-        shape = var.get_value().shape
+        shape, dtype = var.get_value().shape, var.get_value().dtype
         if name.endswith(("scale", "norm.weight")) or "layernorm" in name or name.endswith("norm_q_a.weight"):
             value = 1.0 + 0.1 * rng.standard_normal(shape)
         else:
             value = scale * rng.standard_normal(shape)
-        var.set_value(jnp.asarray(value, var.get_value().dtype))
+        var.set_value(jnp.asarray(value, dtype))
+    return module
 
 
 def _linear(rng: np.random.Generator, out_dim: int, in_dim: int, prefix: str, bias: bool = True) -> dict:
@@ -128,8 +130,7 @@ def _dit_state(cfg: Any, seed: int) -> dict[str, np.ndarray]:
     from conversion.tables.flux_dit import diffsynth_mapping
     from nexus_jax.models.flux import FluxDiT
 
-    dit = FluxDiT(cfg.dit, rngs=nnx.Rngs(seed))
-    randomize_params(dit, seed)
+    dit = randomize_params(nnx.eval_shape(lambda: FluxDiT(cfg.dit, rngs=nnx.Rngs(0))), seed)
     return {f"pipe.dit.{k}": v for k, v in _torch_arrays(dit, diffsynth_mapping(cfg.dit)).items()}
 
 
@@ -173,8 +174,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
     root = Path(out)
     with io.atomic_output_dir(root) as tmp:
         # AR model: sharded safetensors + index, 4.49 names
-        ar = NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(seed))
-        randomize_params(ar, seed)
+        ar = randomize_params(nnx.eval_shape(lambda: NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(0))), seed)
         state = _torch_arrays(ar, nexus_ar_mapping(cfgs["ar"]))
         (tmp / "ar").mkdir()
         entries = [(k, v.shape, v.dtype) for k, v in state.items()]
@@ -190,8 +190,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
             cfgs["generation"], seed + 2))
         _save_bin(tmp / "edit_decoder.bin", merger_state(cfgs["editing"], rng) | _dit_state(cfgs["editing"], seed + 3))
         # VAE in BFL ae.safetensors names
-        vae = FluxVAE(cfgs["vae"], rngs=nnx.Rngs(seed + 4))
-        randomize_params(vae, seed + 4, scale=0.1)
+        vae = randomize_params(nnx.eval_shape(lambda: FluxVAE(cfgs["vae"], rngs=nnx.Rngs(0))), seed + 4, scale=0.1)
         vstate = _torch_arrays(vae, bfl_mapping(cfgs["vae"]))
         vw = io.SafetensorsWriter(tmp, [(k, v.shape, v.dtype) for k, v in vstate.items()], 2**62, prefix="ae")
         for k, v in vstate.items():
