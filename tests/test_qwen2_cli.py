@@ -1,4 +1,4 @@
-"""The text-generation CLI and the temporary main job."""
+"""The text-generation CLI (``nexus-jax generate``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configs.qwen2_5 import tiny
-from nexus_jax import main_job, text_generation_cli
+from nexus_jax import text_generation_cli
 from nexus_jax.models.qwen2.hf_reference import build_hf_model
 
 
@@ -42,16 +42,15 @@ def test_cli_bad_input_exits_2_with_message(capsys):
     assert "at least one --prompt" in capsys.readouterr().err
 
 
-def test_main_job_writes_output_atomically(tmp_path, capsys):
-    rc = main_job.main(["--output-dir", str(tmp_path), "--max-new-tokens", "8", "--prompt", "a red fox"])
-    assert rc == 0
-    payload = json.loads((tmp_path / "text_generation.json").read_text())
-    assert payload["prompt_ids"] == list(b"a red fox")
-    assert len(payload["generated_ids"]) == 8
-    assert all(0 <= t < tiny().vocab_size for t in payload["generated_ids"])
-    assert [p.name for p in tmp_path.iterdir()] == ["text_generation.json"]  # no temporary file left behind
-    direct = text_generation_cli.run(tiny(), [list(b"a red fox")], max_new_tokens=8, seed=0)
-    assert direct[0]["generated_ids"] == payload["generated_ids"]
+def test_cli_text_prompt_with_byte_tokenizer_is_deterministic(capsys):
+    argv = ["--prompt", "a red fox", "--max-new-tokens", "8", "--seed", "3"]
+    assert text_generation_cli.main(argv) == 0
+    [row] = _json_lines(capsys.readouterr().out)
+    assert row["prompt_ids"] == list(b"a red fox")
+    assert len(row["generated_ids"]) == 8 and all(0 <= t < tiny().vocab_size for t in row["generated_ids"])
+    assert isinstance(row["text"], str)
+    direct = text_generation_cli.run(tiny(), [list(b"a red fox")], max_new_tokens=8, seed=3)
+    assert direct[0]["generated_ids"] == row["generated_ids"]
 
 
 def test_left_pad_rejects_empty_prompt():
