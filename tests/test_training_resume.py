@@ -1,5 +1,8 @@
 """Exact resume: a real training subprocess SIGKILLed after its step-20 checkpoint, resumed, must reproduce the
-uninterrupted run's losses bitwise at steps 21-40 and see exactly the same records (none twice, none skipped)."""
+uninterrupted run's losses bitwise at steps 21-40 and see exactly the same records (none twice, none skipped).
+
+Each test starts three training processes (reference, killed, resumed); their compiles make them slow on 2 cores,
+hence ``slow``. The default suite still SIGKILLs a real process mid-save (tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -75,3 +78,24 @@ def check_exact_resume(preset: str, data: Path, tmp_path: Path, records: int, ba
 def test_ar_exact_resume_after_sigkill(tmp_path):
     data = write_ar_dataset(tmp_path / "data", 16, seed=1)
     check_exact_resume("tiny_ar", data, tmp_path, records=16, batch=4)
+
+
+def _decoder_data(tmp_path: Path, task: str) -> Path:
+    from nexus_jax.data.synthetic import write_decoder_dataset
+    from nexus_jax.training.decoder_loop import decoder_parts
+
+    parts = decoder_parts(task, "tiny")
+    ref = (parts.ref_rows, parts.embed_dim) if parts.editing else None
+    return write_decoder_dataset(tmp_path / "data", 12, (parts.embed_rows, parts.embed_dim), ref, seed=2)
+
+
+@pytest.mark.slow
+def test_generation_decoder_exact_resume_after_sigkill(tmp_path):
+    data = _decoder_data(tmp_path, "generation_decoder")
+    check_exact_resume("tiny_generation_decoder", data, tmp_path, records=12, batch=4)
+
+
+@pytest.mark.slow
+def test_editing_decoder_exact_resume_after_sigkill(tmp_path):
+    data = _decoder_data(tmp_path, "editing_decoder")
+    check_exact_resume("tiny_editing_decoder", data, tmp_path, records=12, batch=4)
