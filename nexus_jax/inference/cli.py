@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     batch_size = -(-args.batch_size // data_devices) * data_devices
     load_seconds = time.perf_counter() - t0
 
-    out = OutputDir(args.output)
-    progress = Progress(len(lines), enabled=not args.no_progress)
-    job = InferenceJob(runner, ckpt, out, progress)
+    import jax
+
+    out = OutputDir(args.output, jax.process_index(), jax.process_count())
     cfg = ckpt.ar.config
 
     ref_grid = ckpt.editing.model.cfg.merger.ref_grid if ckpt.editing is not None else None
@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
 
     ds = request_dataset(lines, os.path.dirname(os.path.abspath(args.input)), prepare, out.is_complete)
+    total = len(ds)  # this host's share
+    progress = Progress(total, enabled=not args.no_progress)
+    job = InferenceJob(runner, ckpt, out, progress)
     batcher = Batcher(batch_size, args.length_multiple)
     order: dict[int, str] = {}
     t1 = time.perf_counter()
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     run_seconds = time.perf_counter() - t1
     done = job.counts["ok"]
     summary = {
-        "requests": len(lines), **job.counts, "batch_size": batch_size,
+        "requests": total, **job.counts, "batch_size": batch_size,
         "devices": 1 if mesh is None else int(mesh.size), "load_seconds": round(load_seconds, 3),
         "run_seconds": round(run_seconds, 3), "requests_per_second": round(done / run_seconds, 4) if done else 0.0,
         "task_seconds": {k: round(v, 3) for k, v in job.task_seconds.items()},
@@ -157,8 +160,8 @@ def run(args: argparse.Namespace) -> int:
     out.finalize([order[i] for i in sorted(order)], summary)
     out.close()
     print(f"infer: {job.counts['ok']} ok, {job.counts['error']} failed, {job.counts['skipped']} already complete "
-          f"of {len(lines)} requests in {run_seconds:.1f}s -> {args.output}", file=sys.stderr)
-    all_failed = job.counts["error"] == len(lines)
+          f"of {total} requests in {run_seconds:.1f}s -> {args.output}", file=sys.stderr)
+    all_failed = job.counts["error"] == total
     return 1 if all_failed else 0
 
 

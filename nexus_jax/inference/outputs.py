@@ -7,6 +7,9 @@ Layout of ``<output>``::
     journal.jsonl       append-only: one fsynced line per finished request (what a restart resumes from)
     summary.json        counts, requests/s and timings of the last run
 
+With several hosts, each writes ``journal-<i>-of-<n>.jsonl`` / ``results-<i>-of-<n>.jsonl`` / ``summary-...`` for
+its own share of the requests (the PNGs share ``images/``; ids are unique).
+
 A request counts as complete when the journal has an ``ok`` record for it and, for image tasks, its PNG exists with
 the recorded SHA-256. Complete requests are skipped on restart; failed ones are retried.
 """
@@ -70,13 +73,19 @@ def sha256(data: bytes) -> str:
 class OutputDir:
     """Writes results under ``root`` and knows which requests are already complete."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, process_index: int = 0, process_count: int = 1):
         self.root = os.fspath(root)
+        # multi-host: each host owns its share of the requests and its own journal / results / summary files
+        self.suffix = "" if process_count == 1 else f"-{process_index:05d}-of-{process_count:05d}"
         os.makedirs(os.path.join(self.root, IMAGES_DIR), exist_ok=True)
         self.records: dict[str, dict[str, Any]] = {}
-        for rec in read_jsonl_tolerant(os.path.join(self.root, JOURNAL)):
+        for rec in read_jsonl_tolerant(self._path(JOURNAL)):
             self.records[rec["id"]] = rec
-        self._journal: TextIO = open(os.path.join(self.root, JOURNAL), "a", encoding="utf-8")  # noqa: SIM115
+        self._journal: TextIO = open(self._path(JOURNAL), "a", encoding="utf-8")  # noqa: SIM115
+
+    def _path(self, name: str) -> str:
+        stem, ext = os.path.splitext(name)
+        return os.path.join(self.root, f"{stem}{self.suffix}{ext}")
 
     def image_path(self, request_id: str) -> str:
         return os.path.join(self.root, IMAGES_DIR, f"{request_id}.png")
@@ -110,8 +119,8 @@ class OutputDir:
     def finalize(self, order: Iterable[str], summary: dict[str, Any]) -> None:
         """Rewrite ``results.jsonl`` (latest record per id, in ``order``) and ``summary.json`` atomically."""
         lines = [json.dumps(self.records[i], ensure_ascii=False) for i in order if i in self.records]
-        atomic_write_bytes(os.path.join(self.root, RESULTS), ("\n".join(lines) + "\n" if lines else "").encode())
-        atomic_write_bytes(os.path.join(self.root, SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write_bytes(self._path(RESULTS), ("\n".join(lines) + "\n" if lines else "").encode())
+        atomic_write_bytes(self._path(SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
 
     def close(self) -> None:
         self._journal.close()
