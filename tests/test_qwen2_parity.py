@@ -81,6 +81,7 @@ def test_rope_matches_transformers_with_fractional_mrope_positions(pair):
     cos, sin = rope_cos_sin(jnp.asarray(pos, jnp.float32), CFG.head_dim, CFG.rope_theta, CFG.mrope_section)
     err = max(np.abs(np.asarray(cos) - ref_cos.numpy()).max(), np.abs(np.asarray(sin) - ref_sin.numpy()).max())
     assert cos.shape == (2, 37, CFG.head_dim)
+    print(f"\nrope cos/sin max abs error {err:.3g}")
     assert err <= 1e-5, f"rope max abs error {err:.3g}"
 
 
@@ -120,6 +121,7 @@ def test_decoder_layer_matches_transformers(pair, causal):
     out, cache = layer(jnp.asarray(x), cos, sin, mask)
     err = np.abs(np.asarray(out) - ref).max()
     assert cache is None
+    print(f"\ndecoder layer ({'causal' if causal else 'bidirectional'}) max abs error {err:.3g}")
     assert err <= 1e-5, f"decoder layer max abs error {err:.3g}"
 
 
@@ -169,6 +171,7 @@ def test_kv_cache_chunked_prefill_and_decode_match_full_forward(pair):
     assert int(cache.index) == 50
     np.testing.assert_array_equal(np.asarray(cache.valid[:, :50]), mask.astype(bool))
     err = np.abs(np.concatenate(pieces, axis=1) - full)[mask.astype(bool)].max()
+    print(f"\nKV-cache chunked vs full logits max abs error {err:.3g}")
     assert err <= 1e-5, f"cached vs full logits max abs error {err:.3g}"
 
 
@@ -182,6 +185,7 @@ def test_tied_1d_rope_model_matches_transformers_qwen2():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
     out = _forward(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
     err = np.abs(np.asarray(out.logits) - ref.logits.numpy())[mask.astype(bool)].max()
+    print(f"\ntied 1-D RoPE model vs Qwen2ForCausalLM logits max abs error {err:.3g}")
     assert err <= 1e-4, f"tied 1-D RoPE logits max abs error {err:.3g}"
 
 
@@ -198,4 +202,5 @@ def test_grouped_query_attention_matches_torch_sdpa(per_head_mask):
         t(q), t(k), t(v), attn_mask=torch.tensor(mask), enable_gqa=True
     ).transpose(1, 2)
     err = np.abs(np.asarray(out) - ref.numpy()).max()
+    print(f"\nattention vs torch SDPA max abs error {err:.3g}")
     assert err <= 1e-5, f"attention max abs error {err:.3g}"
