@@ -10,7 +10,8 @@ the same weights (fp32) and start from the same noise:
 - torch: transformers ``Qwen2_5_VLForConditionalGeneration`` text model + vision_head + prefill embeddings, a torch
   adapter, diffusers ``FluxTransformer2DModel`` in a Python Euler loop with CFG, diffusers ``AutoencoderKL`` decode.
 Host-side preprocessing (tokenising, padding, positions) is shared and not timed. The pixel outputs are compared
-(max abs error printed). Batch sizes 1, 4 and 8, one run; last line JSON ``ratio_b1/b4/b8`` (JAX / torch req/s).
+(max abs error printed). Batch sizes 1, 4 and 8, one run; last line JSON ``ratio_b1/b4/b8`` (JAX / torch req/s,
+wall clock) plus ``cpu_ratio_b*`` (torch / JAX process CPU seconds per batch: steadier on a shared machine).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty) -> np.ndar
     hl, wl = s.height // 8, s.width // 8
     noise = np.asarray(seed_noise(jnp.asarray(seeds, jnp.uint32), hl, wl, 16))
     x = torch.from_numpy(np.array(pack_latents(jnp.asarray(noise))))
-    img_ids = torch.from_numpy(np.asarray(image_ids(hl, wl)))
+    img_ids = torch.from_numpy(np.array(image_ids(hl, wl)))
     pooled = torch.from_numpy(empty.pooled)[None].expand(b, -1)
     neg = torch.from_numpy(empty.context)[None].expand(b, -1, -1)
     g = torch.full((b,), s.guidance)
@@ -130,21 +131,26 @@ def torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty) -> np.ndar
     return parts["vae"].decode(lat).sample.permute(0, 2, 3, 1).numpy()
 
 
-def timed(fn, iters: int) -> float:
-    times = []
+def timed(fn, iters: int) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) per call (the machine is shared: CPU time is the steadier one)."""
+    wall, cpu = [], []
     for _ in range(iters):
-        t = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return float(np.median(wall)), float(np.median(cpu))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = p.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     ar_cfg, dec_cfg, vae_cfg, runner, parts, empty = build(args.steps, args.size)
     tok = ByteTokenizer()
     reqs = [prepare_request(parse_request(json.dumps({"id": f"r{i}", "task": "generation", "seed": i,
@@ -162,12 +168,16 @@ def main() -> None:
         t_torch = timed(lambda nb=nb, seeds=seeds: torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty),
                         args.iters)
         err = float(np.max(np.abs(jax_px - torch_px)))
-        report[bs] = dict(jax_rps=bs / t_jax, torch_rps=bs / t_torch, max_abs_err=err)
-        print(f"batch {bs}: JAX {bs / t_jax:.3f} req/s, torch {bs / t_torch:.3f} req/s, "
-              f"ratio {t_torch / t_jax:.2f}, max |JAX - torch| pixels {err:.2e}", flush=True)
+        (w_jax, c_jax), (w_torch, c_torch) = t_jax, t_torch
+        report[bs] = dict(jax_rps=bs / w_jax, torch_rps=bs / w_torch, cpu_ratio=c_torch / c_jax, max_abs_err=err)
+        print(f"batch {bs}: JAX {bs / w_jax:.3f} req/s, torch {bs / w_torch:.3f} req/s, wall ratio "
+              f"{w_torch / w_jax:.2f}, CPU-seconds ratio {c_torch / c_jax:.2f}, max |JAX - torch| pixels {err:.2e}",
+              flush=True)
     print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}, "
           f"{args.steps} steps, {args.size}x{args.size}, CFG 3.0, 81 slots")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(json.dumps({f"ratio_b{b}": round(r["jax_rps"] / r["torch_rps"], 3) for b, r in report.items()}
+                     | {f"cpu_ratio_b{b}": round(r["cpu_ratio"], 3) for b, r in report.items()}
                      | {f"max_abs_err_b{b}": r["max_abs_err"] for b, r in report.items()}))
 
 
