@@ -72,6 +72,12 @@ def ar_task(
     """The AR :class:`TrainTask` for ``cfg`` (records at ``cfg.data.path``; tokenizer ``encode_text``)."""
     model_cfg = model_cfg or model_config(cfg.model_preset)
     accum = cfg.optim.grad_accum
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "AR training packs each micro-batch's images into one replicated ViT input, which cannot be assembled "
+            f"from {jax.process_count()} processes' different records; multi-host AR data loading needs per-example "
+            "image packing (see docs/training.md)"
+        )
     if cfg.loop.batch_size % accum:
         raise ValueError(f"batch_size={cfg.loop.batch_size} is not divisible by grad_accum={accum}")
     collator = ARCollator(model_cfg, cfg.data, accum, cfg.loop.batch_size // accum)

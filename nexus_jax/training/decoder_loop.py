@@ -30,7 +30,7 @@ from nexus_jax.diffusion.sampler import Conditioning
 from nexus_jax.models.flux.packing import image_ids, pack_latents
 from nexus_jax.models.nexus_decoders import EditingDecoder, GenerationDecoder
 from nexus_jax.models.vae import FluxVAE
-from nexus_jax.training.loop import TrainTask
+from nexus_jax.training.loop import TrainTask, local_batch_size
 
 VAE_FROZEN = (r"(^|/)vae/",)
 
@@ -134,7 +134,7 @@ def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | 
 
     def batches(path: str, seed: int, epochs: int | None) -> BatchIterator:
         ds = build_dataset(open_source(path), encoder, seed=seed, num_epochs=epochs)
-        return BatchIterator(ds, cfg.loop.batch_size, stack, num_threads=cfg.data.num_threads,
+        return BatchIterator(ds, local_batch_size(cfg.loop.batch_size), stack, num_threads=cfg.data.num_threads,
                              prefetch=cfg.data.prefetch)
 
     def count(batch: dict[str, Any]) -> int:

@@ -57,6 +57,14 @@ class TrainResult:
     evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
+def local_batch_size(global_batch: int) -> int:
+    """Records each process loads per step (the global batch is split evenly over processes)."""
+    pc = jax.process_count()
+    if global_batch % pc:
+        raise ValueError(f"global batch_size={global_batch} is not divisible by the {pc} processes")
+    return global_batch // pc
+
+
 def _global_batch(batch: Batch, shardings: dict[str, Any]) -> dict[str, jax.Array]:
     """Per-process numpy batch -> global jax.Arrays laid out per ``shardings`` (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
