@@ -98,7 +98,7 @@ AR_TRAIN = _add(PlanConfig(
     model=_ar_model(param_dtype="float32", dtype="bfloat16"),
     topology="v5p:4x4x4",
     mesh=(1, -1, 1),
-    remat="full",
+    remat="dots_no_batch",
     global_batch=128,
     seq_len=4096,
     description="Nexus-GenV2 AR full fine-tune (8.3B; ViT frozen), 128 x 4096 tokens per step, fp32 master weights",
@@ -106,7 +106,7 @@ AR_TRAIN = _add(PlanConfig(
          "--compute-dtype", "bfloat16"),
 ))
 AR_TRAIN_V6E = _add(AR_TRAIN.replace(
-    name="ar_train_v6e", topology="v6e:8x8", global_batch=64,
+    name="ar_train_v6e", topology="v6e:8x8", global_batch=64, remat="full",
     description="AR full fine-tune on v6e-64: 64 x 4096 tokens per step (global batch 128 = 2 accumulation steps)",
     job=("train", "--preset", "ar_stage3", "--mesh", "1,-1,1", "--batch-size", "128", "--grad-accum", "2",
          "--compute-dtype", "bfloat16"),
