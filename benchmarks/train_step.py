@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--records", type=int, default=64)
+    ap.add_argument("--loader-threads", type=int, default=4, help="Grain prefetch threads of the loader")
     args = ap.parse_args(argv)
 
     cfg = nexus_gen.tiny()
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                         clip_norm=1.0, frozen=VIT_FROZEN)
     tmp = tempfile.mkdtemp()
     path = write_ar_dataset(tmp, args.records, seed=0)
-    data = DataConfig(path=str(path), length_buckets=(256, 512), num_threads=2, prefetch=32)
+    data = DataConfig(path=str(path), length_buckets=(256, 512), num_threads=args.loader_threads, prefetch=64)
     encoder = AREncoder(cfg, data, ByteTokenizer().encode, tmp)
     collate = ARCollator(cfg, data, grad_accum=1, micro_batch=args.batch)
     # One fixed batch with every task (understanding, generation, editing).
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_len": int(batch["input_ids"].shape[-1]),
         "first_step_loss": {"jax": jax_loss0, "torch": torch_loss0},
         "torch_threads": torch.get_num_threads(),
+        "loader_threads": args.loader_threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}",
     }
     print(f"JAX {jax_s * 1e3:.1f} ms/step, torch {torch_s * 1e3:.1f} ms/step; loader {loader_rps:.1f} rec/s vs step "
