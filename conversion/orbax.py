@@ -108,7 +108,7 @@ def save_streaming(
     (at most one save in flight). ``place(name, array)`` may return a sharded ``jax.Array`` (target mesh); by
     default host numpy is stored.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax rejects relative destinations
     count = 0
     with _fast_write_context() as ocp:
         pending = None
@@ -141,7 +141,7 @@ def save_streaming(
 
 def metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     """Dotted path -> ShapeDtypeStruct of every stored tensor, read from the checkpoint metadata (no data)."""
-    meta = _ocp().metadata(Path(path)).metadata
+    meta = _ocp().metadata(Path(path).absolute()).metadata
     return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in flatten(meta).items()}
 
 
@@ -173,7 +173,7 @@ def load(
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = names is not None
     with ctx:
-        return flatten(ocp.load(Path(path), abstract))
+        return flatten(ocp.load(Path(path).absolute(), abstract))
 
 
 class _NumpyLeaf:
