@@ -150,8 +150,9 @@ def extrapolate(
 
 
 def as_measurement(fields: Mapping[str, float], has_while: bool, compile_seconds: float) -> Measurement:
-    """Rebuild a Measurement from (possibly extrapolated) linear fields."""
-    ints = {k: int(round(fields[k])) for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+    """Rebuild a Measurement from (possibly extrapolated) linear fields; byte counts are clamped at 0 (a 2-block
+    program can get a slightly smaller buffer assignment than the 1-block one)."""
+    ints = {k: max(0, int(round(fields[k]))) for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
                                                "code_bytes")}
     return Measurement(**ints, flops=fields["flops"], bytes_accessed=fields["bytes_accessed"],
                        optimal_seconds=fields["optimal_seconds"], has_while=has_while,
