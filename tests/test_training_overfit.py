@@ -14,6 +14,12 @@ from nexus_jax.training.loop import train
 
 r = dataclasses.replace
 DECODER_STEPS, DECODER_LR = 150, 1e-2
+# The tiny DiT preset is 3 heads x 16 = width 48, narrower than its 64 input channels (16 latent channels packed 2x2):
+# img_in then projects the 64-dim noisy latent onto a rank-48 subspace, so 16 of the 64 noise dimensions of the
+# velocity target (noise - x0) can never be predicted, a floor of ~16/64 of the noise variance (measured plateau:
+# 28-29% of the start loss). The overfit test widens the DiT to 4 heads x 16 = 64 (>= in_channels); everything
+# else (depth, loss, data, fixed evaluation key) is the tiny preset's.
+DECODER_DIT_HEADS = 4
 
 
 @pytest.mark.slow
@@ -31,8 +37,6 @@ def test_tiny_ar_overfits_16_records(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured: fixed-key eval loss 1.140 -> 0.322 (28% of start) after 300 steps "
-                   "at lr 3e-3 (0.332 / 29% after 150 at 1e-2); plateaus above the 20% target")
 def test_tiny_generation_decoder_overfits_16_records(tmp_path):
     """Flow-matching loss with a fixed evaluation key (same sigmas and noise before and after) on the training set."""
     from configs.training import TINY_GENERATION_DECODER as G
@@ -40,6 +44,9 @@ def test_tiny_generation_decoder_overfits_16_records(tmp_path):
     from nexus_jax.training.decoder_loop import decoder_parts, decoder_task
 
     parts = decoder_parts(G.task, "tiny")
+    dit = r(parts.decoder.dit, num_heads=DECODER_DIT_HEADS)
+    assert dit.num_heads * dit.head_dim >= dit.in_channels  # no rank bottleneck on the packed latent
+    parts = r(parts, decoder=r(parts.decoder, dit=dit))
     data = write_decoder_dataset(tmp_path / "data", 16, (parts.embed_rows, parts.embed_dim), pixel_noise=0)
     steps = DECODER_STEPS
     cfg = r(G, data=r(G.data, path=str(data), eval_path=str(data)),
