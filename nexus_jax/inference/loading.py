@@ -71,7 +71,8 @@ def load_empty_prompt(path: Path) -> EmptyPrompt:
     missing = {"pooled", "t5"} - set(d)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; it needs 'pooled' [pooled_dim] and 't5' [Lt, context_dim]")
-    return EmptyPrompt(np.asarray(d["pooled"], np.float32).reshape(-1), np.asarray(d["t5"], np.float32))
+    t5 = np.asarray(d["t5"], np.float32)
+    return EmptyPrompt(np.asarray(d["pooled"], np.float32).reshape(1, -1), t5.reshape(1, *t5.shape[-2:]))
 
 
 def load_decoder(path: Path, mesh: Any = None) -> ImageDecoder:

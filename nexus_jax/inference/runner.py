@@ -32,6 +32,7 @@ from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.models.qwen2.cache import init_cache_for
 from nexus_jax.nexus.batch import NexusBatch, VisionInputs
 from nexus_jax.nexus.prefill import fill_slots
+from nexus_jax.pipelines.decode import EmptyPrompt  # pooled CLIP("") and T5("") (the negative branch of true CFG)
 
 
 @dataclasses.dataclass
@@ -45,15 +46,6 @@ class ImageDecoder:
     @property
     def is_editing(self) -> bool:
         return hasattr(self.model, "embedding_merger")
-
-
-@dataclasses.dataclass
-class EmptyPrompt:
-    """Precomputed FLUX text-encoder outputs for the empty prompt: pooled CLIP("") [pooled_dim] and T5("")
-    [Lt, context_dim] (the negative branch of true CFG)."""
-
-    pooled: np.ndarray
-    context: np.ndarray
 
 
 def seed_noise(seeds: jax.Array, h: int, w: int, channels: int) -> jax.Array:
@@ -211,9 +203,10 @@ class Runner:
             if refs is None:
                 raise ValueError("the editing decoder needs reference images (prepare_request(..., ref_grid=...))")
             ref = self.reference_embeddings(refs, b)
-        pooled = jnp.asarray(self.empty.pooled, jnp.float32)[None]
+        pooled = jnp.asarray(self.empty.pooled, jnp.float32).reshape(1, -1)
         use_cfg = decoder.sampler.cfg_scale != 1.0
-        neg_ctx = jnp.asarray(self.empty.context, jnp.float32)[None] if use_cfg else None
+        t5 = jnp.asarray(self.empty.t5, jnp.float32)
+        neg_ctx = t5.reshape(1, *t5.shape[-2:]) if use_cfg else None
         dg, ds = nnx.split(decoder.model)
         vg, vs = nnx.split(self.vae)
         program = _decoder_program(dg, vg, decoder.sampler)
