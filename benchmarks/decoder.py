@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--single-thread" in sys.argv:  # must precede the jax import: one XLA CPU thread, one torch thread
@@ -31,6 +30,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from configs.flux import FluxDiTConfig  # noqa: E402
 from configs.nexus_decoders import SamplerConfig  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
@@ -45,15 +45,7 @@ DIT = FluxDiTConfig(num_double_blocks=2, num_single_blocks=4, num_heads=4, head_
 VAE = FluxVAEConfig(block_out_channels=(32, 64, 128, 128), norm_num_groups=16)
 
 
-def timed(fn, iters: int) -> tuple[float, float]:
-    """Median (wall seconds, process CPU seconds) per call over ``iters`` calls (caller warms up)."""
-    wall, cpu = [], []
-    for _ in range(iters):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    return float(np.median(wall)), float(np.median(cpu))
+timed = median_seconds  # (wall, CPU) seconds per call
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, FluxTransformer2DModel  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from configs import nexus_gen  # noqa: E402
 from configs.nexus_decoders import NexusDecoderConfig  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
@@ -131,15 +131,7 @@ def torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty) -> np.ndar
     return parts["vae"].decode(lat).sample.permute(0, 2, 3, 1).numpy()
 
 
-def timed(fn, iters: int) -> tuple[float, float]:
-    """Median (wall seconds, process CPU seconds) per call (the machine is shared: CPU time is the steadier one)."""
-    wall, cpu = [], []
-    for _ in range(iters):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return float(np.median(wall)), float(np.median(cpu))
+timed = median_seconds  # (wall, CPU) seconds per call
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
 from nexus_jax.models.vae.torch_weights import vae_from_diffusers  # noqa: E402
 
@@ -36,13 +37,8 @@ PRESETS = {
 
 
 def timed(fn, iters: int) -> float:
-    """Median seconds per call of ``fn`` over ``iters`` calls (after the caller's warm-up)."""
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median wall seconds per call of ``fn`` over ``iters`` calls (after the caller's warm-up)."""
+    return median_seconds(fn, iters)[0]
 
 
 def main() -> None:

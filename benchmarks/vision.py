@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from configs.qwen2_5_vl import QWEN25_VISION_7B, Qwen25VisionConfig  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.hf_reference import build_hf_vision  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision  # noqa: E402
@@ -40,13 +41,8 @@ PRESETS = {"bench": BENCH, "full": QWEN25_VISION_7B}
 
 
 def timed(fn, iters: int) -> float:
-    """Median seconds per call of ``fn`` over ``iters`` calls (after the caller's warm-up)."""
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median wall seconds per call of ``fn`` over ``iters`` calls (after the caller's warm-up)."""
+    return median_seconds(fn, iters)[0]
 
 
 def main() -> None:
