@@ -17,10 +17,7 @@ import numpy as np
 
 from configs.nexus_gen import NexusGenConfig
 from nexus_jax.inference.reader import Prepared
-from nexus_jax.nexus import templates
-from nexus_jax.nexus.batch import NexusBatch, VisionInputs, vision_inputs
-from nexus_jax.nexus.slots import input_image_mask, slot_index
-from nexus_jax.processing.rope_index import get_rope_index
+from nexus_jax.nexus.batch import NexusBatch, VisionInputs, assemble_batch, vision_inputs
 
 ShapeKey = tuple
 
@@ -89,33 +86,16 @@ def collate(batch: Batch, cfg: NexusGenConfig, pad_patches_to: int = 1) -> Nexus
     """Left-padded model inputs for all ``batch.size`` rows (positions from ``get_rope_index``; output slots
     indexed; input-image pads marked; ViT pixels of every row's input images packed in row order)."""
     rows = batch.rows()
-    tok = cfg.tokens
-    padded = templates.pad_batch([p.chat for p in rows], tok.endoftext, length=batch.length, side="left")
     grids = []
     for p in rows:
         user = iter(p.grid)
         grids += [np.asarray(cfg.slot_grid_thw) if s.is_output else next(user) for s in p.chat.images]
-    grid_thw = np.stack(grids).astype(np.int64) if grids else np.zeros((0, 3), np.int64)
-    positions, _ = get_rope_index(
-        padded.input_ids, grid_thw if grids else None, padded.attention_mask, image_token_id=tok.image_pad,
-        spatial_merge_size=cfg.vl.vision.spatial_merge_size,
-    )
     with_pixels = [p for p in rows if p.pixels is not None]
     inputs = None
     if with_pixels:
         inputs = vision_inputs(np.concatenate([p.pixels for p in with_pixels]),
                                np.concatenate([p.grid for p in with_pixels]), cfg, pad_patches_to)
-    return NexusBatch(
-        input_ids=padded.input_ids,
-        labels=padded.labels,
-        attention_mask=padded.attention_mask,
-        positions=positions.astype(np.int32),
-        slot_index=slot_index(padded.labels, tok.image_pad, cfg.num_slots),
-        input_mask=input_image_mask(padded.input_ids, padded.labels, tok.image_pad),
-        inputs=inputs,
-        targets=None,
-        grid_thw=grid_thw,
-    )
+    return assemble_batch([p.chat for p in rows], grids, cfg, length=batch.length, inputs=inputs, targets=None)
 
 
 def collate_references(batch: Batch, cfg: NexusGenConfig, pad_patches_to: int = 1) -> VisionInputs | None:

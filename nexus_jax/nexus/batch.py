@@ -158,18 +158,34 @@ def make_batch(
         grids_in_order += [np.asarray(cfg.slot_grid_thw) if sp.is_output else next(user_grids) for sp in chat.images]
         if training:
             tgt_images += list(s.target_images)
-    padded = templates.pad_batch(chats, tok.endoftext, length=length, side="left")
-    grids = np.stack(grids_in_order) if grids_in_order else None
-    positions, _ = get_rope_index(
-        padded.input_ids, grids, padded.attention_mask, image_token_id=tok.image_pad,
-        spatial_merge_size=cfg.vl.vision.spatial_merge_size,
-    )
     inputs = (
         vision_inputs(np.concatenate(in_pixels), np.concatenate(in_grids), cfg, pad_patches_to) if in_pixels else None
     )
     targets = None
     if training and tgt_images:
         targets = vision_inputs(*process_target_images(tgt_images, cfg), cfg, pad_patches_to)
+    return assemble_batch(chats, grids_in_order, cfg, length=length, inputs=inputs, targets=targets)
+
+
+def assemble_batch(
+    chats: Sequence[templates.EncodedChat],
+    image_grids: Sequence[np.ndarray],
+    cfg: NexusGenConfig,
+    *,
+    length: int | None,
+    inputs: VisionInputs | None,
+    targets: VisionInputs | None,
+) -> NexusBatch:
+    """Left-pad encoded chats into a :class:`NexusBatch`: M-RoPE positions from ``get_rope_index`` over
+    ``image_grids`` (one [3] grid per image block, in sequence order, output slot blocks included), output-slot
+    indices and input-image masks. ``inputs`` / ``targets`` are the already packed ViT inputs."""
+    tok = cfg.tokens
+    padded = templates.pad_batch(chats, tok.endoftext, length=length, side="left")
+    grids = np.stack(image_grids).astype(np.int64) if len(image_grids) else None
+    positions, _ = get_rope_index(
+        padded.input_ids, grids, padded.attention_mask, image_token_id=tok.image_pad,
+        spatial_merge_size=cfg.vl.vision.spatial_merge_size,
+    )
     return NexusBatch(
         input_ids=padded.input_ids,
         labels=padded.labels,
