@@ -11,6 +11,13 @@ from nexus_jax.models.vae.resnet import ResnetBlock2D
 from nexus_jax.models.vae.sampling import Downsample2D, Upsample2D
 
 
+def resnet_stack(in_channels: int, out_channels: int, num_layers: int, **kw) -> nnx.List:
+    """``num_layers`` ResnetBlock2D, the first mapping ``in_channels`` -> ``out_channels``, the rest at ``out``."""
+    return nnx.List(
+        [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, **kw) for i in range(num_layers)]
+    )
+
+
 class DownEncoderBlock2D(nnx.Module):
     """``num_layers`` resnets (first in -> out), then an optional ``downsamplers.0`` halving H and W."""
 
@@ -28,12 +35,7 @@ class DownEncoderBlock2D(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps, **kw)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups=groups, eps=eps, **kw)
         self.downsamplers = nnx.List([Downsample2D(out_channels, **kw)] if add_downsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -62,12 +64,7 @@ class UpDecoderBlock2D(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps, **kw)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups=groups, eps=eps, **kw)
         self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)] if add_upsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
