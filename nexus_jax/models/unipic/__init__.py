@@ -1,0 +1,1 @@
+"""Skywork UniPic-1 model components: MAR encoder/decoder, projectors, per-token diffusion head, assembled model."""

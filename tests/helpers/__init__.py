@@ -1,0 +1,1 @@
+"""PyTorch reference modules written from the specifications, for parity tests."""
