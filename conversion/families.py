@@ -27,6 +27,7 @@ class Family:
     config_from_hf: Callable[[dict], Any] | None = None  # the source directory's config.json (HF layout)
     hf_config: Callable[[Any], dict] | None = None  # config.json written beside exported weights
     weights_prefix: str = "model"  # exported safetensors file prefix
+    skip_prefixes: tuple[str, ...] = ()  # source tensors left out on import (logged with a count), e.g. unused towers
 
     def table(self, scheme: str, config: Any) -> Mapping:
         if scheme not in self.tables:
@@ -342,6 +343,37 @@ def _vae_family() -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------------- UniPic-1
+def _unipic_family() -> Family:
+    """Skywork UniPic-1 ``pytorch_model.bin`` (LLM + MAR + diffusion head + projectors; SigLIP2 skipped). The KL-16
+    VAE (``kl16.ckpt``) is a separate import (family ``kl16_vae``), conventionally into ``<OUT>/vae``."""
+    from configs import unipic
+
+    def build(cfg, rngs):
+        from nexus_jax.models.unipic.model import UniPic
+
+        return UniPic(cfg, rngs=rngs)
+
+    def table(cfg):
+        from conversion.tables.unipic import unipic_mapping
+
+        return unipic_mapping(cfg)
+
+    from conversion.tables.unipic import SCHEME, SKIP_PREFIXES
+
+    return Family(
+        name="unipic",
+        description="Skywork UniPic-1 (Qwen2.5 + MAR + diffusion head + projectors; siglip2* skipped)",
+        presets={"full": unipic.full, "tiny": unipic.tiny},
+        build=build,
+        tables={SCHEME: table},
+        export_scheme=SCHEME,
+        config_from_json=lambda d: config_io.from_dict(unipic.UniPicConfig, d),
+        weights_prefix="pytorch_model",
+        skip_prefixes=SKIP_PREFIXES,
+    )
+
+
 _FACTORIES: dict[str, Callable[[], Family]] = {
     "nexus_ar": _nexus_family,
     "qwen2_5_vl": _qwen2_5_vl_family,
@@ -350,6 +382,7 @@ _FACTORIES: dict[str, Callable[[], Family]] = {
     "vae": _vae_family,
     "generation_decoder": lambda: _decoder_family("generation"),
     "editing_decoder": lambda: _decoder_family("editing"),
+    "unipic": _unipic_family,
 }
 
 

@@ -221,6 +221,24 @@ class DictReader(TensorReader):
         return np.asarray(self._arrays[name])
 
 
+def skip_tensors(reader: TensorReader, prefixes: Sequence[str]) -> list[str]:
+    """Hide the tensors whose names start with one of ``prefixes`` from ``reader`` (a family's unused parts, e.g.
+    UniPic-1's SigLIP2 tower); logs their count and returns their names."""
+    if not prefixes:
+        return []
+    skipped = [n for n in reader.shapes if n.startswith(tuple(prefixes))]
+    for n in skipped:
+        del reader.shapes[n]
+        reader.dtypes.pop(n, None)
+    if skipped:
+        import logging
+
+        logging.getLogger("conversion").warning(
+            "skipped %d tensors under %s in %s (not part of the model)", len(skipped), ", ".join(prefixes),
+            reader.where)
+    return skipped
+
+
 def open_checkpoint(path: str | os.PathLike) -> TensorReader:
     """Open a safetensors file, a ``.bin``/``.pt`` pickle, or a directory (an index, one safetensors file, or a
     ``pytorch_model.bin``). Shards named by an index must all exist and be complete."""

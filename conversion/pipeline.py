@@ -83,6 +83,7 @@ def import_checkpoint(
     """torch checkpoint (file or directory) -> Orbax checkpoint at ``out`` + config.json. Returns a summary."""
     family = get_family(family_name)
     with io.open_checkpoint(source) as reader:
+        skipped = io.skip_tensors(reader, family.skip_prefixes)
         if config is None or isinstance(config, str):
             config = resolve_config(family, config, source, reader.shapes)
         cfg = config
@@ -108,9 +109,11 @@ def import_checkpoint(
         with io.atomic_output_dir(out, overwrite) as tmp:
             orbax_io.save_streaming(tmp / orbax_io.PARAMS_DIR, items, place, group_bytes)
             orbax_io.write_config(
-                tmp, family.name, family.config_to_json(cfg), source=str(source), scheme=scheme, table=table.name
+                tmp, family.name, family.config_to_json(cfg), source=str(source), scheme=scheme, table=table.name,
+                **({"skipped_tensors": len(skipped)} if skipped else {}),
             )
-    return {"family": family.name, "scheme": scheme, "tensors_in": len(reader.shapes), "tensors_out": n_out}
+    return {"family": family.name, "scheme": scheme, "tensors_in": len(reader.shapes), "tensors_out": n_out,
+            "tensors_skipped": len(skipped)}
 
 
 def export_checkpoint(

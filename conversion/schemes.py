@@ -21,6 +21,7 @@ SCHEMES: dict[str, str] = {
     "bfl_flux": "BFL flux1-dev.safetensors (double_blocks.*, single_blocks.*, final_layer.*)",
     "diffusers_vae": "diffusers AutoencoderKL (encoder.down_blocks.*, decoder.up_blocks.*)",
     "bfl_vae": "BFL ae.safetensors (encoder.down.*, decoder.up.*)",
+    "unipic1_bin": "Skywork UniPic-1 pytorch_model.bin (llm.model.*, mar.*, mar.diffloss.net.*, proj_in/out.*)",
 }
 
 
@@ -48,6 +49,8 @@ def detect_scheme(keys: Collection[str], where: str = "the checkpoint") -> str:
             return "diffusers_vae"
         if _has_prefix(keys, "encoder.down.") or _has_prefix(keys, "decoder.up."):
             return "bfl_vae"
+    if "llm.model.embed_tokens.weight" in keys and _has_prefix(keys, "mar."):
+        return "unipic1_bin"
     if "model.embed_tokens.weight" in keys and _has_prefix(keys, "model.layers."):
         if "vision_head.weight" in keys:
             return "nexus_ar"
