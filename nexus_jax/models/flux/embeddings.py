@@ -33,13 +33,15 @@ def silu_mlp(seq: nnx.List, x: jax.Array) -> jax.Array:
 
 def make_silu_mlp(
     in_dim: int, out_dim: int, *, param_dtype: jnp.dtype, dtype: jnp.dtype | None, rngs: nnx.Rngs,
-    in_axes: Axes = (None, "mlp"), out_axes: Axes = ("mlp", "embed"),
+    in_axes: Axes = (None, "mlp"), out_axes: Axes = ("mlp", "embed"), hidden_dim: int | None = None,
 ) -> nnx.List:
-    """``[Linear(in, out), None, Linear(out, out)]``: indices 0 and 2 hold weights, as in the torch checkpoints."""
+    """``[Linear(in, hidden), None, Linear(hidden, out)]`` (hidden defaults to out): indices 0 and 2 hold weights,
+    as in the torch checkpoints."""
+    hidden = out_dim if hidden_dim is None else hidden_dim
     return nnx.List([
-        Linear(in_dim, out_dim, axes=in_axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs),
+        Linear(in_dim, hidden, axes=in_axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs),
         None,
-        Linear(out_dim, out_dim, axes=out_axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs),
+        Linear(hidden, out_dim, axes=out_axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs),
     ])
 
 
