@@ -27,7 +27,6 @@ def bridge(
 
     attention_mask = [ctx_mask ; ones], position_ids = cumsum - 1 (clamped at 0), last L_img of them with a cache.
     """
-    ctx_len = ctx_mask.shape[1]
     z = proj_in(x_enc)
     z = torch.cat([z[:, buffer_size:], z[:, :buffer_size]], dim=1)
     b, l_img = z.shape[:2]
@@ -35,7 +34,7 @@ def bridge(
     position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)[:, -l_img:]
     out = qwen(inputs_embeds=z, attention_mask=attention_mask, position_ids=position_ids,
                past_key_values=past_key_values, use_cache=True)
-    past_key_values.crop(ctx_len)
+    past_key_values.crop(-l_img)  # back to the context (upstream curtail_cache)
     h = out.last_hidden_state[:, -l_img:]
     h = torch.cat([h[:, -buffer_size:], h[:, :-buffer_size]], dim=1)
     return x_enc + proj_out(h)
