@@ -20,9 +20,9 @@ from conversion.tables.unipic import SCHEME, TiedCopy
 
 
 def _linear(sd, name, i, o, gen, bias=True):
-    sd[f"{name}.weight"] = torch.randn(o, i, generator=gen)
+    sd[f"{name}.weight"] = torch.randn(o, i, generator=gen) / i**0.5
     if bias:
-        sd[f"{name}.bias"] = torch.randn(o, generator=gen)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(o, generator=gen)
 
 
 def _ln(sd, name, d, gen):
@@ -31,11 +31,12 @@ def _ln(sd, name, d, gen):
 
 
 def published_state_dict(cfg: unipic.UniPicConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random tensors under every key of the released checkpoint, with the torch module shapes of the spec."""
+    """Random tensors under every key of the released checkpoint, with the torch module shapes of the spec
+    (Linear weights ~ N(0, 1/fan_in), norm scales ~ 1, so deep tiny models stay well conditioned)."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = collections.OrderedDict()
     t, m, h = cfg.text, cfg.mar, cfg.head
-    emb = torch.randn(t.vocab_size, t.hidden_size, generator=g)
+    emb = 0.5 * torch.randn(t.vocab_size, t.hidden_size, generator=g)
     sd["llm.model.embed_tokens.weight"] = emb
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     for i in range(t.num_layers):
@@ -47,9 +48,9 @@ def published_state_dict(cfg: unipic.UniPicConfig, seed: int = 0, dtype=torch.fl
         _linear(sd, f"{p}.mlp.gate_proj", t.hidden_size, t.intermediate_size, g, bias=False)
         _linear(sd, f"{p}.mlp.up_proj", t.hidden_size, t.intermediate_size, g, bias=False)
         _linear(sd, f"{p}.mlp.down_proj", t.intermediate_size, t.hidden_size, g, bias=False)
-        sd[f"{p}.input_layernorm.weight"] = torch.randn(t.hidden_size, generator=g)
-        sd[f"{p}.post_attention_layernorm.weight"] = torch.randn(t.hidden_size, generator=g)
-    sd["llm.model.norm.weight"] = torch.randn(t.hidden_size, generator=g)
+        sd[f"{p}.input_layernorm.weight"] = 1 + 0.1 * torch.randn(t.hidden_size, generator=g)
+        sd[f"{p}.post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(t.hidden_size, generator=g)
+    sd["llm.model.norm.weight"] = 1 + 0.1 * torch.randn(t.hidden_size, generator=g)
     sd["llm.lm_head.weight"] = emb.clone()  # tied: an equal copy in the pickled file
     c, n, buf = m.width, m.seq_h * m.seq_w, m.buffer_size
     _linear(sd, "mar.z_proj", m.token_embed_dim, c, g)
