@@ -130,8 +130,12 @@ def test_unequal_masked_counts_per_row(models):
     x = rng.standard_normal((B, n, CFG.token_embed_dim)).astype(np.float32)
     mask = np.concatenate([_masks(rng, 1, n, k) for k in (0, 5, n - 1)])
     ce = np.array(jm.fake_class_embedding(B))
-    enc = np.asarray(jm.forward_mae_encoder(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(ce)))
-    z = np.asarray(jm.forward_mae_decoder(jnp.asarray(enc), jnp.asarray(mask)))
+
+    def run(m, a, k, c):
+        e = m.forward_mae_encoder(a, k, c)
+        return e, m.forward_mae_decoder(e, k)
+
+    enc, z = (np.asarray(t) for t in jax.jit(run)(jm, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(ce)))
     errs = []
     for i in range(B):
         with torch.no_grad():
@@ -146,8 +150,8 @@ def test_unequal_masked_counts_per_row(models):
 def test_unmasked_helper_matches_forward(models):
     _, jm = models
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, CFG.seq_len, 16)), jnp.float32)
-    a = jm.mar_encoder_unmasked(x)
-    b = jm.forward_mae_encoder(x, jnp.zeros((2, CFG.seq_len)), jnp.broadcast_to(jm.fake_latent[...], (2, CFG.width)))
+    a, b = jax.jit(lambda m, v: (m.mar_encoder_unmasked(v), m.forward_mae_encoder(
+        v, jnp.zeros((2, CFG.seq_len)), jnp.broadcast_to(m.fake_latent[...], (2, CFG.width)))))(jm, x)
     assert a.shape == (2, CFG.buffer_size + CFG.seq_len, CFG.width)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -195,15 +199,13 @@ def test_sharded_equals_unsharded(models):
 
 
 def test_dropout_only_with_key():
-    cfg = MARConfig.tiny(proj_dropout=0.5)
-    m = MAR(cfg, rngs=nnx.Rngs(0))
-    x = jnp.ones((1, cfg.seq_len, 16))
-    mask = jnp.zeros((1, cfg.seq_len))
-    ce = m.fake_class_embedding(1)
-    plain = m.forward_mae_encoder(x, mask, ce)
-    np.testing.assert_array_equal(np.asarray(plain), np.asarray(MAR(cfg, rngs=nnx.Rngs(0)).forward_mae_encoder(
-        x, mask, ce)))
-    dropped = m.forward_mae_encoder(x, mask, ce, dropout_key=jax.random.key(1))
+    block = Block(48, 3, proj_dropout=0.5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 5, 48)), jnp.float32)
+    run = jax.jit(lambda m, v, key: (m(v), m(v, dropout_key=key)))
+    plain, dropped = run(block, x, jax.random.key(1))
+    _, dropped_again = run(block, x, jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(Block(48, 3, rngs=nnx.Rngs(0))(x)), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(dropped), np.asarray(dropped_again))
     assert _err(dropped, plain) > 1e-3
 
 
