@@ -73,16 +73,6 @@ class MARConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> MARConfig:
         """Test size: width 48 with 3 (odd) heads, 2 + 2 blocks, 4 buffers, 4x4 grid, 10 classes, LLM width 40."""
-        kw: dict[str, Any] = dict(
-            width=48,
-            encoder_depth=2,
-            decoder_depth=2,
-            num_heads=3,
-            buffer_size=4,
-            seq_h=4,
-            seq_w=4,
-            num_classes=10,
-            llm_hidden=40,
-        )
-        kw.update(overrides)
-        return cls(**kw)
+        small = dict(width=48, encoder_depth=2, decoder_depth=2, num_heads=3, buffer_size=4, seq_h=4, seq_w=4,
+                     num_classes=10, llm_hidden=40)
+        return cls(**(small | overrides))
