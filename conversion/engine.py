@@ -506,21 +506,24 @@ def execute(
     steps: Sequence[Step], read: Callable[[str], np.ndarray], prefetch: bool = False
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Stream ``(output name, array)`` pairs: each step reads only its own inputs, so at most one rule's tensors
-    are alive at a time (plus whatever the consumer keeps). ``prefetch`` reads the next step's inputs in a
-    background thread while the current step is transformed and consumed (one more step of memory)."""
+    are alive at a time (plus whatever the consumer keeps). ``prefetch`` reads and transforms the next step in a
+    background thread while the current step's outputs are consumed (one more step of memory)."""
     if not prefetch:
         for step in steps:
             yield from _run_step(step, [read(n) for n in step.inputs])
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    def produce(step: Step) -> list[tuple[str, np.ndarray]]:
+        return list(_run_step(step, [read(n) for n in step.inputs]))
+
     with ThreadPoolExecutor(1, thread_name_prefix="conversion-read") as pool:
-        pending = pool.submit(lambda s: [read(n) for n in s.inputs], steps[0]) if steps else None
-        for i, step in enumerate(steps):
-            xs = pending.result()
-            pending = pool.submit(lambda s: [read(n) for n in s.inputs], steps[i + 1]) if i + 1 < len(steps) else None
-            yield from _run_step(step, xs)
-            del xs
+        pending = pool.submit(produce, steps[0]) if steps else None
+        for i in range(len(steps)):
+            outputs = pending.result()
+            pending = pool.submit(produce, steps[i + 1]) if i + 1 < len(steps) else None
+            yield from outputs
+            del outputs
 
 
 def _run_step(step: Step, xs: list[np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:

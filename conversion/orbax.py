@@ -61,17 +61,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+WRITE_CHUNK_BYTES = 64 * 2**20
+
+
 @contextlib.contextmanager
 def _fast_write_context():
     """Orbax context for conversion output: no ZSTD (weights barely compress; it dominated the write time), no
-    defensive copy of host arrays, and TensorStore ``file_io_sync`` off (one fsync pass over the files at the end
-    instead of one per chunk)."""
+    defensive copy of host arrays, chunks of at most ``WRITE_CHUNK_BYTES`` (a 1 GiB embedding written as one chunk
+    goes through one writer thread: ~0.35 GiB/s here, against ~1 GiB/s in 64 MiB chunks), and TensorStore
+    ``file_io_sync`` off (one fsync pass over the files at the end instead of one per chunk)."""
     from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
 
     ocp = _ocp()
     # Host arrays handed to Orbax here are fresh and never mutated, so its defensive deep copy is skipped.
     ctx = ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
     ctx.array.saving.use_compression = False
+    ctx.array.saving.storage_options.chunk_byte_size = WRITE_CHUNK_BYTES
     names = [n for n in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT") if isinstance(getattr(tsu, n, None), dict)]
     saved = {name: dict(getattr(tsu, name)) for name in names}  # private Orbax globals: skipped if they move
     for name in saved:
