@@ -1,4 +1,4 @@
-"""FLUX VAE configuration (diffusers ``AutoencoderKL`` in FLUX's layout)."""
+"""LDM ``AutoencoderKL`` configuration: the FLUX VAE (diffusers layout) and MAR / UniPic-1's KL-16 VAE."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class FluxVAEConfig:
-    """FLUX autoencoder hyper-parameters.
+    """LDM autoencoder hyper-parameters (FLUX by default; :meth:`kl16` for MAR / UniPic-1).
 
     ``block_out_channels[i]`` is the width of encoder level i (decoder levels run in reverse); every level but the
     last halves (encoder) or doubles (decoder) the spatial size, so the down-sampling factor is
-    ``2 ** (len(block_out_channels) - 1)`` (8 for FLUX).
+    ``2 ** (len(block_out_channels) - 1)`` (8 for FLUX, 16 for KL-16).
+
+    ``encoder_attention_levels`` / ``decoder_attention_levels``: level indices (0 = full resolution, the LDM
+    ``down.i`` / ``up.i`` numbering; diffusers decoder ``up_blocks.{n-1-i}``) whose every resnet is followed by a
+    single-head self-attention (diffusers ``AttnDownEncoderBlock2D`` / ``AttnUpDecoderBlock2D``).
+    ``use_quant_conv``: 1x1 ``quant_conv`` (2L -> 2L) on the encoder moments and ``post_quant_conv`` (L -> L) before
+    the decoder. Model latents are ``(raw - shift_factor) * scaling_factor``.
     """
 
     in_channels: int = 3
@@ -25,6 +31,9 @@ class FluxVAEConfig:
     scaling_factor: float = 0.3611
     shift_factor: float = 0.1159
     mid_block_add_attention: bool = True
+    encoder_attention_levels: tuple[int, ...] = ()
+    decoder_attention_levels: tuple[int, ...] = ()
+    use_quant_conv: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -43,6 +52,11 @@ class FluxVAEConfig:
             raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
         if self.scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+        n = len(self.block_out_channels)
+        for name in ("encoder_attention_levels", "decoder_attention_levels"):
+            levels = getattr(self, name)
+            if len(set(levels)) != len(levels) or any(not 0 <= i < n for i in levels):
+                raise ValueError(f"{name} must be distinct level indices in [0, {n}), got {levels}")
 
     @property
     def downsample_factor(self) -> int:
@@ -60,21 +74,48 @@ class FluxVAEConfig:
         base: dict[str, Any] = dict(block_out_channels=(8, 16, 24, 24), layers_per_block=2, norm_num_groups=4)
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def kl16(cls, **overrides: Any) -> FluxVAEConfig:
+        """MAR / Harmon / UniPic-1 ``kl16.ckpt`` (about 66.5M parameters): ch 128 x (1, 1, 2, 2, 4), x16, 16
+        latents, attention in both mid blocks and after each resnet of the encoder's last level (LDM
+        ``attn_resolutions=(16,)`` of ``resolution=256``; the decoder is built with none), quant convs, scale 0.2325."""
+        base: dict[str, Any] = dict(
+            block_out_channels=(128, 128, 256, 256, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            scaling_factor=0.2325,
+            shift_factor=0.0,
+            encoder_attention_levels=(4,),
+            use_quant_conv=True,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def kl16_tiny(cls, **overrides: Any) -> FluxVAEConfig:
+        """KL-16's structure (5 levels, x16, 16 latents, last-level encoder attention, quant convs), narrow."""
+        base: dict[str, Any] = dict(block_out_channels=(8, 8, 16, 16, 32), norm_num_groups=4)
+        return cls.kl16(**{**base, **overrides})
+
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Keyword arguments building the equivalent ``diffusers.AutoencoderKL``."""
         n = len(self.block_out_channels)
+        enc, dec = self.encoder_attention_levels, self.decoder_attention_levels
         return dict(
             in_channels=self.in_channels,
             out_channels=self.out_channels,
-            down_block_types=("DownEncoderBlock2D",) * n,
-            up_block_types=("UpDecoderBlock2D",) * n,
+            down_block_types=tuple("AttnDownEncoderBlock2D" if i in enc else "DownEncoderBlock2D" for i in range(n)),
+            up_block_types=tuple("AttnUpDecoderBlock2D" if n - 1 - j in dec else "UpDecoderBlock2D" for j in range(n)),
             block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
             latent_channels=self.latent_channels,
             norm_num_groups=self.norm_num_groups,
             scaling_factor=self.scaling_factor,
             shift_factor=self.shift_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
+            use_quant_conv=self.use_quant_conv,
+            use_post_quant_conv=self.use_quant_conv,
             mid_block_add_attention=self.mid_block_add_attention,
         )
+
+
+kl16 = FluxVAEConfig.kl16
+kl16_tiny = FluxVAEConfig.kl16_tiny

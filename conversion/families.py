@@ -374,12 +374,44 @@ def _unipic_family() -> Family:
     )
 
 
+def _kl16_vae_family() -> Family:
+    """MAR / UniPic-1 KL-16 VAE: the same ``FluxVAE`` module with ``FluxVAEConfig.kl16()``."""
+    from configs.vae import FluxVAEConfig
+
+    def build(cfg, rngs):
+        from nexus_jax.models.vae import FluxVAE
+
+        return FluxVAE(cfg, rngs=rngs)
+
+    def kl16(cfg):
+        from conversion.tables.kl16_vae import kl16_mapping
+
+        return kl16_mapping(cfg)
+
+    def diffusers(cfg):
+        from conversion.tables.vae import diffusers_mapping
+
+        return diffusers_mapping(cfg)
+
+    return Family(
+        name="kl16_vae",
+        description="MAR / UniPic-1 KL-16 VAE (kl16.ckpt LDM names / diffusers AutoencoderKL names)",
+        presets={"full": FluxVAEConfig.kl16, "tiny": FluxVAEConfig.kl16_tiny},
+        build=build,
+        tables={"kl16_vae": kl16, "bfl_vae": kl16, "diffusers_vae": diffusers},
+        export_scheme="kl16_vae",
+        config_from_json=lambda d: config_io.from_dict(FluxVAEConfig, d),
+        weights_prefix="kl16",
+    )
+
+
 _FACTORIES: dict[str, Callable[[], Family]] = {
     "nexus_ar": _nexus_family,
     "qwen2_5_vl": _qwen2_5_vl_family,
     "qwen2_text": _qwen2_family,
     "flux_dit": _flux_family,
     "vae": _vae_family,
+    "kl16_vae": _kl16_vae_family,
     "generation_decoder": lambda: _decoder_family("generation"),
     "editing_decoder": lambda: _decoder_family("editing"),
     "unipic": _unipic_family,

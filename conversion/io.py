@@ -193,8 +193,9 @@ class TorchBinReader(TensorReader):
             state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damaged files
             raise ConversionError(f"cannot read torch checkpoint {path} (truncated or not a state dict): {e}") from e
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+        for wrapper in ("state_dict", "model"):  # Lightning / LDM checkpoints; MAR's kl16.ckpt is {"model": sd}
+            if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)] if isinstance(state, dict) else ["?"]
         if bad:
             raise ConversionError(f"{path} is not a flat state dict of tensors; offending entries: {bad[:20]}")

@@ -21,6 +21,7 @@ SCHEMES: dict[str, str] = {
     "bfl_flux": "BFL flux1-dev.safetensors (double_blocks.*, single_blocks.*, final_layer.*)",
     "diffusers_vae": "diffusers AutoencoderKL (encoder.down_blocks.*, decoder.up_blocks.*)",
     "bfl_vae": "BFL ae.safetensors (encoder.down.*, decoder.up.*)",
+    "kl16_vae": "MAR / UniPic-1 kl16.ckpt (LDM names encoder.down.*, decoder.up.* + quant_conv, post_quant_conv)",
     "unipic1_bin": "Skywork UniPic-1 pytorch_model.bin (llm.model.*, mar.*, mar.diffloss.net.*, proj_in/out.*)",
 }
 
@@ -48,7 +49,7 @@ def detect_scheme(keys: Collection[str], where: str = "the checkpoint") -> str:
         if _has_prefix(keys, "encoder.down_blocks.") or _has_prefix(keys, "decoder.up_blocks."):
             return "diffusers_vae"
         if _has_prefix(keys, "encoder.down.") or _has_prefix(keys, "decoder.up."):
-            return "bfl_vae"
+            return "kl16_vae" if "quant_conv.weight" in keys else "bfl_vae"
     if "llm.model.embed_tokens.weight" in keys and _has_prefix(keys, "mar."):
         return "unipic1_bin"
     if "model.embed_tokens.weight" in keys and _has_prefix(keys, "model.layers."):

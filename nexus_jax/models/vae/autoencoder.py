@@ -1,6 +1,7 @@
-"""FLUX autoencoder: ``encode(pixels) -> model latents`` and ``decode(model latents) -> pixels`` (NHWC, pure, jittable).
+"""LDM autoencoder (FLUX AE, MAR KL-16): ``encode(pixels) -> model latents``, ``decode(model latents) -> pixels``
+(NHWC, pure, jittable).
 
-"Model latents" are what the FLUX DiT consumes: ``(raw - shift_factor) * scaling_factor``.
+"Model latents" are what the generator consumes: ``(raw - shift_factor) * scaling_factor``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from flax import nnx
 from configs.vae import FluxVAEConfig
 from nexus_jax.models.vae.decoder import Decoder
 from nexus_jax.models.vae.encoder import Encoder
+from nexus_jax.models.vae.primitives import Conv2d
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -59,22 +61,30 @@ def _check_float(name: str, x: jax.Array) -> None:
 
 
 class FluxVAE(nnx.Module):
-    """FLUX ``AutoencoderKL`` (no quant convs). Submodules ``encoder`` and ``decoder`` use diffusers names."""
+    """LDM ``AutoencoderKL``: FLUX's (no quant convs) or KL-16's (``FluxVAEConfig.kl16()``). Submodules
+    ``encoder``, ``decoder`` and, with ``use_quant_conv``, 1x1 ``quant_conv`` / ``post_quant_conv`` use diffusers
+    names."""
 
     def __init__(self, config: FluxVAEConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
+        kw = dict(param_dtype=jnp.dtype(config.param_dtype), dtype=jnp.dtype(config.dtype), rngs=rngs)
+        latent, quant = config.latent_channels, config.use_quant_conv
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1, **kw) if quant else None
+        self.post_quant_conv = Conv2d(latent, latent, 1, **kw) if quant else None
 
     def encode_moments(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """pixels [B, H, W, 3] in [-1, 1] -> raw posterior (mean, logvar), each [B, H/8, W/8, latent]."""
+        """pixels [B, H, W, 3] in [-1, 1] -> raw posterior (mean, logvar), each [B, H/f, W/f, latent]."""
         check_pixels(pixels, self.config)
         moments = self.encoder(pixels)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
     def encode(self, pixels: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """pixels [B, H, W, 3] in [-1, 1] -> model latents [B, H/8, W/8, latent].
+        """pixels [B, H, W, 3] in [-1, 1] -> model latents [B, H/f, W/f, latent] (f = downsample_factor).
 
         The posterior mean without ``key``; a posterior sample ``mean + exp(logvar / 2) * N(0, 1)`` with it.
         """
@@ -85,6 +95,9 @@ class FluxVAE(nnx.Module):
         return latents_to_model(raw, self.config)
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        """Model latents [B, h, w, latent] -> pixels [B, 8h, 8w, 3] (nominally [-1, 1], not clipped)."""
+        """Model latents [B, h, w, latent] -> pixels [B, f*h, f*w, 3] (nominally [-1, 1], not clipped)."""
         check_latents(latents, self.config)
-        return self.decoder(model_to_latents(latents, self.config))
+        raw = model_to_latents(latents, self.config)
+        if self.post_quant_conv is not None:
+            raw = self.post_quant_conv(raw)
+        return self.decoder(raw)

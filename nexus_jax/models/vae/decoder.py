@@ -14,7 +14,9 @@ from nexus_jax.sharding import constrain
 
 
 class Decoder(nnx.Module):
-    """conv_in -> mid_block -> up_blocks (widths reversed, layers_per_block + 1 resnets) -> norm -> SiLU -> conv_out."""
+    """conv_in -> mid_block -> up_blocks (widths reversed, layers_per_block + 1 resnets) -> norm -> SiLU -> conv_out.
+
+    ``up_blocks.i`` is encoder level ``n - 1 - i`` (LDM's ``up.{n-1-i}``)."""
 
     def __init__(self, config: FluxVAEConfig, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -34,6 +36,7 @@ class Decoder(nnx.Module):
                     groups=groups,
                     eps=eps,
                     add_upsample=i < len(ch) - 1,
+                    add_attention=len(ch) - 1 - i in config.decoder_attention_levels,
                     **kw,
                 )
                 for i in range(len(ch))

@@ -32,6 +32,7 @@ class Encoder(nnx.Module):
                     groups=groups,
                     eps=eps,
                     add_downsample=i < len(ch) - 1,
+                    add_attention=i in config.encoder_attention_levels,
                     **kw,
                 )
                 for i in range(len(ch))
