@@ -32,6 +32,7 @@ class MARConfig:
     num_classes: int = 1000
     llm_hidden: int = 1536
     proj_dropout: float = 0.0
+    remat: str = "none"  # per block: "none" | "full" | "dots" | "dots_no_batch" (as configs/qwen2_5.py)
     param_dtype: Any = jnp.float32
     dtype: Any = None  # compute dtype; None = follow inputs/params
 
@@ -49,6 +50,8 @@ class MARConfig:
             raise ValueError(f"MARConfig.mlp_ratio must give a positive MLP width, got {self.mlp_ratio}")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"MARConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
+        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+            raise ValueError(f"MARConfig.remat={self.remat!r} is not one of ('none', 'full', 'dots', 'dots_no_batch')")
         if not 0.0 <= self.proj_dropout < 1.0:
             raise ValueError(f"MARConfig.proj_dropout must be in [0, 1), got {self.proj_dropout}")
 

@@ -209,6 +209,27 @@ def test_dropout_only_with_key():
     assert _err(dropped, plain) > 1e-3
 
 
+@pytest.mark.slow
+def test_remat_same_values_and_grads(models):
+    _, jm = models
+    remat = MAR(MARConfig.tiny(remat="full"), rngs=nnx.Rngs(0))
+    nnx.update(remat, nnx.state(jm))
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((2, CFG.seq_len, 16)), jnp.float32)
+    mask = jnp.asarray(_masks(rng, 2, CFG.seq_len, 9))
+
+    def loss(m):
+        enc = m.forward_mae_encoder(x, mask, m.fake_class_embedding(2))
+        return jnp.sum(m.forward_mae_decoder(enc, mask) ** 2)
+
+    grad = jax.jit(nnx.value_and_grad(loss))
+    (v0, g0), (v1, g1) = grad(jm), grad(remat)
+    err = max(_err(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True))
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g0))
+    print(f"remat full vs none: loss {abs(float(v0 - v1)):.2e}, grads max abs err {err:.2e} (max |grad| {scale:.1f})")
+    assert abs(float(v0 - v1)) <= 1e-5 * abs(float(v0)) and err <= 1e-5 * scale
+
+
 def test_bad_inputs(models):
     _, jm = models
     n = CFG.seq_len
@@ -233,6 +254,8 @@ def test_bad_inputs(models):
         MARConfig.tiny(num_heads=5)
     with pytest.raises(ValueError, match="buffer_size"):
         MARConfig.tiny(buffer_size=-1)
+    with pytest.raises(ValueError, match="remat"):
+        MARConfig.tiny(remat="some")
     with pytest.raises(ValueError, match="proj_dropout"):
         MARConfig.tiny(proj_dropout=1.0)
     assert MARConfig.full().head_dim == 80 and MARConfig.full().seq_len == 1024

@@ -19,6 +19,7 @@ from flax import nnx
 
 from configs.mar import MARConfig
 from nexus_jax.layers import Embed, LayerNorm, Linear, make_param
+from nexus_jax.models.qwen2.model import REMAT_POLICIES
 from nexus_jax.models.unipic.pos_embed import Grid, resize_grid, resize_pos_embed
 from nexus_jax.models.unipic.vit import ACT, Block
 from nexus_jax.sharding import constrain
@@ -32,10 +33,20 @@ def _blocks(cfg: MARConfig, depth: int, rngs: nnx.Rngs) -> nnx.List:
     ])
 
 
-def _run_blocks(blocks: nnx.List, x: jax.Array, key_mask: jax.Array | None, dropout_key: jax.Array | None):
+def _call_block(block: Block, x: jax.Array, key_mask: jax.Array | None, key: jax.Array | None) -> jax.Array:
+    return block(x, key_mask, dropout_key=key)
+
+
+def _run_blocks(
+    blocks: nnx.List, x: jax.Array, key_mask: jax.Array | None, dropout_key: jax.Array | None, remat: str
+) -> jax.Array:
+    """Apply ``blocks`` in order (each rematerialised with policy ``remat`` unless "none")."""
+    run = _call_block
+    if remat != "none":
+        run = nnx.remat(_call_block, policy=REMAT_POLICIES[remat], prevent_cse=True)
     keys = [None] * len(blocks) if dropout_key is None else list(jax.random.split(dropout_key, len(blocks)))
     for block, key in zip(blocks, keys, strict=True):
-        x = block(x, key_mask, dropout_key=key)
+        x = run(block, x, key_mask, key)
     return x
 
 
@@ -123,7 +134,7 @@ class MAR(nnx.Module):
         h = jnp.concatenate([buffers, h], axis=1)
         h = h + self.encoder_pos_embed(grid).astype(h.dtype)
         h = constrain(self.z_proj_ln(h), ACT)
-        h = _run_blocks(self.encoder_blocks, h, ~masked, dropout_key)
+        h = _run_blocks(self.encoder_blocks, h, ~masked, dropout_key, cfg.remat)
         return self.encoder_norm(h)
 
     def mar_encoder_unmasked(
@@ -163,6 +174,6 @@ class MAR(nnx.Module):
             pad = self.decoder_embed(x_con)
         h = jnp.where(masked[:, :, None], pad, h)
         h = constrain(h + self.decoder_pos_embed(grid).astype(h.dtype), ACT)
-        h = _run_blocks(self.decoder_blocks, h, None, dropout_key)
+        h = _run_blocks(self.decoder_blocks, h, None, dropout_key, cfg.remat)
         h = self.decoder_norm(h)[:, cfg.buffer_size:]
         return h + self.diffusion_pos_embed(grid).astype(h.dtype)
