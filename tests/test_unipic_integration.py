@@ -4,6 +4,8 @@ to end on a tiny converted checkpoint (text-to-image, editing, understanding, re
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from nexus_jax.models.vae import FluxVAE
 from nexus_jax.unipic import prompts
 from nexus_jax.unipic.loading import from_torch_state_dict
 from nexus_jax.unipic.understand import pad_to_square, preprocess_image, understand
+from tests.helpers.diffloss_torch import DiffLoss, Diffusion, cosine_betas, diff_loss
 from tests.helpers.kl16_torch import UniPicVAECodec
 from tests.helpers.mar_torch import TorchMAR, torch_projector
 from tests.test_kl16_vae import torch_kl16
@@ -53,6 +56,11 @@ class TorchUniPic:
         vae = torch_kl16(cfg.vae).eval()
         vae.load_state_dict(vae_sd, strict=True)
         self.codec = UniPicVAECodec(vae, cfg.vae.scaling_factor)
+        h = cfg.head
+        diffloss = DiffLoss(in_channels=h.in_channels, width=h.width, out_channels=h.out_channels,
+                            z_channels=h.z_channels, depth=h.depth, time_dim=h.time_dim)
+        diffloss.load_state_dict(_sub(sd, "mar.diffloss."), strict=True)
+        self.head = diffloss.net
         self.cfg = cfg
 
     @torch.no_grad()
@@ -153,3 +161,155 @@ def test_understanding_greedy_tokens_equal_transformers(weights):
         feats_err = max(feats_err, float(np.abs(np.asarray(z_jax) - z.numpy()).max()))
     print(f"understanding: greedy tokens equal for {len(images)} prompts; visual feature max abs err {feats_err:.2e}")
     assert feats_err <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+def _torch_ctx(ref: TorchUniPic, ids: torch.Tensor, z_src: torch.Tensor | None) -> torch.Tensor:
+    emb = ref.llm.get_input_embeddings()(torch.where(ids == CFG.tokens.image, 0, ids))
+    if z_src is not None:
+        emb = emb.clone()
+        emb[ids == CFG.tokens.image] = z_src.reshape(-1, z_src.shape[-1])
+    return emb
+
+
+def torch_generation_loss(ref: TorchUniPic, target: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
+                          mask: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, x_con=None) -> torch.Tensor:
+    """Upstream training step with token dropping and one LLM forward over [context ; visible ; buffers]."""
+    b, n, c = target.shape
+    nb = CFG.mar.buffer_size
+    x_enc = ref.mar.forward_mae_encoder(target, mask, ref.mar.fake_latent.expand(b, -1))
+    z = ref.proj_in(x_enc)
+    z = torch.cat([z[:, nb:], z[:, :nb]], dim=1)
+    l_img = z.shape[1]
+    attn = torch.cat([ctx_mask.long(), torch.ones(b, l_img, dtype=torch.long)], dim=1)
+    pos = (torch.cumsum(attn, dim=1) - 1).clamp(min=0)
+    h = ref.llm.model(inputs_embeds=torch.cat([ctx, z], dim=1), attention_mask=attn,
+                      position_ids=pos).last_hidden_state[:, -l_img:]
+    h = torch.cat([h[:, -nb:], h[:, :-nb]], dim=1)
+    z_dec = ref.mar.forward_mae_decoder(x_enc + ref.proj_out(h), mask, x_con=x_con)
+    diffusion = Diffusion(cosine_betas(CFG.diffusion.num_timesteps, CFG.diffusion.max_beta),
+                          set(range(CFG.diffusion.num_timesteps)))
+    mul = CFG.diffusion.diffusion_batch_mul
+    return diff_loss(diffusion, ref.head, target.reshape(b * n, c), z_dec.reshape(b * n, -1), mask.reshape(-1), mul,
+                     t, noise)
+
+
+@pytest.fixture(scope="module")
+def loss_inputs():
+    rng = np.random.default_rng(7)
+    b, r = 2, CFG.resolution
+    n = (r // 16) ** 2
+    src = rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)
+    tgt = rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)
+    t2i = prompts.text_to_image_batch(["a red fox", "snow"], ENCODE, CFG.tokens)
+    k = CFG.image_tokens
+    edit = prompts.editing_batch(["make it night", "add a hat"], ENCODE, CFG.tokens, k)
+    und = prompts.understanding_batch(["What is it?", "Describe."], ENCODE, CFG.tokens, k)
+    answers = [ENCODE("A fox.") + [CFG.tokens.im_end], ENCODE("Snowy hills at dusk") + [CFG.tokens.im_end]]
+    ids = np.full((b, und.input_ids.shape[1] + 20), CFG.tokens.pad, np.int32)
+    labels = np.full(ids.shape, -100, np.int32)
+    attn = np.zeros(ids.shape, np.int32)
+    for i in range(b):
+        row = np.concatenate([und.input_ids[i, : und.lengths[i]], answers[i]])
+        ids[i, : len(row)], attn[i, : len(row)] = row, 1
+        labels[i, und.lengths[i] : len(row)] = answers[i]
+    mul = CFG.diffusion.diffusion_batch_mul
+    rnd = {}
+    for task in ("text2image", "image_edit"):
+        num_masked = {"text2image": 13, "image_edit": 11}[task]
+        mask = np.zeros((b, n), np.float32)
+        for i in range(b):
+            mask[i, rng.permutation(n)[:num_masked]] = 1
+        t = rng.integers(0, CFG.diffusion.num_timesteps, mul * b * n)
+        t[:3] = 0  # the decoder-NLL branch of the VLB
+        noise = rng.standard_normal((mul * b * n, CFG.mar.token_embed_dim)).astype(np.float32)
+        rnd[task] = (mask, t, noise)
+    return dict(src=src, tgt=tgt, t2i=t2i, edit=edit, und=(ids, attn, labels), rnd=rnd)
+
+
+def _jax_batches(d):
+    ids, attn, labels = d["und"]
+    return {
+        "text2image": {"pixels": d["tgt"], "input_ids": d["t2i"].input_ids[:2], "attention_mask":
+                       d["t2i"].attention_mask[:2]},
+        "image2text": {"pixels": d["src"], "input_ids": ids, "attention_mask": attn, "labels": labels},
+        "image_edit": {"source": d["src"], "target": d["tgt"], "input_ids": d["edit"].input_ids[:2],
+                       "attention_mask": d["edit"].attention_mask[:2]},
+    }
+
+
+def test_losses_equal_torch(weights, loss_inputs):
+    from nexus_jax.unipic.loss import LOSS_WEIGHTS, Randomness, unipic_loss
+
+    _, _, model, vae, ref = weights
+    d = loss_inputs
+    rnd = {k: Randomness(jnp.asarray(m), jnp.asarray(t, jnp.int32), jnp.asarray(nz)) for k, (m, t, nz) in
+           d["rnd"].items()}
+    total, parts = unipic_loss(model, vae, _jax_batches(d), None, randomness=rnd)
+    nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.no_grad():
+        tokens = lambda x: ref.codec.encode(nchw(x)).reshape(2, -1, CFG.mar.token_embed_dim)  # noqa: E731
+        want = {}
+        m, t, nz = (torch.from_numpy(np.asarray(a)) for a in d["rnd"]["text2image"])
+        ids = torch.from_numpy(d["t2i"].input_ids[:2]).long()
+        want["text2image"] = torch_generation_loss(ref, tokens(d["tgt"]), _torch_ctx(ref, ids, None),
+                                                   torch.from_numpy(d["t2i"].attention_mask[:2]), m, t, nz)
+        x_con, z_src = ref.visual(nchw(d["src"]))
+        m, t, nz = (torch.from_numpy(np.asarray(a)) for a in d["rnd"]["image_edit"])
+        ids = torch.from_numpy(d["edit"].input_ids[:2]).long()
+        want["image_edit"] = torch_generation_loss(ref, tokens(d["tgt"]), _torch_ctx(ref, ids, z_src),
+                                                   torch.from_numpy(d["edit"].attention_mask[:2]), m, t, nz, x_con)
+        uid, uattn, ulab = (torch.from_numpy(a).long() for a in d["und"])
+        logits = ref.llm(inputs_embeds=_torch_ctx(ref, uid, z_src), attention_mask=uattn,
+                         position_ids=(torch.cumsum(uattn, 1) - 1).clamp(min=0)).logits
+        want["image2text"] = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                               ulab[:, 1:].reshape(-1), ignore_index=-100)
+    errs = {k: abs(float(parts[k]) - float(v)) for k, v in want.items()}
+    print("loss abs errors:", {k: f"{e:.2e}" for k, e in errs.items()},
+          "values:", {k: round(float(v), 5) for k, v in want.items()})
+    for k, v in want.items():
+        assert errs[k] <= 1e-4 * max(1.0, abs(float(v))), (k, float(parts[k]), float(v))
+    assert float(parts["image2text_tokens"]) == int((ulab[:, 1:] != -100).sum())
+    expected = sum(LOSS_WEIGHTS[k] * float(v) for k, v in want.items())
+    assert abs(float(total) - expected) <= 1e-4 * max(1.0, abs(expected))
+
+
+def test_loss_gradients_reach_every_part(weights, loss_inputs):
+    from nexus_jax.unipic.loss import unipic_loss
+
+    _, _, model, vae, _ = weights
+    batches = _jax_batches(loss_inputs)
+
+    def f(m):
+        return unipic_loss(m, vae, batches, jax.random.key(3))[0]
+
+    loss, grads = nnx.value_and_grad(f)(model)
+    flat = {k: np.asarray(v) for k, v in module_arrays_of(grads).items()}
+    assert np.isfinite(float(loss)) and all(np.isfinite(g).all() for g in flat.values())
+    for name in ("mar.encoder_blocks.0.attn.qkv.kernel", "mar.decoder_blocks.1.mlp.fc2.kernel",
+                 "mar.diffloss.net.res_blocks.1.mlp.2.kernel", "llm.model.layers.0.self_attn.q_proj.kernel",
+                 "llm.model.embed_tokens.embedding", "proj_in.0.kernel", "proj_out.2.kernel", "mar.mask_token"):
+        assert np.abs(flat[name]).max() > 0, name
+    # visual-feature gradient is scaled by 0.1: understanding alone through proj_in vs an unscaled copy
+    from nexus_jax.unipic import loss as loss_mod
+
+    und = {"image2text": batches["image2text"]}
+    g_scaled = nnx.grad(lambda m: unipic_loss(m, vae, und, None)[0])(model)
+    old = loss_mod.VISUAL_GRAD_SCALE
+    loss_mod.VISUAL_GRAD_SCALE = 1.0
+    try:
+        g_full = nnx.grad(lambda m: unipic_loss(m, vae, und, None)[0])(model)
+    finally:
+        loss_mod.VISUAL_GRAD_SCALE = old
+    a = np.asarray(module_arrays_of(g_scaled)["proj_in.2.kernel"])
+    b = np.asarray(module_arrays_of(g_full)["proj_in.2.kernel"])
+    np.testing.assert_allclose(a, 0.1 * b, rtol=1e-4, atol=1e-9)
+    c = np.asarray(module_arrays_of(g_scaled)["llm.model.layers.1.mlp.up_proj.kernel"])
+    d = np.asarray(module_arrays_of(g_full)["llm.model.layers.1.mlp.up_proj.kernel"])
+    np.testing.assert_allclose(c, d, rtol=1e-5, atol=1e-9)
+
+
+def module_arrays_of(state) -> dict:
+    from conversion.state import flat_variables
+
+    return {k: v.get_value() for k, v in flat_variables(state).items()}
