@@ -375,32 +375,23 @@ def _unipic_family() -> Family:
 
 
 def _kl16_vae_family() -> Family:
-    """MAR / UniPic-1 KL-16 VAE: the same ``FluxVAE`` module with ``FluxVAEConfig.kl16()``."""
+    """MAR / UniPic-1 KL-16 VAE: the ``vae`` family's ``FluxVAE`` with ``FluxVAEConfig.kl16()`` and the
+    ``kl16.ckpt`` table (LDM names; ``bfl_vae`` is what detection calls those names without quant convs)."""
     from configs.vae import FluxVAEConfig
-
-    def build(cfg, rngs):
-        from nexus_jax.models.vae import FluxVAE
-
-        return FluxVAE(cfg, rngs=rngs)
 
     def kl16(cfg):
         from conversion.tables.kl16_vae import kl16_mapping
 
         return kl16_mapping(cfg)
 
-    def diffusers(cfg):
-        from conversion.tables.vae import diffusers_mapping
-
-        return diffusers_mapping(cfg)
-
-    return Family(
+    vae = _vae_family()
+    return dataclasses.replace(
+        vae,
         name="kl16_vae",
         description="MAR / UniPic-1 KL-16 VAE (kl16.ckpt LDM names / diffusers AutoencoderKL names)",
         presets={"full": FluxVAEConfig.kl16, "tiny": FluxVAEConfig.kl16_tiny},
-        build=build,
-        tables={"kl16_vae": kl16, "bfl_vae": kl16, "diffusers_vae": diffusers},
+        tables={"kl16_vae": kl16, "bfl_vae": kl16, "diffusers_vae": vae.tables["diffusers_vae"]},
         export_scheme="kl16_vae",
-        config_from_json=lambda d: config_io.from_dict(FluxVAEConfig, d),
         weights_prefix="kl16",
     )
 
