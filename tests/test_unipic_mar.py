@@ -230,6 +230,23 @@ def test_remat_same_values_and_grads(models):
     assert abs(float(v0 - v1)) <= 1e-5 * abs(float(v0)) and err <= 1e-5 * scale
 
 
+def test_bf16_compute_close_to_fp32(models):
+    _, jm = models
+    half = MAR(MARConfig.tiny(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
+    nnx.update(half, nnx.state(jm))
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.standard_normal((2, CFG.seq_len, 16)), jnp.float32)
+    mask = jnp.asarray(_masks(rng, 2, CFG.seq_len, 7))
+
+    def run(m):
+        return m.forward_mae_decoder(m.forward_mae_encoder(x, mask, m.fake_class_embedding(2)), mask)
+
+    ref, out = jax.jit(run)(jm), jax.jit(run)(half)
+    rel = _err(out, ref) / float(jnp.max(jnp.abs(ref)))
+    print(f"bf16 compute vs fp32: max abs err / max |z| = {rel:.2e}")
+    assert out.dtype == jnp.bfloat16 and rel < 5e-2
+
+
 def test_full_size_parameter_counts():
     """mar_huge (abstract, no allocation): encoder 395.0 M, decoder 397.9 M, proj_in/out 4.33 M (unipic.md 2.1)."""
     cfg = MARConfig.full()
