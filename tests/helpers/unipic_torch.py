@@ -47,8 +47,62 @@ def mask_by_order(mask_len: int, orders: torch.Tensor, seq_len: int) -> torch.Te
     return masking.bool()
 
 
-def mask_len_at(step: int, num_iter: int, seq_len: int, num_masked: int) -> int:
-    """MaskGIT cosine: floor(N cos(pi/2 (step+1)/num_iter)) clipped to [1, num_masked - 1] (upstream numpy/torch)."""
-    ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
-    mask_len = int(np.floor(seq_len * ratio))
-    return max(1, min(num_masked - 1, mask_len))
+
+class TorchUniPic(nn.Module):
+    """Container with upstream's attribute names, so ``state_dict()`` has the published ``pytorch_model.bin`` keys
+    (``llm.``, ``mar.`` incl. ``mar.diffloss.net.``, ``proj_in.``, ``proj_out.``)."""
+
+    def __init__(self, llm: nn.Module, mar: nn.Module, diffloss: nn.Module, proj_in: nn.Module, proj_out: nn.Module):
+        super().__init__()
+        self.llm, self.mar, self.proj_in, self.proj_out = llm, mar, proj_in, proj_out
+        self.mar.diffloss = diffloss
+
+
+def load_into_jax(module, mapping, state_dict: dict[str, torch.Tensor]) -> None:
+    """Fill an nnx module from a torch state dict through a conversion table (``conversion.engine``)."""
+    from conversion.engine import execute, plan
+    from conversion.state import assign, param_shapes
+
+    sd = {k: v.detach().numpy() for k, v in state_dict.items()}
+    steps = plan(mapping, {k: v.shape for k, v in sd.items()}, param_shapes(module), "to_jax")
+    assign(module, dict(execute(steps, sd.__getitem__)))
+
+
+@torch.no_grad()
+def sample(
+    model: TorchUniPic, diffusion, codec, ctx_embeds: torch.Tensor, ctx_mask: torch.Tensor, orders: torch.Tensor,
+    init_noise, step_noise, *, num_iter: int, cfg: float, cfg_schedule: str = "constant", temperature: float = 1.0,
+    buffer_size: int, grid: int, x_con: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream ``SkyworkUnipic.sample`` with CFG: ctx rows [cond G; uncond G] (right-padded), orders [G, N].
+
+    Randomness comes in: ``init_noise[k]`` [G * n_k, C] is the head's x_T for the step's predicted cond tokens (rows
+    in ``nonzero`` order, shared by the uncond half), ``step_noise[k]`` [S, G * n_k, C] the per-step noise of the cond
+    half (the uncond half's x never reaches the output). Returns (tokens [G, N, C], pixels [G, 3, R, R]).
+    """
+    mar, net = model.mar, model.mar.diffloss.net
+    g, n = orders.shape
+    c = init_noise[0].shape[-1]
+    kv = prefill(model.llm.model, ctx_embeds)
+    tokens = torch.zeros(g, n, c)
+    mask = torch.ones(g, n)
+    for step in range(num_iter):
+        cur = tokens.clone()
+        tokens2, mask2 = torch.cat([tokens, tokens]), torch.cat([mask, mask])
+        x_enc = mar.forward_mae_encoder(tokens2, mask2, mar.fake_latent.expand(2 * g, -1))
+        x_enc = bridge(model.llm.model, model.proj_in, model.proj_out, x_enc, kv, ctx_mask, buffer_size)
+        z = mar.forward_mae_decoder(x_enc, mask2, x_con=x_con)
+        ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+        mask_len = torch.Tensor([np.floor(n * ratio)])
+        mask_len = torch.maximum(torch.Tensor([1]), torch.minimum(torch.sum(mask, dim=-1, keepdims=True) - 1, mask_len))
+        mask_next = mask_by_order(int(mask_len[0]), orders, n)
+        to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
+        mask = mask_next.float()
+        z_pred = z[torch.cat([to_pred, to_pred]).nonzero(as_tuple=True)]
+        cfg_iter = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (n - mask_len[0]) / n
+        x_t = torch.cat([init_noise[step], init_noise[step]])
+        steps = torch.cat([step_noise[step], step_noise[step]], dim=1)
+        out = diffusion.p_sample_loop(net, z_pred, x_t, steps, temperature, cfg=cfg_iter)
+        cur[to_pred.nonzero(as_tuple=True)] = out.chunk(2, dim=0)[0]
+        tokens = cur.clone()
+    return tokens, codec.decode(tokens.reshape(g, grid, grid, c))
