@@ -19,7 +19,7 @@ import numpy as np
 
 from nexus_jax.inference.batching import Batch, Batcher, collate, collate_references
 from nexus_jax.inference.outputs import OutputDir, Progress
-from nexus_jax.inference.reader import Done, Prepared, iterate, prepare_request, request_dataset
+from nexus_jax.inference.reader import Done, iterate, prepare_request, request_dataset
 from nexus_jax.inference.requests import Failure, read_lines
 
 
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: all devices on data)")
     p.add_argument("--num-threads", type=int, default=2, help="Grain prefetch threads (0: none)")
     p.add_argument("--no-progress", action="store_true")
+    unipic = p.add_argument_group("UniPic-1 checkpoints (sampling overrides; default: the checkpoint's config)")
+    unipic.add_argument("--num-iter", type=int, default=None, help="masked-AR iterations")
+    unipic.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    unipic.add_argument("--diffusion-steps", type=int, default=None, help="diffusion-head sampling steps")
     return p
 
 
@@ -69,23 +73,26 @@ class InferenceJob:
         self.counts["skipped"] += 1
         self.progress.update(1)
 
+    def compute(self, batch: Batch) -> list[dict[str, Any]]:
+        """One result dict per real request of ``batch`` (images written); raises on failure."""
+        nb = collate(batch, self.ckpt.ar.config)
+        if batch.task == "understanding":
+            tokens, counts = self.runner.understand(nb)
+            return [{"text": self.ckpt.codec.decode(tokens[i, : counts[i]].tolist())} for i in range(batch.num_real)]
+        seeds = np.asarray([p.request.seed for p in batch.rows()], np.uint32)
+        refs = collate_references(batch, self.ckpt.ar.config) if batch.task == "editing" else None
+        pixels = self.runner.images(batch.task, nb, seeds, refs)
+        results = []
+        for i, p in enumerate(batch.items):
+            path, digest = self.out.write_image(p.request.id, pixels[i])
+            results.append({"image": path, "image_sha256": digest, "height": int(pixels.shape[1]),
+                            "width": int(pixels.shape[2])})
+        return results
+
     def run(self, batch: Batch) -> None:
         start = time.perf_counter()
         try:
-            nb = collate(batch, self.ckpt.ar.config)
-            if batch.task == "understanding":
-                tokens, counts = self.runner.understand(nb)
-                results = [{"text": self.ckpt.codec.decode(tokens[i, : counts[i]].tolist())}
-                           for i in range(batch.num_real)]
-            else:
-                seeds = np.asarray([p.request.seed for p in batch.rows()], np.uint32)
-                refs = collate_references(batch, self.ckpt.ar.config) if batch.task == "editing" else None
-                pixels = self.runner.images(batch.task, nb, seeds, refs)
-                results = []
-                for i, p in enumerate(batch.items):
-                    path, digest = self.out.write_image(p.request.id, pixels[i])
-                    results.append({"image": path, "image_sha256": digest, "height": int(pixels.shape[1]),
-                                    "width": int(pixels.shape[2])})
+            results = self.compute(batch)
         except Exception as e:  # noqa: BLE001 - one failing batch is recorded, the run goes on
             for p in batch.items:
                 self.fail(Failure(p.request.id, p.request.index, p.request.task, f"{type(e).__name__}: {e}"))
@@ -112,9 +119,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
     t0 = time.perf_counter()
     mesh = _mesh(args.mesh)
-    ckpt = loading.load(args.checkpoint, mesh=mesh)
-    runner = Runner(ckpt.ar, vae=ckpt.vae, generation=ckpt.generation, editing=ckpt.editing, empty=ckpt.empty,
-                    max_new_tokens=args.max_new_tokens, mesh=mesh)
+    from nexus_jax.unipic.loading import is_unipic_checkpoint
+
+    unipic = is_unipic_checkpoint(args.checkpoint)  # UniPic-1: same requests and outputs, nexus_jax.unipic.infer
+    if unipic:
+        from nexus_jax.unipic import infer as unipic_infer
+
+        ckpt, runner = unipic_infer.load_checkpoint(args, mesh), None
+    else:
+        ckpt = loading.load(args.checkpoint, mesh=mesh)
+        runner = Runner(ckpt.ar, vae=ckpt.vae, generation=ckpt.generation, editing=ckpt.editing, empty=ckpt.empty,
+                        max_new_tokens=args.max_new_tokens, mesh=mesh)
     data_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-args.batch_size // data_devices) * data_devices
     load_seconds = time.perf_counter() - t0
@@ -122,23 +137,27 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     out = OutputDir(args.output, jax.process_index(), jax.process_count())
-    cfg = ckpt.ar.config
+    if unipic:
+        def prepare(req):
+            return unipic_infer.prepare_request(req, ckpt, args.max_new_tokens)
+    else:
+        cfg = ckpt.ar.config
+        ref_grid = ckpt.editing.model.cfg.merger.ref_grid if ckpt.editing is not None else None
 
-    ref_grid = ckpt.editing.model.cfg.merger.ref_grid if ckpt.editing is not None else None
-
-    def prepare(req):
-        return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
+        def prepare(req):
+            return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
 
     ds = request_dataset(lines, os.path.dirname(os.path.abspath(args.input)), prepare, out.is_complete)
     total = len(ds)  # this host's share
     progress = Progress(total, enabled=not args.no_progress)
-    job = InferenceJob(runner, ckpt, out, progress)
+    job = (unipic_infer.UniPicJob if unipic else InferenceJob)(runner, ckpt, out, progress)
+    job.max_new_tokens = args.max_new_tokens
     batcher = Batcher(batch_size, args.length_multiple)
     order: dict[int, str] = {}
     t1 = time.perf_counter()
     for item in iterate(ds, num_threads=args.num_threads):
-        order[item.request.index if isinstance(item, Prepared) else item.index] = (
-            item.request.id if isinstance(item, Prepared) else item.id)
+        prepared = not isinstance(item, (Failure, Done))  # reader.Prepared or a model family's own (UniPic-1)
+        order[item.request.index if prepared else item.index] = item.request.id if prepared else item.id
         if isinstance(item, Failure):
             job.fail(item)
         elif isinstance(item, Done):
@@ -171,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    for flag, value in (("--num-iter", args.num_iter), ("--diffusion-steps", args.diffusion_steps)):
+        if value is not None and value < 1:
+            print(f"infer: {flag} ({value}) must be >= 1", file=sys.stderr)
+            return 2
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.length_multiple < 1:
         print(f"infer: --batch-size ({args.batch_size}), --max-new-tokens ({args.max_new_tokens}) and "
               f"--length-multiple ({args.length_multiple}) must be >= 1", file=sys.stderr)

@@ -49,13 +49,26 @@ def pad_to_square(image: np.ndarray, fill: int = GRAY) -> np.ndarray:
     return out
 
 
-def preprocess_image(image: np.ndarray | str, resolution: int) -> np.ndarray:
-    """An RGB uint8 array or an image path -> float32 [R, R, 3] in [-1, 1] (gray pad, bicubic resize, 2x/255 - 1)."""
+def center_crop_square(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> the centred S x S crop, S = min(H, W) (upstream editing ``crop2square``)."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return image[top : top + s, left : left + s]
+
+
+def preprocess_image(image: np.ndarray | str, resolution: int, square: str = "pad") -> np.ndarray:
+    """An RGB uint8 array or an image path -> float32 [R, R, 3] in [-1, 1]: made square (``"pad"``: gray padding
+    as understanding does; ``"crop"``: centre crop as editing does), bicubic resize, ``2 x / 255 - 1``."""
     rgb = to_rgb_uint8(image) if isinstance(image, str) else np.asarray(image)
     if rgb.dtype != np.uint8:
         raise ValueError(f"expected a uint8 RGB image, got dtype {rgb.dtype}")
-    square = Image.fromarray(pad_to_square(rgb))
-    resized = np.asarray(square.resize((resolution, resolution), Image.Resampling.BICUBIC), np.float32)
+    if square not in ("pad", "crop"):
+        raise ValueError(f"square must be 'pad' or 'crop', got {square!r}")
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {rgb.shape}")
+    square_img = Image.fromarray(pad_to_square(rgb) if square == "pad" else center_crop_square(rgb))
+    resized = np.asarray(square_img.resize((resolution, resolution), Image.Resampling.BICUBIC), np.float32)
     return 2.0 * (resized / 255.0) - 1.0
 
 
