@@ -13,11 +13,12 @@ from flax import nnx
 from configs.vae import FluxVAEConfig, kl16, kl16_tiny
 from conversion import io
 from conversion.cli import main as convert
-from conversion.engine import output_shapes
+from conversion.engine import execute, output_shapes, plan
 from conversion.families import get_family
 from conversion.pipeline import load_model
 from conversion.schemes import detect_scheme
-from conversion.state import abstract_params
+from conversion.state import abstract_params, assign
+from conversion.tables.vae import _jax_shapes
 from nexus_jax.models.vae import FluxVAE, decode_tokens, encode_tokens, pixels_to_uint8, pixels_to_uint8_unipic
 from tests.helpers.kl16_torch import KL16AutoencoderKL, UniPicVAECodec, to_uint8
 
@@ -130,9 +131,8 @@ def test_diffusers_autoencoder_is_the_same_model(converted, pixels, tokens):
 def test_full_preset_matches_kl16_ckpt_layout():
     """``kl16()`` gives exactly MAR's ``AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))`` keys and shapes."""
     cfg = kl16()
-    jax_shapes = {k: v.shape for k, v in abstract_params(lambda: FluxVAE(cfg, rngs=nnx.Rngs(0)))[1].items()}
     table = get_family("kl16_vae").table("kl16_vae", cfg)
-    ours = output_shapes(table, jax_shapes, "to_torch")
+    ours = output_shapes(table, _jax_shapes(cfg), "to_torch")  # the model's parameter shapes (cached by the table)
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in KL16AutoencoderKL().state_dict().items()}
     assert ours == want
@@ -140,6 +140,36 @@ def test_full_preset_matches_kl16_ckpt_layout():
     print(f"KL-16 full: {n / 1e6:.2f}M parameters, {len(want)} tensors")
     assert round(n / 1e6, 1) == 66.5
     assert cfg.downsample_factor == 16 and cfg.scaling_factor == 0.2325 and cfg.shift_factor == 0.0
+
+
+@pytest.mark.slow  # a third compiled model (~10 s of CPU)
+def test_attention_at_other_levels_and_in_the_decoder(tokens):
+    """Per-level attention is general: encoder levels (1, 4) and decoder levels (0, 3) (LDM ``attn_resolutions``
+    (128, 16) / (256, 32) of 256) convert by name from the LDM module and decode/encode like it."""
+    cfg = kl16_tiny(encoder_attention_levels=(1, 4), decoder_attention_levels=(0, 3))
+    torch.manual_seed(4)
+    ref = KL16AutoencoderKL(ch=8, embed_dim=16, groups=4, encoder_attn_resolutions=(128, 16),
+                            decoder_attn_resolutions=(256, 32)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    assert "decoder.up.0.attn.2.q.weight" in sd and "encoder.down.1.attn.1.proj_out.weight" in sd
+    model, target = abstract_params(lambda: FluxVAE(cfg, rngs=nnx.Rngs(0)))
+    table = get_family("kl16_vae").table("kl16_vae", cfg)
+    steps = plan(table, {k: v.shape for k, v in sd.items()}, {k: v.shape for k, v in target.items()}, "to_jax")
+    model = assign(model, dict(execute(steps, sd.__getitem__)))
+    z = tokens.reshape(BATCH, *GRID, -1)
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        want_x = UniPicVAECodec(ref).decode(z).numpy().transpose(0, 2, 3, 1)
+        want_z = UniPicVAECodec(ref).encode(x).numpy()
+    out_x, out_z = nnx.jit(lambda m, t, p: (decode_tokens(m, t, *GRID), m.encode(p)))(
+        model, jnp.asarray(tokens.numpy()), nhwc(x)
+    )
+    dec_err, enc_err = np.abs(np.asarray(out_x) - want_x).max(), np.abs(np.asarray(out_z) - want_z).max()
+    print(f"KL-16 with decoder attention: decode max abs err {dec_err:.2e}, encode {enc_err:.2e}")
+    assert dec_err <= 1e-4 and enc_err <= 1e-4
 
 
 def test_pixels_not_divisible_by_16_raise(converted):

@@ -10,12 +10,14 @@ q/k/v/proj_out as 1x1 convs [out, in, 1, 1]; ``quant_conv`` / ``post_quant_conv`
 
 from __future__ import annotations
 
+import functools
 import re
 
 from configs.vae import FluxVAEConfig
 from conversion.engine import CONV2D, IDENTITY, LINEAR, Chain, Mapping, Reshape, Transform, rule
 
 
+@functools.lru_cache(maxsize=8)
 def _jax_shapes(cfg: FluxVAEConfig) -> dict[str, tuple[int, ...]]:
     from flax import nnx
 
