@@ -40,8 +40,9 @@ MASK_RATIO_MIN = 0.7
 
 
 def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
-    """Identity forward, gradient multiplied by ``scale`` (upstream ``_ScaleGradient``)."""
-    return x * scale + jax.lax.stop_gradient(x) * (1.0 - scale)
+    """Identity forward (bit-exact), gradient multiplied by ``scale`` (upstream ``_ScaleGradient``)."""
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + scale * (x - frozen)
 
 
 @dataclasses.dataclass(frozen=True)
