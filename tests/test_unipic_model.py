@@ -14,15 +14,10 @@ from flax import nnx
 import configs.unipic as unipic_configs
 from configs.mar import MARConfig
 from configs.unipic import UniPicConfig
-from nexus_jax.models.qwen2 import Qwen2ForCausalLM
-from nexus_jax.models.qwen2.hf_params import load_hf_state_dict
-from nexus_jax.models.qwen2.hf_reference import build_hf_model, hf_state_dict_numpy
-from nexus_jax.models.unipic.mar import MAR
 from nexus_jax.models.unipic.model import abstract_unipic, create_unipic
-from nexus_jax.models.unipic.projectors import make_proj_in, make_proj_out, project
+from nexus_jax.models.unipic.projectors import project
 from nexus_jax.unipic import bridge as jbridge
 from tests.helpers import unipic_torch
-from tests.helpers.mar_torch import TorchMAR, load_into_nnx, randomize_, torch_projector
 
 CFG = unipic_configs.tiny()
 LENGTHS = (9, 517, 40)
@@ -31,19 +26,8 @@ LENGTHS = (9, 517, 40)
 @pytest.fixture(scope="module")
 def parts():
     """(torch llm, torch MAR, torch proj_in, proj_out) and the JAX counterparts with the same weights."""
-    text, mar_cfg = CFG.text, CFG.mar
-    hf = build_hf_model(text, seed=1, std=0.08)
-    llm = Qwen2ForCausalLM(text, rngs=nnx.Rngs(0))
-    load_hf_state_dict(llm, hf_state_dict_numpy(hf))
-    t_mar = randomize_(TorchMAR(mar_cfg).eval(), seed=2)
-    mar = MAR(mar_cfg, rngs=nnx.Rngs(0))
-    load_into_nnx(mar, t_mar)
-    t_in = randomize_(torch_projector(mar_cfg.width, text.hidden_size, text.hidden_size), seed=3)
-    t_out = randomize_(torch_projector(text.hidden_size, text.hidden_size, mar_cfg.width), seed=4)
-    p_in, p_out = make_proj_in(mar_cfg, rngs=nnx.Rngs(0)), make_proj_out(mar_cfg, rngs=nnx.Rngs(0))
-    load_into_nnx(p_in, t_in)
-    load_into_nnx(p_out, t_out)
-    return (hf, t_mar, t_in, t_out), (llm, mar, p_in, p_out)
+    tu, _, _, model, _ = unipic_torch.reference_models(CFG, vae=False)
+    return (tu.llm, tu.mar, tu.proj_in, tu.proj_out), (model.llm, model.mar, model.proj_in, model.proj_out)
 
 
 def _prompts(seed: int = 0):

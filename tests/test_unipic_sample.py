@@ -14,22 +14,15 @@ from flax import nnx
 
 import configs.unipic as unipic_configs
 from configs.unipic import SamplingConfig
-from conversion.tables.kl16_vae import kl16_mapping
-from conversion.tables.unipic import unipic_mapping
 from nexus_jax import sharding
 from nexus_jax.diffusion import gaussian, maskgit
-from nexus_jax.models.qwen2.hf_reference import build_hf_model
-from nexus_jax.models.unipic.model import UniPic
-from nexus_jax.models.vae import FluxVAE
 from nexus_jax.models.vae.kl16 import pixels_to_uint8_unipic
 from nexus_jax.nexus.tiny import ByteTokenizer
 from nexus_jax.unipic import prompts
 from nexus_jax.unipic import sample as jsample
 from nexus_jax.unipic.bridge import prefill_context
 from tests.helpers import unipic_torch
-from tests.helpers.diffloss_torch import DiffLoss, Diffusion, cosine_betas, randomise_, space_timesteps
-from tests.helpers.kl16_torch import KL16AutoencoderKL, UniPicVAECodec, to_uint8
-from tests.helpers.mar_torch import TorchMAR, randomize_, torch_projector
+from tests.helpers.kl16_torch import to_uint8
 
 CFG = unipic_configs.tiny()
 G = 2
@@ -39,30 +32,7 @@ ENCODE = ByteTokenizer().encode
 @pytest.fixture(scope="module")
 def models():
     """(torch UniPic, torch diffusion, torch VAE codec, JAX UniPic, JAX VAE) with identical weights."""
-    text, mar_cfg, head = CFG.text, CFG.mar, CFG.head
-    t_diff = DiffLoss(in_channels=head.in_channels, width=head.width, out_channels=head.out_channels,
-                      z_channels=head.z_channels, depth=head.depth, time_dim=head.time_dim)
-    randomise_(t_diff, seed=3)
-    tu = unipic_torch.TorchUniPic(
-        build_hf_model(text, seed=1, std=0.08), randomize_(TorchMAR(mar_cfg), seed=2), t_diff,
-        randomize_(torch_projector(mar_cfg.width, text.hidden_size, text.hidden_size), seed=4),
-        randomize_(torch_projector(text.hidden_size, text.hidden_size, mar_cfg.width), seed=5),
-    ).eval()
-    model = UniPic(CFG, rngs=nnx.Rngs(0))
-    unipic_torch.load_into_jax(model, unipic_mapping(CFG), tu.state_dict())
-    vcfg = CFG.vae
-    ch = vcfg.block_out_channels[0]
-    t_vae = KL16AutoencoderKL(ch=ch, ch_mult=tuple(c // ch for c in vcfg.block_out_channels),
-                              embed_dim=vcfg.latent_channels, groups=vcfg.norm_num_groups).eval()
-    torch.manual_seed(6)
-    with torch.no_grad():
-        for p in t_vae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    vae = FluxVAE(vcfg, rngs=nnx.Rngs(0))
-    unipic_torch.load_into_jax(vae, kl16_mapping(vcfg), t_vae.state_dict())
-    diffusion = Diffusion(cosine_betas(CFG.diffusion.num_timesteps, CFG.diffusion.max_beta),
-                          space_timesteps(CFG.diffusion.num_timesteps, int(CFG.diffusion.sampling_steps)))
-    return tu, diffusion, UniPicVAECodec(t_vae, vcfg.scaling_factor), model, vae
+    return unipic_torch.reference_models(CFG)
 
 
 def _noise(sampling: SamplingConfig, seed: int):
@@ -172,6 +142,7 @@ def _one_iteration(model, batch, noise, step):
                              jnp.asarray(noise.steps[step]), jnp.float32(1.0), max_pred=max_pred)
 
 
+@pytest.mark.slow
 def test_sharded_iteration_equals_unsharded(models):
     *_, model, _ = models
     batch = prompts.text_to_image_batch(["a red cube", "two cats"], ENCODE, CFG.tokens)

@@ -58,14 +58,58 @@ class TorchUniPic(nn.Module):
         self.mar.diffloss = diffloss
 
 
-def load_into_jax(module, mapping, state_dict: dict[str, torch.Tensor]) -> None:
-    """Fill an nnx module from a torch state dict through a conversion table (``conversion.engine``)."""
+def jax_from_torch(ctor, mapping, state_dict: dict[str, torch.Tensor]):
+    """An nnx module built abstractly by ``ctor`` (no random init, no per-shape init compiles) and filled from a torch
+    state dict through a conversion table (``conversion.engine``)."""
+    from flax import nnx
+
     from conversion.engine import execute, plan
     from conversion.state import assign, param_shapes
 
+    module = nnx.eval_shape(ctor)
     sd = {k: v.detach().numpy() for k, v in state_dict.items()}
     steps = plan(mapping, {k: v.shape for k, v in sd.items()}, param_shapes(module), "to_jax")
-    assign(module, dict(execute(steps, sd.__getitem__)))
+    return assign(module, dict(execute(steps, sd.__getitem__)))
+
+
+def reference_models(cfg, *, vae: bool = True):
+    """Random torch UniPic (+ KL-16 VAE codec and the head's diffusion) at ``cfg`` and the JAX models holding the same
+    weights, imported through the real tables. Returns (torch UniPic, diffusion, codec, JAX UniPic, JAX VAE)."""
+    from flax import nnx
+
+    from conversion.tables.kl16_vae import kl16_mapping
+    from conversion.tables.unipic import unipic_mapping
+    from nexus_jax.models.qwen2.hf_reference import build_hf_model
+    from nexus_jax.models.unipic.model import UniPic
+    from nexus_jax.models.vae import FluxVAE
+    from tests.helpers.diffloss_torch import DiffLoss, Diffusion, cosine_betas, randomise_, space_timesteps
+    from tests.helpers.kl16_torch import KL16AutoencoderKL, UniPicVAECodec
+    from tests.helpers.mar_torch import TorchMAR, randomize_, torch_projector
+
+    text, mar_cfg, head = cfg.text, cfg.mar, cfg.head
+    t_diff = DiffLoss(in_channels=head.in_channels, width=head.width, out_channels=head.out_channels,
+                      z_channels=head.z_channels, depth=head.depth, time_dim=head.time_dim)
+    randomise_(t_diff, seed=3)
+    tu = TorchUniPic(
+        build_hf_model(text, seed=1, std=0.08), randomize_(TorchMAR(mar_cfg), seed=2), t_diff,
+        randomize_(torch_projector(mar_cfg.width, text.hidden_size, text.hidden_size), seed=4),
+        randomize_(torch_projector(text.hidden_size, text.hidden_size, mar_cfg.width), seed=5),
+    ).eval()
+    model = jax_from_torch(lambda: UniPic(cfg, rngs=nnx.Rngs(0)), unipic_mapping(cfg), tu.state_dict())
+    diffusion = Diffusion(cosine_betas(cfg.diffusion.num_timesteps, cfg.diffusion.max_beta),
+                          space_timesteps(cfg.diffusion.num_timesteps, int(cfg.diffusion.sampling_steps)))
+    if not vae:
+        return tu, diffusion, None, model, None
+    vcfg = cfg.vae
+    ch = vcfg.block_out_channels[0]
+    t_vae = KL16AutoencoderKL(ch=ch, ch_mult=tuple(c // ch for c in vcfg.block_out_channels),
+                              embed_dim=vcfg.latent_channels, groups=vcfg.norm_num_groups).eval()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in t_vae.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    jvae = jax_from_torch(lambda: FluxVAE(vcfg, rngs=nnx.Rngs(0)), kl16_mapping(vcfg), t_vae.state_dict())
+    return tu, diffusion, UniPicVAECodec(t_vae, vcfg.scaling_factor), model, jvae
 
 
 @torch.no_grad()
