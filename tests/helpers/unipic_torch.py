@@ -113,6 +113,34 @@ def reference_models(cfg, *, vae: bool = True):
 
 
 @torch.no_grad()
+def iteration(
+    model: TorchUniPic, diffusion, kv, ctx_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+    orders: torch.Tensor, step: int, init_noise: torch.Tensor, step_noise: torch.Tensor, *, num_iter: int, cfg: float,
+    cfg_schedule: str, temperature: float, buffer_size: int, x_con: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One upstream iteration on the cond tokens [G, N, C] and mask [G, N] (1 = masked) -> (tokens, mask_next)."""
+    mar, net = model.mar, model.mar.diffloss.net
+    g, n = orders.shape
+    cur = tokens.clone()
+    tokens2, mask2 = torch.cat([tokens, tokens]), torch.cat([mask, mask])
+    x_enc = mar.forward_mae_encoder(tokens2, mask2, mar.fake_latent.expand(2 * g, -1))
+    x_enc = bridge(model.llm.model, model.proj_in, model.proj_out, x_enc, kv, ctx_mask, buffer_size)
+    z = mar.forward_mae_decoder(x_enc, mask2, x_con=x_con)
+    ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+    mask_len = torch.Tensor([np.floor(n * ratio)])
+    mask_len = torch.maximum(torch.Tensor([1]), torch.minimum(torch.sum(mask, dim=-1, keepdims=True) - 1, mask_len))
+    mask_next = mask_by_order(int(mask_len[0]), orders, n)
+    to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
+    z_pred = z[torch.cat([to_pred, to_pred]).nonzero(as_tuple=True)]
+    cfg_iter = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (n - mask_len[0]) / n
+    x_t = torch.cat([init_noise, init_noise])
+    steps = torch.cat([step_noise, step_noise], dim=1)
+    out = diffusion.p_sample_loop(net, z_pred, x_t, steps, temperature, cfg=cfg_iter)
+    cur[to_pred.nonzero(as_tuple=True)] = out.chunk(2, dim=0)[0]
+    return cur, mask_next.float()
+
+
+@torch.no_grad()
 def sample(
     model: TorchUniPic, diffusion, codec, ctx_embeds: torch.Tensor, ctx_mask: torch.Tensor, orders: torch.Tensor,
     init_noise, step_noise, *, num_iter: int, cfg: float, cfg_schedule: str = "constant", temperature: float = 1.0,
@@ -124,29 +152,12 @@ def sample(
     in ``nonzero`` order, shared by the uncond half), ``step_noise[k]`` [S, G * n_k, C] the per-step noise of the cond
     half (the uncond half's x never reaches the output). Returns (tokens [G, N, C], pixels [G, 3, R, R]).
     """
-    mar, net = model.mar, model.mar.diffloss.net
     g, n = orders.shape
     c = init_noise[0].shape[-1]
     kv = prefill(model.llm.model, ctx_embeds)
-    tokens = torch.zeros(g, n, c)
-    mask = torch.ones(g, n)
+    tokens, mask = torch.zeros(g, n, c), torch.ones(g, n)
     for step in range(num_iter):
-        cur = tokens.clone()
-        tokens2, mask2 = torch.cat([tokens, tokens]), torch.cat([mask, mask])
-        x_enc = mar.forward_mae_encoder(tokens2, mask2, mar.fake_latent.expand(2 * g, -1))
-        x_enc = bridge(model.llm.model, model.proj_in, model.proj_out, x_enc, kv, ctx_mask, buffer_size)
-        z = mar.forward_mae_decoder(x_enc, mask2, x_con=x_con)
-        ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
-        mask_len = torch.Tensor([np.floor(n * ratio)])
-        mask_len = torch.maximum(torch.Tensor([1]), torch.minimum(torch.sum(mask, dim=-1, keepdims=True) - 1, mask_len))
-        mask_next = mask_by_order(int(mask_len[0]), orders, n)
-        to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
-        mask = mask_next.float()
-        z_pred = z[torch.cat([to_pred, to_pred]).nonzero(as_tuple=True)]
-        cfg_iter = cfg if cfg_schedule == "constant" else 1 + (cfg - 1) * (n - mask_len[0]) / n
-        x_t = torch.cat([init_noise[step], init_noise[step]])
-        steps = torch.cat([step_noise[step], step_noise[step]], dim=1)
-        out = diffusion.p_sample_loop(net, z_pred, x_t, steps, temperature, cfg=cfg_iter)
-        cur[to_pred.nonzero(as_tuple=True)] = out.chunk(2, dim=0)[0]
-        tokens = cur.clone()
+        tokens, mask = iteration(model, diffusion, kv, ctx_mask, tokens, mask, orders, step, init_noise[step],
+                                 step_noise[step], num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                                 temperature=temperature, buffer_size=buffer_size, x_con=x_con)
     return tokens, codec.decode(tokens.reshape(g, grid, grid, c))
