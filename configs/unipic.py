@@ -10,8 +10,7 @@ from configs.mar import MARConfig
 from configs.qwen2_5 import Qwen2TextConfig
 from configs.unipic_diffusion import DiffusionHeadConfig, GaussianDiffusionConfig
 from configs.vae import FluxVAEConfig
-
-CFG_SCHEDULES: tuple[str, ...] = ("constant", "linear")
+from nexus_jax.diffusion.maskgit import CFG_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)

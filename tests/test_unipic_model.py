@@ -16,7 +16,9 @@ from configs.mar import MARConfig
 from configs.unipic import UniPicConfig
 from nexus_jax.models.unipic.model import abstract_unipic, create_unipic
 from nexus_jax.models.unipic.projectors import project
+from nexus_jax.nexus.tiny import ByteTokenizer
 from nexus_jax.unipic import bridge as jbridge
+from nexus_jax.unipic import prompts
 from tests.helpers import unipic_torch
 
 CFG = unipic_configs.tiny()
@@ -164,3 +166,25 @@ def test_config_validation_errors():
     with pytest.raises(ValueError, match="z_channels"):
         CFG.replace(head=CFG.head.__class__.tiny(in_channels=16, out_channels=32, z_channels=40))
     assert isinstance(CFG, UniPicConfig) and CFG.image_tokens == CFG.seq_len + CFG.mar.buffer_size
+
+
+def test_prompt_templates_tokenize_as_the_chat_text():
+    tok = CFG.tokens
+    encode = ByteTokenizer().encode
+    ids = prompts.encode_instruction("Generate an image: a cat", encode, tok)
+    want = [tok.im_start, *b"user\nGenerate an image: a cat", tok.im_end, *b"\n", tok.im_start, *b"assistant\n"]
+    assert ids.tolist() == want
+    batch = prompts.text_to_image_batch(["a cat", "a much longer prompt about a dog"], encode, tok)
+    assert batch.input_ids.shape[0] == 4 and batch.lengths.tolist()[2:] == [batch.lengths[2]] * 2
+    row = batch.input_ids[0]
+    assert (row[batch.lengths[0]:] == tok.pad).all() and batch.attention_mask[0, batch.lengths[0]:].sum() == 0
+    assert bytes(batch.input_ids[2, 6:24].tolist()) == b"Generate an image."
+    edit = prompts.editing_batch(["make it red"], encode, tok, CFG.image_tokens)
+    slots = prompts.image_slots(edit.input_ids, tok, CFG.image_tokens)
+    assert slots[0, 0] == 1 + len(b"user\n") and np.all(np.diff(slots, axis=1) == 1)
+    tail = edit.input_ids[1, slots[1, -1] + 1:edit.lengths[1]].tolist()
+    assert bytes(tail[: len(b"\nRepeat this image.")]) == b"\nRepeat this image."
+    with pytest.raises(ValueError, match="<image> ids"):
+        prompts.image_slots(batch.input_ids, tok, CFG.image_tokens)
+    with pytest.raises(ValueError, match="num_image_tokens"):
+        prompts.encode_instruction("look <image>", encode, tok)

@@ -77,17 +77,23 @@ def text_to_image_batch(
     return right_pad(cond + uncond, tokens.pad, length=length)
 
 
+def _image_rows(
+    texts: Sequence[str], encode: Encode, tokens: UniPicTokens, num_image_tokens: int, what: str
+) -> list[np.ndarray]:
+    if not texts:
+        raise ValueError(f"{what} needs at least one text")
+    if num_image_tokens < 1:
+        raise ValueError(f"{what} needs num_image_tokens >= 1, got {num_image_tokens}")
+    return [encode_instruction(t, encode, tokens, num_image_tokens) for t in texts]
+
+
 def editing_batch(
     instructions: Sequence[str], encode: Encode, tokens: UniPicTokens, num_image_tokens: int,
     *, length: int | None = None,
 ) -> PromptBatch:
     """The CFG batch [edit instructions; "Repeat this image." per row], each with ``num_image_tokens`` image ids."""
-    if not instructions:
-        raise ValueError("editing_batch needs at least one instruction")
-    if num_image_tokens < 1:
-        raise ValueError(f"editing needs num_image_tokens >= 1, got {num_image_tokens}")
-    cond = [encode_instruction(t, encode, tokens, num_image_tokens) for t in instructions]
-    uncond = [encode_instruction(EDIT_UNCOND, encode, tokens, num_image_tokens)] * len(instructions)
+    cond = _image_rows(instructions, encode, tokens, num_image_tokens, "editing_batch")
+    uncond = _image_rows([EDIT_UNCOND] * len(instructions), encode, tokens, num_image_tokens, "editing_batch")
     return right_pad(cond + uncond, tokens.pad, length=length)
 
 
@@ -95,12 +101,8 @@ def understanding_batch(
     questions: Sequence[str], encode: Encode, tokens: UniPicTokens, num_image_tokens: int,
     *, length: int | None = None,
 ) -> PromptBatch:
-    """One row per question: ``"<image>" * num_image_tokens + "\\n" + question`` in the user turn."""
-    if not questions:
-        raise ValueError("understanding_batch needs at least one question")
-    if num_image_tokens < 1:
-        raise ValueError(f"understanding needs num_image_tokens >= 1, got {num_image_tokens}")
-    rows = [encode_instruction(q, encode, tokens, num_image_tokens) for q in questions]
+    """One row per question: ``"<image>" * num_image_tokens + "\n" + question`` in the user turn."""
+    rows = _image_rows(questions, encode, tokens, num_image_tokens, "understanding_batch")
     return right_pad(rows, tokens.pad, length=length)
 
 
