@@ -239,12 +239,18 @@ def _jax_batches(d):
     }
 
 
-@pytest.mark.slow  # ~60 s: three task losses compiled on the tiny model
-def test_losses_equal_torch(weights, loss_inputs):
+@pytest.mark.slow  # ~60 s each: three task losses compiled on the tiny model
+@pytest.mark.parametrize("with_t0", [True, False], ids=["with_t0", "no_t0"])
+def test_losses_equal_torch(weights, loss_inputs, with_t0):
+    """The t = 0 rows take the VLB's discretized-Gaussian decoder NLL (tiny scales, 1/255 bins), which amplifies fp32
+    rounding to ~1e-5 relative; without them the losses agree to ~1e-7."""
     from nexus_jax.unipic.loss import LOSS_WEIGHTS, Randomness, unipic_loss
 
     _, _, model, vae, ref = weights
-    d = loss_inputs
+    d = dict(loss_inputs)
+    if not with_t0:
+        d["rnd"] = {k: (m, np.where(t == 0, 500, t), nz) for k, (m, t, nz) in d["rnd"].items()}
+    tol = 1e-4 if with_t0 else 1e-5
     rnd = {k: Randomness(jnp.asarray(m), jnp.asarray(t, jnp.int32), jnp.asarray(nz)) for k, (m, t, nz) in
            d["rnd"].items()}
     total, parts = unipic_loss(model, vae, _jax_batches(d), None, randomness=rnd)
@@ -270,7 +276,7 @@ def test_losses_equal_torch(weights, loss_inputs):
     print("loss abs errors:", {k: f"{e:.2e}" for k, e in errs.items()},
           "values:", {k: round(float(v), 5) for k, v in want.items()})
     for k, v in want.items():
-        assert errs[k] <= 1e-4 * max(1.0, abs(float(v))), (k, float(parts[k]), float(v))
+        assert errs[k] <= tol * max(1.0, abs(float(v))), (k, float(parts[k]), float(v))
     assert float(parts["image2text_tokens"]) == int((ulab[:, 1:] != -100).sum())
     expected = sum(LOSS_WEIGHTS[k] * float(v) for k, v in want.items())
     assert abs(float(total) - expected) <= 1e-4 * max(1.0, abs(expected))
