@@ -16,6 +16,7 @@ import configs.unipic as unipic_configs
 from configs.unipic import SamplingConfig
 from nexus_jax import sharding
 from nexus_jax.diffusion import gaussian, maskgit
+from nexus_jax.models.unipic.model import UniPic
 from nexus_jax.models.vae.kl16 import pixels_to_uint8_unipic
 from nexus_jax.nexus.tiny import ByteTokenizer
 from nexus_jax.unipic import prompts
@@ -35,12 +36,12 @@ def models():
     return unipic_torch.reference_models(CFG)
 
 
-def _noise(sampling: SamplingConfig, seed: int):
+def _noise(sampling: SamplingConfig, seed: int, cfg=CFG):
     """(SampleNoise for JAX, per-step torch init / step noise lists cut to each step's predicted count)."""
-    sched = maskgit.mask_schedule(CFG.seq_len, sampling.num_iter)
-    p, c, s = sched.max_pred, CFG.mar.token_embed_dim, int(CFG.diffusion.sampling_steps)
+    sched = maskgit.mask_schedule(cfg.seq_len, sampling.num_iter)
+    p, c, s = sched.max_pred, cfg.mar.token_embed_dim, int(cfg.diffusion.sampling_steps)
     rng = np.random.default_rng(seed)
-    orders = np.stack([rng.permutation(CFG.seq_len) for _ in range(G)])
+    orders = np.stack([rng.permutation(cfg.seq_len) for _ in range(G)])
     init = rng.standard_normal((sampling.num_iter, G, p, c)).astype(np.float32)
     steps = rng.standard_normal((sampling.num_iter, s, G, p, c)).astype(np.float32)
     t_init = [torch.tensor(init[k, :, :m].reshape(G * m, c)) for k, m in enumerate(sched.num_pred)]
@@ -83,28 +84,32 @@ def test_text_to_image_matches_torch_reference_loop(models):
     _compare(out, t_tokens, t_pixels, "text-to-image")
 
 
-def test_editing_matches_torch_reference_loop(models):
-    tu, diffusion, codec, model, vae = models
+def test_editing_at_an_interpolated_grid_matches_torch_reference_loop(models):
+    """128 px: an 8x8 token grid from the MAR's 4x4 tables (bilinear resize, as UniPic at 1024 px from 32x32)."""
+    tu, diffusion, codec, small, vae = models
+    cfg = CFG.replace(resolution=128)
+    model = nnx.eval_shape(lambda: UniPic(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, nnx.state(small))
     sampling = SamplingConfig(num_iter=3, cfg=2.5, cfg_schedule="linear", temperature=0.9)
-    batch = prompts.editing_batch(["make it blue", "add a hat to the cat"], ENCODE, CFG.tokens, CFG.image_tokens)
-    src = np.random.default_rng(7).uniform(-1, 1, (G, CFG.resolution, CFG.resolution, 3)).astype(np.float32)
-    noise, orders, t_init, t_steps = _noise(sampling, seed=1)
+    batch = prompts.editing_batch(["make it blue", "add a hat to the cat"], ENCODE, cfg.tokens, cfg.image_tokens)
+    src = np.random.default_rng(7).uniform(-1, 1, (G, cfg.resolution, cfg.resolution, 3)).astype(np.float32)
+    noise, orders, t_init, t_steps = _noise(sampling, seed=1, cfg=cfg)
     out = jsample.edit(model, vae, batch, src, sampling=sampling, noise=noise)
-    nb = CFG.mar.buffer_size
+    nb, shape = cfg.mar.buffer_size, (cfg.grid, cfg.grid)
     with torch.no_grad():
-        x_src = codec.encode(torch.tensor(src.transpose(0, 3, 1, 2))).reshape(G, CFG.seq_len, -1)
-        x_con = tu.mar.forward_mae_encoder(x_src, torch.zeros(G, CFG.seq_len), tu.mar.fake_latent.expand(G, -1))
+        x_src = codec.encode(torch.tensor(src.transpose(0, 3, 1, 2))).reshape(G, cfg.seq_len, -1)
+        fake = tu.mar.fake_latent.expand(G, -1)
+        x_con = tu.mar.forward_mae_encoder(x_src, torch.zeros(G, cfg.seq_len), fake, shape)
         z_src = tu.proj_in(x_con)
         z_src = torch.cat([z_src[:, nb:], z_src[:, :nb]], dim=1)
         ids = torch.tensor(batch.input_ids, dtype=torch.long)
         embeds = tu.llm.model.embed_tokens(ids)
-        is_image = ids == CFG.tokens.image
-        embeds[is_image] = torch.cat([z_src, z_src]).reshape(-1, z_src.shape[-1])
+        embeds[ids == cfg.tokens.image] = torch.cat([z_src, z_src]).reshape(-1, z_src.shape[-1])
         t_tokens, t_pixels = unipic_torch.sample(
             tu, diffusion, codec, embeds, torch.tensor(batch.attention_mask), orders, t_init, t_steps,
             num_iter=sampling.num_iter, cfg=sampling.cfg, cfg_schedule=sampling.cfg_schedule,
-            temperature=sampling.temperature, buffer_size=nb, grid=CFG.grid, x_con=torch.cat([x_con, x_con]))
-    _compare(out, t_tokens, t_pixels, "editing")
+            temperature=sampling.temperature, buffer_size=nb, grid=cfg.grid, x_con=torch.cat([x_con, x_con]))
+    _compare(out, t_tokens, t_pixels, "editing at 128 px (8x8 grid from 4x4 tables)")
 
 
 def test_key_sampling_compiles_one_iteration_and_is_deterministic(models):

@@ -84,10 +84,13 @@ def iteration_body(
     b, n, _ = tokens.shape
     g = b // 2
     mar = model.mar
+    grid = (model.config.grid, model.config.grid)  # pos embeds resized from the trained grid (1024 px: 32 -> 64)
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"{n} tokens do not form the config's {grid[0]}x{grid[1]} grid")
     mask = maskgit.mask_by_order(orders, tables.remaining[step])
-    x_enc = mar.forward_mae_encoder(tokens, mask, mar.fake_class_embedding(b))
+    x_enc = mar.forward_mae_encoder(tokens, mask, mar.fake_class_embedding(b), grid)
     x_enc = bridge_lib.bridge(model.llm, model.project_in, model.project_out, x_enc, ~mask, prefix, ctx_mask)
-    z = mar.forward_mae_decoder(x_enc, mask, x_con=x_con)
+    z = mar.forward_mae_decoder(x_enc, mask, grid, x_con=x_con)
     mask_next = maskgit.mask_by_order(orders, tables.mask_len[step])
     last = step == tables.mask_len.shape[0] - 1
     to_pred = maskgit.tokens_to_predict(mask, mask_next, last)

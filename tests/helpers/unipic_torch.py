@@ -116,16 +116,17 @@ def reference_models(cfg, *, vae: bool = True):
 def iteration(
     model: TorchUniPic, diffusion, kv, ctx_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
     orders: torch.Tensor, step: int, init_noise: torch.Tensor, step_noise: torch.Tensor, *, num_iter: int, cfg: float,
-    cfg_schedule: str, temperature: float, buffer_size: int, x_con: torch.Tensor | None = None,
+    cfg_schedule: str, temperature: float, buffer_size: int, x_con: torch.Tensor | None = None, image_shape=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One upstream iteration on the cond tokens [G, N, C] and mask [G, N] (1 = masked) -> (tokens, mask_next)."""
+    """One upstream iteration on the cond tokens [G, N, C] and mask [G, N] (1 = masked) -> (tokens, mask_next).
+    ``image_shape`` (h, w): a grid other than the MAR's trained one (positional tables resized)."""
     mar, net = model.mar, model.mar.diffloss.net
     g, n = orders.shape
     cur = tokens.clone()
     tokens2, mask2 = torch.cat([tokens, tokens]), torch.cat([mask, mask])
-    x_enc = mar.forward_mae_encoder(tokens2, mask2, mar.fake_latent.expand(2 * g, -1))
+    x_enc = mar.forward_mae_encoder(tokens2, mask2, mar.fake_latent.expand(2 * g, -1), image_shape)
     x_enc = bridge(model.llm.model, model.proj_in, model.proj_out, x_enc, kv, ctx_mask, buffer_size)
-    z = mar.forward_mae_decoder(x_enc, mask2, x_con=x_con)
+    z = mar.forward_mae_decoder(x_enc, mask2, image_shape, x_con=x_con)
     ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
     mask_len = torch.Tensor([np.floor(n * ratio)])
     mask_len = torch.maximum(torch.Tensor([1]), torch.minimum(torch.sum(mask, dim=-1, keepdims=True) - 1, mask_len))
@@ -159,5 +160,6 @@ def sample(
     for step in range(num_iter):
         tokens, mask = iteration(model, diffusion, kv, ctx_mask, tokens, mask, orders, step, init_noise[step],
                                  step_noise[step], num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                 temperature=temperature, buffer_size=buffer_size, x_con=x_con)
+                                 temperature=temperature, buffer_size=buffer_size, x_con=x_con,
+                                 image_shape=(grid, grid))
     return tokens, codec.decode(tokens.reshape(g, grid, grid, c))
