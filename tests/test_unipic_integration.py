@@ -9,70 +9,39 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 from PIL import Image
 
 from configs import unipic
-from conversion.engine import execute, plan
-from conversion.families import get_family
-from conversion.io import DictReader
-from conversion.state import assign, module_arrays, param_shapes
-from nexus_jax.models.qwen2.hf_reference import text_config_kwargs
-from nexus_jax.models.vae import FluxVAE
+from conversion.state import module_arrays
 from nexus_jax.unipic import prompts
 from nexus_jax.unipic.loading import from_torch_state_dict
 from nexus_jax.unipic.understand import pad_to_square, preprocess_image, understand
-from tests.helpers.diffloss_torch import DiffLoss, Diffusion, cosine_betas, diff_loss
-from tests.helpers.kl16_torch import UniPicVAECodec
-from tests.helpers.mar_torch import TorchMAR, torch_projector
-from tests.test_kl16_vae import torch_kl16
-from tests.test_unipic_conversion import published_state_dict
+from tests.helpers.diffloss_torch import Diffusion, cosine_betas, diff_loss
+from tests.helpers.unipic_torch import reference_models
 
 CFG = unipic.tiny()
 ENCODE = lambda s: list(s.encode("utf-8"))  # noqa: E731 - byte-level tokenizer of the tiny vocabulary
 
 
-def _sub(sd: dict, prefix: str, drop: str | None = None) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not (drop and k.startswith(drop))}
+class Ref:
+    """The torch reference of ``tests.helpers.unipic_torch.reference_models`` (transformers Qwen2, the MAR helper with
+    token dropping, projectors, the head, the LDM KL-16 codec) with upstream's ``extract_visual_feature``."""
 
-
-class TorchUniPic:
-    """Torch reference modules holding one published-layout state dict (transformers Qwen2, the MAR helper, the
-    projectors) plus the LDM KL-16 helper."""
-
-    def __init__(self, cfg: unipic.UniPicConfig, sd: dict, vae_sd: dict):
-        hf_cfg = transformers.Qwen2Config(**text_config_kwargs(cfg.text))
-        hf_cfg._attn_implementation = "eager"
-        self.llm = transformers.Qwen2ForCausalLM(hf_cfg).eval()
-        self.llm.load_state_dict(_sub(sd, "llm."), strict=True)
-        self.mar = TorchMAR(cfg.mar).eval()
-        self.mar.load_state_dict(_sub(sd, "mar.", drop="mar.diffloss."), strict=True)
-        c, d = cfg.mar.width, cfg.text.hidden_size
-        self.proj_in = torch_projector(c, d, d)
-        self.proj_in.load_state_dict(_sub(sd, "proj_in."))
-        self.proj_out = torch_projector(d, d, c)
-        self.proj_out.load_state_dict(_sub(sd, "proj_out."))
-        vae = torch_kl16(cfg.vae).eval()
-        vae.load_state_dict(vae_sd, strict=True)
-        self.codec = UniPicVAECodec(vae, cfg.vae.scaling_factor)
-        h = cfg.head
-        diffloss = DiffLoss(in_channels=h.in_channels, width=h.width, out_channels=h.out_channels,
-                            z_channels=h.z_channels, depth=h.depth, time_dim=h.time_dim)
-        diffloss.load_state_dict(_sub(sd, "mar.diffloss."), strict=True)
-        self.head = diffloss.net
-        self.cfg = cfg
+    def __init__(self, tu, codec):
+        self.llm, self.mar, self.proj_in, self.proj_out = tu.llm, tu.mar, tu.proj_in, tu.proj_out
+        self.head, self.codec = tu.mar.diffloss.net, codec
 
     @torch.no_grad()
     def visual(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """NCHW pixels -> (x_con, z with buffers at the end) as upstream extract_visual_feature."""
+        """NCHW pixels -> (x_con, z with buffers at the end)."""
         tokens = self.codec.encode(pixels)
         b, m, n, ch = tokens.shape
         tokens = tokens.reshape(b, m * n, ch)
-        mask = torch.zeros(b, m * n)
-        x_con = self.mar.forward_mae_encoder(tokens, mask, self.mar.fake_latent.expand(b, -1), image_shape=(m, n))
+        x_con = self.mar.forward_mae_encoder(tokens, torch.zeros(b, m * n), self.mar.fake_latent.expand(b, -1),
+                                             (m, n))
         z = self.proj_in(x_con)
-        nb = self.cfg.mar.buffer_size
+        nb = CFG.mar.buffer_size
         return x_con, torch.cat([z[:, nb:], z[:, :nb]], dim=1)
 
 
@@ -94,19 +63,10 @@ def upstream_preprocess(image: np.ndarray, size: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def weights():
     """(published-layout state dict, KL-16 state dict, JAX UniPic, JAX VAE, torch reference)."""
-    sd = published_state_dict(CFG, seed=11)
-    torch.manual_seed(5)
-    ref_vae = torch_kl16(CFG.vae)
-    with torch.no_grad():
-        for p in ref_vae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    vae_sd = {k: v.clone() for k, v in ref_vae.state_dict().items()}
-    model = from_torch_state_dict(CFG, sd)
-    vae = nnx.eval_shape(lambda: FluxVAE(CFG.vae, rngs=nnx.Rngs(0)))
-    table = get_family("kl16_vae").table("kl16_vae", CFG.vae)
-    reader = DictReader({k: v.numpy() for k, v in vae_sd.items()})
-    assign(vae, dict(execute(plan(table, reader.shapes, param_shapes(vae), "to_jax"), reader.read)))
-    return sd, vae_sd, model, vae, TorchUniPic(CFG, sd, vae_sd)
+    tu, _, codec, model, vae = reference_models(CFG)
+    sd = {k: v.detach().clone() for k, v in tu.state_dict().items()}
+    vae_sd = {k: v.detach().clone() for k, v in codec.vae.state_dict().items()}
+    return sd, vae_sd, model, vae, Ref(tu, codec)
 
 
 def test_state_dict_round_trip_through_the_model(weights):
@@ -117,6 +77,9 @@ def test_state_dict_round_trip_through_the_model(weights):
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+    again = module_arrays(from_torch_state_dict(CFG, {**sd, "siglip2_proj.0.weight": torch.zeros(2, 2)}))
+    for k, v in module_arrays(model).items():
+        np.testing.assert_array_equal(again[k], v, err_msg=k)
     assert module_arrays(model)["proj_in.0.kernel"].shape == (CFG.mar.width, CFG.text.hidden_size)
 
 
@@ -165,7 +128,7 @@ def test_understanding_greedy_tokens_equal_transformers(weights):
 
 
 # ------------------------------------------------------------------------------------------------------------ losses
-def _torch_ctx(ref: TorchUniPic, ids: torch.Tensor, z_src: torch.Tensor | None) -> torch.Tensor:
+def _torch_ctx(ref: Ref, ids: torch.Tensor, z_src: torch.Tensor | None) -> torch.Tensor:
     emb = ref.llm.get_input_embeddings()(torch.where(ids == CFG.tokens.image, 0, ids))
     if z_src is not None:
         emb = emb.clone()
@@ -173,7 +136,7 @@ def _torch_ctx(ref: TorchUniPic, ids: torch.Tensor, z_src: torch.Tensor | None) 
     return emb
 
 
-def torch_generation_loss(ref: TorchUniPic, target: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
+def torch_generation_loss(ref: Ref, target: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor,
                           mask: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, x_con=None) -> torch.Tensor:
     """Upstream training step with token dropping and one LLM forward over [context ; visible ; buffers]."""
     b, n, c = target.shape
@@ -242,8 +205,8 @@ def _jax_batches(d):
 @pytest.mark.slow  # ~60 s each: three task losses compiled on the tiny model
 @pytest.mark.parametrize("with_t0", [True, False], ids=["with_t0", "no_t0"])
 def test_losses_equal_torch(weights, loss_inputs, with_t0):
-    """The t = 0 rows take the VLB's discretized-Gaussian decoder NLL (tiny scales, 1/255 bins), which amplifies fp32
-    rounding to ~1e-5 relative; without them the losses agree to ~1e-7."""
+    """The t = 0 rows take the VLB's discretized-Gaussian decoder NLL (tiny scales, 1/255 bins), which can amplify
+    fp32 rounding (6e-5 abs seen with other random weights), hence 1e-4 relative with them and 1e-5 without."""
     from nexus_jax.unipic.loss import LOSS_WEIGHTS, Randomness, unipic_loss
 
     _, _, model, vae, ref = weights

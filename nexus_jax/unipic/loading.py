@@ -84,7 +84,8 @@ def load(path: str | os.PathLike, mesh: Any = None, config: Any = None) -> UniPi
 
 def from_torch_state_dict(config: Any, state_dict: Mapping[str, Any], model: Any = None) -> Any:
     """A ``UniPic`` model holding the tensors of an in-memory state dict in the published ``pytorch_model.bin`` layout
-    (``siglip2*`` ignored, tied ``llm.lm_head.weight`` checked) through the same table as the converter."""
+    (``siglip2*`` ignored, tied ``llm.lm_head.weight`` checked) through the same table as the converter. Built
+    abstractly (no random init) unless ``model`` is given."""
     from flax import nnx
 
     from conversion import engine
@@ -96,7 +97,7 @@ def from_torch_state_dict(config: Any, state_dict: Mapping[str, Any], model: Any
     arrays = {k: torch_to_numpy(v) if hasattr(v, "detach") else np.asarray(v) for k, v in state_dict.items()}
     reader = DictReader(arrays, "the state dict")
     skip_tensors(reader, SKIP_PREFIXES)
-    model = model if model is not None else UniPic(config, rngs=nnx.Rngs(0))
+    model = model if model is not None else nnx.eval_shape(lambda: UniPic(config, rngs=nnx.Rngs(0)))
     steps = engine.plan(unipic_mapping(config), reader.shapes, param_shapes(model), "to_jax", reader.where)
     return assign(model, dict(engine.execute(steps, reader.read)))
 
