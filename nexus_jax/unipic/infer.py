@@ -66,16 +66,18 @@ def load_checkpoint(args: argparse.Namespace, mesh: Any = None) -> UniPicCheckpo
 
 
 def prepare_request(req: Request, ckpt: UniPicCheckpoint, max_new_tokens: int) -> Prepared:
-    """Tokenise and preprocess one request; raises ValueError for what UniPic-1 cannot do."""
+    """Tokenise and preprocess one request; raises ValueError for what UniPic-1 cannot do. The prompt is the user
+    text of all user turns (``Request.prompt``): UniPic's template has one user turn and no system turn."""
     cfg = ckpt.config
     encode, tok = ckpt.codec.encode, cfg.tokens
     if req.task == "generation":
-        return Prepared(req, prompts.encode_instruction(prompts.T2I_PROMPT.format(req.prompt), encode, tok), None)
-    if len(req.images) != 1:
-        raise ValueError(f"UniPic-1 {req.task} takes exactly one image, got {len(req.images)}")
-    square = "crop" if req.task == "editing" else "pad"
-    pixels = preprocess_image(req.images[0], cfg.resolution, square)
-    ids = prompts.encode_instruction(req.prompt, encode, tok, cfg.image_tokens)
+        ids, pixels = prompts.encode_instruction(prompts.T2I_PROMPT.format(req.prompt), encode, tok), None
+    else:
+        if len(req.images) != 1:
+            raise ValueError(f"UniPic-1 {req.task} takes exactly one image, got {len(req.images)}")
+        pixels = preprocess_image(req.images[0], cfg.resolution, "crop" if req.task == "editing" else "pad")
+        ids = prompts.encode_instruction(req.prompt, encode, tok, cfg.image_tokens)
+    # the context is followed by the answer (understanding) or by one image segment of N + buffers tokens
     limit = cfg.text.max_position_embeddings - (max_new_tokens if req.task == "understanding" else cfg.image_tokens)
     if len(ids) > limit:
         raise ValueError(f"over-long prompt: {len(ids)} tokens exceed the limit {limit}")
