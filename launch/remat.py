@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from flax import nnx
 
-POLICIES: dict[str, Any] = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+from nexus_jax.layers import REMAT_POLICIES as POLICIES  # the one policy table (also used by the models)
 
 
 def _call(module: nnx.Module, *args: Any) -> Any:

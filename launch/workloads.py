@@ -72,13 +72,16 @@ def matmul_workload(plan: PlanConfig, remat: str) -> Workload:
 
 # --- Nexus-Gen AR ---------------------------------------------------------------------------------------------
 def _ar_loss(model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-    from nexus_jax.nexus.loss import nexus_ar_loss
+    """The Nexus-Gen AR objective with the token CE over :class:`LazyLogits` (logits chunked over tokens, like
+    ``nexus_jax.nexus.loss.model_loss``): the full fp32 [B, L, 152064] logits never exist."""
+    from nexus_jax.nexus.loss import LazyLogits, nexus_ar_loss
 
     del rng
     cfg = model.config
     out = model(batch["input_ids"], positions=batch["positions"], slot_index=batch["slot_index"],
-                attention_mask=batch["attention_mask"])
-    loss, parts = nexus_ar_loss(out.logits, out.image_embeds, batch["labels"], batch["image_targets"],
+                attention_mask=batch["attention_mask"], with_logits=False)
+    logits = LazyLogits(out.hidden_states, model.language_model.logits, cfg.vl.text.vocab_size)
+    loss, parts = nexus_ar_loss(logits, out.image_embeds, batch["labels"], batch["image_targets"],
                                 image_token_id=cfg.tokens.image_pad, token_weight=cfg.token_loss_weight,
                                 image_weight=cfg.image_loss_weight)
     return loss, {k: v for k, v in parts.items() if k.endswith("loss")}
@@ -110,7 +113,9 @@ def ar_workload(plan: PlanConfig, remat: str) -> Workload:
 
     model_flops = flops.ar_train_flops(text, b, s, extra_matmul_params=d * d)
     notes = {
-        "loss": "nexus_jax.nexus.loss.nexus_ar_loss (token CE + 0.5 MSE + 0.5 (1 - cos) on output slots)",
+        "loss": "nexus_jax.nexus.loss.nexus_ar_loss (token CE + 0.5 MSE + 0.5 (1 - cos) on output slots); CE over "
+                "LazyLogits: fp32 logits in 512-token chunks, recomputed in the backward pass",
+        "attention": "causal query chunks of 512 (nexus_jax.models.qwen2.attention.causal_chunked_attention)",
         "model": "nexus_jax.models.nexus_ar.NexusGenAR (ViT parameters frozen, held in HBM)",
         "inputs": "image targets are precomputed frozen-ViT features (the ViT forward is not in the step: "
                   "~0.4 TFLOP per 252x252 target vs ~190 TFLOP per 4096-token sequence)",

@@ -14,6 +14,13 @@ from flax import nnx
 
 Axes = tuple[str | None, ...]
 
+# Rematerialisation (jax.checkpoint) policies by name, for per-block remat ("none" = no remat; not in the table).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
 
 def make_param(
     rngs: nnx.Rngs | None,

@@ -3,7 +3,9 @@
     loss = token_weight * CE(text) + image_weight * (0.5 * MSE + 0.5 * mean(1 - cos))
 
 * CE: next-token cross entropy in fp32, ``logits[:, :-1]`` against ``labels[:, 1:]``; labels ``-100`` (prompt, padding)
-  and output-image slot labels (``image_pad``) are ignored; mean over the remaining tokens.
+  and output-image slot labels (``image_pad``) are ignored; mean over the remaining tokens. With :class:`LazyLogits`
+  the fp32 logits are computed chunk by chunk over the tokens and recomputed in the backward pass, so neither the
+  full ``[B, L, vocab]`` logits nor their gradient ever exist at once (what a 152k vocabulary needs at 4k tokens).
 * Image loss: position ``p`` regresses the embedding of the slot at ``p + 1`` (the ``<|vision_start|>`` position
   predicts slot 0, slot ``k`` predicts slot ``k + 1``; the last slot's output is not regressed). Targets are the frozen
   ViT's merged features of the target image, laid out per position (``targets[b, t]`` is the target of the slot at
@@ -15,6 +17,8 @@ Everything works on fixed shapes (masks instead of boolean gathers), so it jits 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +29,7 @@ from nexus_jax.nexus.slots import check_slot_count, scatter_rows
 
 IGNORE_INDEX = -100
 COSINE_EPS = 1e-8
+CE_CHUNK = 512  # tokens per chunk of LazyLogits (fp32 logits of one chunk: B x 512 x 152064 x 4 B = B x 0.3 GB)
 
 
 def _safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -32,22 +37,76 @@ def _safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
 
-def token_cross_entropy(logits: jax.Array, labels: jax.Array, image_token_id: int) -> tuple[jax.Array, jax.Array]:
-    """Shifted next-token CE. logits [B, L, V], labels [B, L] int -> (mean CE, number of counted tokens)."""
-    targets = labels[:, 1:]
-    valid = (targets != IGNORE_INDEX) & (targets != image_token_id)
-    logits = logits[:, :-1].astype(jnp.float32)
-    vocab = logits.shape[-1]
-    safe_targets = jnp.where(valid, targets, 0)
+def _check_labels(targets: jax.Array, valid: jax.Array, vocab: int) -> None:
+    """Raise ValueError for a concrete counted label outside [0, vocab) (no-op while tracing)."""
     if isinstance(targets, np.ndarray | jax.Array) and not isinstance(targets, jax.core.Tracer):
         bad = np.asarray(valid & ((targets < 0) | (targets >= vocab)))
         if bad.any():
             raise ValueError(f"label {int(np.asarray(targets)[bad][0])} is outside the vocabulary [0, {vocab})")
+
+
+def _nll(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+    """Summed fp32 NLL of ``targets`` under ``logits`` [..., V] over the ``valid`` positions."""
+    logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, logz - picked, 0.0)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, logz - picked, 0.0).sum()
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, image_token_id: int) -> tuple[jax.Array, jax.Array]:
+    """Shifted next-token CE. logits [B, L, V], labels [B, L] int -> (mean CE, number of counted tokens)."""
+    targets = labels[:, 1:]
+    valid = (targets != IGNORE_INDEX) & (targets != image_token_id)
+    _check_labels(targets, valid, logits.shape[-1])
     count = valid.sum()
-    return _safe_mean(nll.sum(), count), count
+    return _safe_mean(_nll(logits[:, :-1], targets, valid), count), count
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyLogits:
+    """Logits that are never materialised whole: ``project(hidden[:, i:j])`` -> [B, j - i, vocab] per token chunk.
+
+    hidden [B, L, D]; ``project`` e.g. ``NexusGenAR.language_model.logits``; ``chunk`` tokens per chunk (the last
+    chunk may be shorter). Used by :func:`nexus_ar_loss` in place of a logits array.
+    """
+
+    hidden: jax.Array
+    project: Callable[[jax.Array], jax.Array]
+    vocab: int
+    chunk: int = CE_CHUNK
+
+    def __post_init__(self) -> None:
+        if self.hidden.ndim != 3:
+            raise ValueError(f"LazyLogits.hidden must be [B, L, D], got shape {self.hidden.shape}")
+        if self.chunk < 1:
+            raise ValueError(f"LazyLogits.chunk must be >= 1, got {self.chunk}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.hidden.shape[:2], self.vocab)
+
+
+def chunked_token_cross_entropy(logits: LazyLogits, labels: jax.Array, image_token_id: int
+                                ) -> tuple[jax.Array, jax.Array]:
+    """:func:`token_cross_entropy` from :class:`LazyLogits`: per token chunk, the fp32 logits and their NLL under
+    ``jax.checkpoint`` (the backward pass recomputes one chunk's logits instead of keeping all of them). The chunks
+    are a Python loop, so the program stays loop-free. labels [B, L] -> (mean CE, number of counted tokens)."""
+    b, length, vocab = logits.shape
+    # position p predicts labels[p + 1]; the last position predicts nothing
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    valid = (targets != IGNORE_INDEX) & (targets != image_token_id)
+    _check_labels(targets, valid, vocab)
+
+    @jax.checkpoint
+    def chunk_nll(h: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+        return _nll(logits.project(h), t, v)
+
+    total = jnp.zeros((), jnp.float32)
+    for start in range(0, length, logits.chunk):
+        end = min(start + logits.chunk, length)
+        total = total + chunk_nll(logits.hidden[:, start:end], targets[:, start:end], valid[:, start:end])
+    count = valid.sum()
+    return _safe_mean(total, count), count
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
@@ -81,7 +140,7 @@ def image_embedding_loss(
 
 
 def nexus_ar_loss(
-    logits: jax.Array,
+    logits: jax.Array | LazyLogits,
     image_embeds: jax.Array,
     labels: jax.Array,
     targets: jax.Array,
@@ -90,7 +149,7 @@ def nexus_ar_loss(
     token_weight: float,
     image_weight: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The full objective. logits [B, L, V], image_embeds/targets [B, L, D], labels [B, L].
+    """The full objective. logits [B, L, V] (or :class:`LazyLogits`), image_embeds/targets [B, L, D], labels [B, L].
 
     Returns (scalar loss, metrics dict with the unweighted ``token_loss``/``image_loss`` and token/slot counts).
     """
@@ -100,7 +159,10 @@ def nexus_ar_loss(
         )
     if targets.shape != image_embeds.shape:
         raise ValueError(f"targets shape {targets.shape} must equal image_embeds shape {image_embeds.shape}")
-    ce, n_tokens = token_cross_entropy(logits, labels, image_token_id)
+    if isinstance(logits, LazyLogits):
+        ce, n_tokens = chunked_token_cross_entropy(logits, labels, image_token_id)
+    else:
+        ce, n_tokens = token_cross_entropy(logits, labels, image_token_id)
     img, n_slots = image_embedding_loss(image_embeds, targets, labels, image_token_id)
     loss = token_weight * ce + image_weight * img
     return loss, {"token_loss": ce, "image_loss": img, "num_tokens": n_tokens, "num_slots": n_slots}
@@ -135,8 +197,9 @@ def model_loss(
         feats = feats if train_vit else jax.lax.stop_gradient(feats)
     out = model(
         batch["input_ids"], positions=batch["positions"], slot_index=batch["slot_index"],
-        attention_mask=batch["attention_mask"], input_features=feats, input_mask=batch["input_mask"],
+        attention_mask=batch["attention_mask"], input_features=feats, input_mask=batch["input_mask"], with_logits=False,
     )
+    logits = LazyLogits(out.hidden_states, model.language_model.logits, cfg.vl.text.vocab_size)
     rows = None
     if "target_rows" in batch:  # precomputed target embeddings [T, hidden]
         rows = batch["target_rows"]
@@ -148,6 +211,6 @@ def model_loss(
     else:
         targets = jnp.zeros_like(out.image_embeds)
     return nexus_ar_loss(
-        out.logits, out.image_embeds, labels, targets, image_token_id=image_id,
+        logits, out.image_embeds, labels, targets, image_token_id=image_id,
         token_weight=cfg.token_loss_weight, image_weight=cfg.image_loss_weight,
     )

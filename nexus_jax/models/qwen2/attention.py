@@ -43,6 +43,32 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
 
 
+def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int
+                             ) -> jax.Array:
+    """:func:`grouped_query_attention` for a *causal* mask, in query chunks of ``chunk`` rows.
+
+    Query chunk ``[s, e)`` attends to keys ``[0, e)`` only (later keys are masked by causality), so the scores
+    computed shrink to about half of the dense ``L x L``; each chunk runs under ``jax.checkpoint``, so only one chunk's
+    fp32 scores ``[B, Hkv, G * chunk, e]`` are live at a time, in the forward and in the backward pass. The chunks are a
+    Python loop (a loop-free program). q [B, L, Hq, D]; k, v [B, L, Hkv, D]; mask [B, 1 or Hq, L, L] (True = attend;
+    it must hide every key after its query) or None (plain causal). Returns [B, L, Hq, D]; equal to the dense call on
+    every row with at least one visible key (fully masked padding rows average fewer values).
+    """
+    length = q.shape[1]
+    if k.shape[1] != length:
+        raise ValueError(f"causal chunked attention needs as many keys as queries, got {k.shape[1]} and {length}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if mask is None:
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    part = jax.checkpoint(grouped_query_attention)
+    outs = []
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        outs.append(part(q[:, start:end], k[:, :end], v[:, :end], mask[..., start:end, :end]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 class Qwen2Attention(nnx.Module):
     """q_proj [hidden, Hq*D] (bias), k_proj / v_proj [hidden, Hkv*D] (bias), o_proj [Hq*D, hidden] (no bias)."""
 
@@ -63,11 +89,13 @@ class Qwen2Attention(nnx.Module):
         mask: jax.Array | None = None,
         cache: LayerKVCache | None = None,
         cache_index: jax.Array | int = 0,
+        query_chunk: int = 0,
     ) -> tuple[jax.Array, LayerKVCache | None]:
         """x [B, L, hidden]; cos / sin [B, L, D]; mask broadcastable to [B, Hq, L, Lk] (True = attend, None = all).
 
         Without a cache Lk = L. With a cache, k / v are written at slots ``cache_index ..`` and the queries attend
-        over all S cache slots (the mask must then cover [.., L, S]). Returns ([B, L, hidden], updated cache).
+        over all S cache slots (the mask must then cover [.., L, S]). ``query_chunk`` > 0 (no cache, causal ``mask``
+        only): :func:`causal_chunked_attention` when L > query_chunk. Returns ([B, L, hidden], updated cache).
         """
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
@@ -80,6 +108,9 @@ class Qwen2Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v, cache_index)
             k, v = cache.key.astype(q.dtype), cache.value.astype(q.dtype)
-        out = grouped_query_attention(q, k, v, mask)
+        if query_chunk and cache is None and l > query_chunk:
+            out = causal_chunked_attention(q, k, v, mask, query_chunk)
+        else:
+            out = grouped_query_attention(q, k, v, mask)
         out = sharding.constrain(out, HEADS_AXES).reshape(b, l, self.num_heads * self.head_dim)
         return self.o_proj(out), cache

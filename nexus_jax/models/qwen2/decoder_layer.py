@@ -32,10 +32,12 @@ class Qwen2DecoderLayer(nnx.Module):
         mask: jax.Array | None = None,
         cache: LayerKVCache | None = None,
         cache_index: jax.Array | int = 0,
+        query_chunk: int = 0,
     ) -> tuple[jax.Array, LayerKVCache | None]:
         """x [B, L, hidden]; cos / sin [B, L, head_dim]; mask [B, 1, L, Lk] bool or None (= bidirectional, no
-        padding). Returns (x [B, L, hidden], the updated cache or None)."""
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        padding); ``query_chunk``: see :class:`Qwen2Attention` (causal masks only). Returns (x [B, L, hidden], the
+        updated cache or None)."""
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, query_chunk)
         x = sharding.constrain(x + attn, HIDDEN_AXES)
         x = sharding.constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN_AXES)
         return x, cache

@@ -16,11 +16,10 @@ from nexus_jax.models.qwen2.cache import KVCache
 from nexus_jax.models.qwen2.decoder_layer import HIDDEN_AXES, Qwen2DecoderLayer
 from nexus_jax.models.qwen2.rope import rope_cos_sin
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+REMAT_POLICIES = layers.REMAT_POLICIES  # the one policy table (nexus_jax.layers), re-exported for existing imports
+# Full-sequence (cache-free) calls longer than this attend in causal query chunks of this many rows
+# (qwen2.attention.causal_chunked_attention: about half the score FLOPs, one chunk's fp32 scores live at a time).
+QUERY_CHUNK = 512
 
 
 @jax.tree_util.register_dataclass
@@ -44,8 +43,11 @@ def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is out of range: ids must be in [0, vocab_size={vocab_size})")
 
 
-def _run_layer(layer, x, cos, sin, mask, layer_cache, index):
-    return layer(x, cos, sin, mask, layer_cache, index)
+def _layer_runner(query_chunk: int):
+    def run(layer, x, cos, sin, mask, layer_cache, index):
+        return layer(x, cos, sin, mask, layer_cache, index, query_chunk)
+
+    return run
 
 
 class Qwen2Model(nnx.Module):
@@ -105,9 +107,9 @@ class Qwen2Model(nnx.Module):
             valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
             mask = masks.cache_mask(valid, cache.index, length)
 
-        run = _run_layer
+        run = _layer_runner(QUERY_CHUNK if cache is None else 0)
         if cfg.remat != "none":
-            run = nnx.remat(_run_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+            run = nnx.remat(run, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
