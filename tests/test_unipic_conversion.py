@@ -19,78 +19,84 @@ from conversion.state import module_arrays
 from conversion.tables.unipic import SCHEME, TiedCopy
 
 
-def _linear(sd, name, i, o, gen, bias=True):
-    sd[f"{name}.weight"] = torch.randn(o, i, generator=gen) / i**0.5
+def _linear(sd, name, i, o, rnd, bias=True):
+    sd[f"{name}.weight"] = rnd(o, i) / i**0.5
     if bias:
-        sd[f"{name}.bias"] = 0.1 * torch.randn(o, generator=gen)
+        sd[f"{name}.bias"] = 0.1 * rnd(o)
 
 
-def _ln(sd, name, d, gen):
-    sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(d, generator=gen)
-    sd[f"{name}.bias"] = 0.1 * torch.randn(d, generator=gen)
+def _ln(sd, name, d, rnd):
+    sd[f"{name}.weight"] = 1 + 0.1 * rnd(d)
+    sd[f"{name}.bias"] = 0.1 * rnd(d)
 
 
-def published_state_dict(cfg: unipic.UniPicConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def published_state_dict(cfg: unipic.UniPicConfig, seed: int = 0, dtype=torch.float32, meta: bool = False,
+                         ) -> dict[str, torch.Tensor]:
     """Random tensors under every key of the released checkpoint, with the torch module shapes of the spec
-    (Linear weights ~ N(0, 1/fan_in), norm scales ~ 1, so deep tiny models stay well conditioned)."""
+    (Linear weights ~ N(0, 1/fan_in), norm scales ~ 1, so deep tiny models stay well conditioned).
+    ``meta``: shape-only tensors (full-size layouts)."""
     g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.empty(*shape, device="meta") if meta else torch.randn(*shape, generator=g)
+
     sd: dict[str, torch.Tensor] = collections.OrderedDict()
     t, m, h = cfg.text, cfg.mar, cfg.head
-    emb = 0.5 * torch.randn(t.vocab_size, t.hidden_size, generator=g)
+    emb = 0.5 * rnd(t.vocab_size, t.hidden_size)
     sd["llm.model.embed_tokens.weight"] = emb
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     for i in range(t.num_layers):
         p = f"llm.model.layers.{i}"
-        _linear(sd, f"{p}.self_attn.q_proj", t.hidden_size, q, g)
-        _linear(sd, f"{p}.self_attn.k_proj", t.hidden_size, kv, g)
-        _linear(sd, f"{p}.self_attn.v_proj", t.hidden_size, kv, g)
-        _linear(sd, f"{p}.self_attn.o_proj", q, t.hidden_size, g, bias=False)
-        _linear(sd, f"{p}.mlp.gate_proj", t.hidden_size, t.intermediate_size, g, bias=False)
-        _linear(sd, f"{p}.mlp.up_proj", t.hidden_size, t.intermediate_size, g, bias=False)
-        _linear(sd, f"{p}.mlp.down_proj", t.intermediate_size, t.hidden_size, g, bias=False)
-        sd[f"{p}.input_layernorm.weight"] = 1 + 0.1 * torch.randn(t.hidden_size, generator=g)
-        sd[f"{p}.post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(t.hidden_size, generator=g)
-    sd["llm.model.norm.weight"] = 1 + 0.1 * torch.randn(t.hidden_size, generator=g)
+        _linear(sd, f"{p}.self_attn.q_proj", t.hidden_size, q, rnd)
+        _linear(sd, f"{p}.self_attn.k_proj", t.hidden_size, kv, rnd)
+        _linear(sd, f"{p}.self_attn.v_proj", t.hidden_size, kv, rnd)
+        _linear(sd, f"{p}.self_attn.o_proj", q, t.hidden_size, rnd, bias=False)
+        _linear(sd, f"{p}.mlp.gate_proj", t.hidden_size, t.intermediate_size, rnd, bias=False)
+        _linear(sd, f"{p}.mlp.up_proj", t.hidden_size, t.intermediate_size, rnd, bias=False)
+        _linear(sd, f"{p}.mlp.down_proj", t.intermediate_size, t.hidden_size, rnd, bias=False)
+        sd[f"{p}.input_layernorm.weight"] = 1 + 0.1 * rnd(t.hidden_size)
+        sd[f"{p}.post_attention_layernorm.weight"] = 1 + 0.1 * rnd(t.hidden_size)
+    sd["llm.model.norm.weight"] = 1 + 0.1 * rnd(t.hidden_size)
     sd["llm.lm_head.weight"] = emb.clone()  # tied: an equal copy in the pickled file
     c, n, buf = m.width, m.seq_h * m.seq_w, m.buffer_size
-    _linear(sd, "mar.z_proj", m.token_embed_dim, c, g)
-    _ln(sd, "mar.z_proj_ln", c, g)
-    sd["mar.encoder_pos_embed_learned"] = torch.randn(1, buf + n, c, generator=g)
+    _linear(sd, "mar.z_proj", m.token_embed_dim, c, rnd)
+    _ln(sd, "mar.z_proj_ln", c, rnd)
+    sd["mar.encoder_pos_embed_learned"] = rnd(1, buf + n, c)
     for kind, depth in (("encoder", m.encoder_depth), ("decoder", m.decoder_depth)):
         for i in range(depth):
             p = f"mar.{kind}_blocks.{i}"
-            _ln(sd, f"{p}.norm1", c, g)
-            _linear(sd, f"{p}.attn.qkv", c, 3 * c, g)
-            _linear(sd, f"{p}.attn.proj", c, c, g)
-            _ln(sd, f"{p}.norm2", c, g)
-            _linear(sd, f"{p}.mlp.fc1", c, int(c * m.mlp_ratio), g)
-            _linear(sd, f"{p}.mlp.fc2", int(c * m.mlp_ratio), c, g)
+            _ln(sd, f"{p}.norm1", c, rnd)
+            _linear(sd, f"{p}.attn.qkv", c, 3 * c, rnd)
+            _linear(sd, f"{p}.attn.proj", c, c, rnd)
+            _ln(sd, f"{p}.norm2", c, rnd)
+            _linear(sd, f"{p}.mlp.fc1", c, int(c * m.mlp_ratio), rnd)
+            _linear(sd, f"{p}.mlp.fc2", int(c * m.mlp_ratio), c, rnd)
         if kind == "encoder":
-            _ln(sd, "mar.encoder_norm", c, g)
-            _linear(sd, "mar.decoder_embed", c, c, g)
-            sd["mar.mask_token"] = torch.randn(1, 1, c, generator=g)
-            sd["mar.decoder_pos_embed_learned"] = torch.randn(1, buf + n, c, generator=g)
-    _ln(sd, "mar.decoder_norm", c, g)
-    sd["mar.diffusion_pos_embed_learned"] = torch.randn(1, n, c, generator=g)
-    sd["mar.class_emb.weight"] = torch.randn(m.num_classes, c, generator=g)
-    sd["mar.fake_latent"] = torch.randn(1, c, generator=g)
+            _ln(sd, "mar.encoder_norm", c, rnd)
+            _linear(sd, "mar.decoder_embed", c, c, rnd)
+            sd["mar.mask_token"] = rnd(1, 1, c)
+            sd["mar.decoder_pos_embed_learned"] = rnd(1, buf + n, c)
+    _ln(sd, "mar.decoder_norm", c, rnd)
+    sd["mar.diffusion_pos_embed_learned"] = rnd(1, n, c)
+    sd["mar.class_emb.weight"] = rnd(m.num_classes, c)
+    sd["mar.fake_latent"] = rnd(1, c)
     net, w = "mar.diffloss.net", h.width
-    _linear(sd, f"{net}.time_embed.mlp.0", h.time_dim, w, g)
-    _linear(sd, f"{net}.time_embed.mlp.2", w, w, g)
-    _linear(sd, f"{net}.cond_embed", h.z_channels, w, g)
-    _linear(sd, f"{net}.input_proj", h.in_channels, w, g)
+    _linear(sd, f"{net}.time_embed.mlp.0", h.time_dim, w, rnd)
+    _linear(sd, f"{net}.time_embed.mlp.2", w, w, rnd)
+    _linear(sd, f"{net}.cond_embed", h.z_channels, w, rnd)
+    _linear(sd, f"{net}.input_proj", h.in_channels, w, rnd)
     for r in range(h.depth):
         p = f"{net}.res_blocks.{r}"
-        _ln(sd, f"{p}.in_ln", w, g)
-        _linear(sd, f"{p}.mlp.0", w, w, g)
-        _linear(sd, f"{p}.mlp.2", w, w, g)
-        _linear(sd, f"{p}.adaLN_modulation.1", w, 3 * w, g)
-    _linear(sd, f"{net}.final_layer.linear", w, h.out_channels, g)
-    _linear(sd, f"{net}.final_layer.adaLN_modulation.1", w, 2 * w, g)
-    _linear(sd, "proj_in.0", c, t.hidden_size, g)
-    _linear(sd, "proj_in.2", t.hidden_size, t.hidden_size, g)
-    _linear(sd, "proj_out.0", t.hidden_size, t.hidden_size, g)
-    _linear(sd, "proj_out.2", t.hidden_size, c, g)
+        _ln(sd, f"{p}.in_ln", w, rnd)
+        _linear(sd, f"{p}.mlp.0", w, w, rnd)
+        _linear(sd, f"{p}.mlp.2", w, w, rnd)
+        _linear(sd, f"{p}.adaLN_modulation.1", w, 3 * w, rnd)
+    _linear(sd, f"{net}.final_layer.linear", w, h.out_channels, rnd)
+    _linear(sd, f"{net}.final_layer.adaLN_modulation.1", w, 2 * w, rnd)
+    _linear(sd, "proj_in.0", c, t.hidden_size, rnd)
+    _linear(sd, "proj_in.2", t.hidden_size, t.hidden_size, rnd)
+    _linear(sd, "proj_out.0", t.hidden_size, t.hidden_size, rnd)
+    _linear(sd, "proj_out.2", t.hidden_size, c, rnd)
     return collections.OrderedDict((k, v.to(dtype)) for k, v in sd.items())
 
 
@@ -222,3 +228,35 @@ def test_tied_copy_shapes_and_table_plan(tiny_cfg):
     assert len(torch_names) == len(set(torch_names))
     shapes = {k: tuple(v.shape) for k, v in published_state_dict(tiny_cfg).items()}
     assert set(engine.output_shapes(table, shapes, "to_jax")) >= {"mar.diffloss.net.final_layer.linear.kernel"}
+
+
+def test_full_preset_matches_the_published_layout():
+    """unipic.md section 5 shapes at full size (meta tensors) plan against the abstract full model; parameter
+    counts per part equal unipic.md 2.1 (computed there from the module definitions)."""
+    from flax import nnx
+
+    from conversion.state import abstract_params
+    from conversion.tables.unipic import unipic_mapping
+    from nexus_jax.models.unipic.model import UniPic
+
+    cfg = unipic.full()
+    shapes = {k: tuple(v.shape) for k, v in published_state_dict(cfg, meta=True).items()}
+    assert shapes["mar.encoder_pos_embed_learned"] == (1, 1088, 1280) and shapes["mar.class_emb.weight"] == (1000, 1280)
+    _, target = abstract_params(lambda: UniPic(cfg, rngs=nnx.Rngs(0)))
+    steps = engine.plan(unipic_mapping(cfg), shapes, {k: v.shape for k, v in target.items()}, "to_jax")
+    assert sum(len(s.outputs) for s in steps) == len(target)
+
+    def count(prefix, exclude=None):
+        return sum(int(np.prod(v.shape)) for k, v in target.items()
+                   if k.startswith(prefix) and not (exclude and k.startswith(exclude)))
+
+    enc = count("mar.encoder_") + count("mar.z_proj")  # blocks, norm, pos embed; z_proj and z_proj_ln
+    dec = count("mar.decoder_") + count("mar.mask_token") + count("mar.diffusion_pos_embed_learned")
+    got = {"llm": count("llm."), "encoder": enc, "decoder": dec, "head": count("mar.diffloss."),
+           "class+fake": count("mar.class_emb") + count("mar.fake_latent"), "proj_in": count("proj_in."),
+           "proj_out": count("proj_out.")}
+    want = {"llm": 1.544e9, "encoder": 395.0e6, "decoder": 397.9e6, "head": 151.2e6, "class+fake": 1.28e6,
+            "proj_in": 4.33e6, "proj_out": 4.33e6}
+    print("full UniPic-1 parameters:", {k: f"{v / 1e6:.2f}M" for k, v in got.items()})
+    for k, v in want.items():
+        assert abs(got[k] - v) <= 0.0005 * v + 0.005e6, (k, got[k], v)
