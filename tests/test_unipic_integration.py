@@ -125,6 +125,16 @@ def test_understanding_greedy_tokens_equal_transformers(weights):
         feats_err = max(feats_err, float(np.abs(np.asarray(z_jax) - z.numpy()).max()))
     print(f"understanding: greedy tokens equal for {len(images)} prompts; visual feature max abs err {feats_err:.2e}")
     assert feats_err <= 1e-4
+    # text-only questions (no <image> ids), batched with different lengths
+    texts = ["Hello there", "Why is the sky blue? Explain briefly."]
+    ours = understand(model, vae, None, texts, ENCODE, max_new_tokens=max_new)
+    for question, got in zip(texts, ours):
+        ids = torch.from_numpy(prompts.encode_instruction(question, ENCODE, tok)).long()[None]
+        with torch.no_grad():
+            out = ref.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                   do_sample=False, eos_token_id=[tok.im_end, tok.endoftext], pad_token_id=tok.pad)
+        want = [int(t) for t in out[0, ids.shape[1]:] if int(t) not in (tok.im_end, tok.endoftext)]
+        assert got == want, (question, got, want)
 
 
 # ------------------------------------------------------------------------------------------------------------ losses
@@ -312,6 +322,7 @@ def _requests(root) -> list[str]:
          "messages": [{"role": "user", "content": "<image> make it night"}], "seed": 5},
         {"id": "what", "task": "understanding", "messages": [{"role": "user", "content": [
             {"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is in the picture?"}]}]},
+        {"id": "chat", "task": "understanding", "messages": [{"role": "user", "content": "Say hello"}]},
         {"id": "two", "task": "understanding", "images": ["cat.png", "street.png"],
          "messages": [{"role": "user", "content": "<image> <image> compare"}]},
     ]
@@ -333,8 +344,8 @@ def test_infer_cli_runs_unipic_end_to_end(converted_dir, weights):
             "--num-threads", "0", "--no-progress"]
     assert infer(args) == 0
     recs = {r["id"]: r for r in map(json.loads, (root / "out" / "results.jsonl").read_text().splitlines())}
-    assert [recs[i]["status"] for i in ("fox", "hill", "night", "what", "two")] == ["ok"] * 4 + ["error"]
-    assert "exactly one image" in recs["two"]["error"]
+    assert [recs[i]["status"] for i in ("fox", "hill", "night", "what", "chat", "two")] == ["ok"] * 5 + ["error"]
+    assert "one image or none" in recs["two"]["error"]
     assert isinstance(recs["what"]["text"], str)
     for rid in ("fox", "hill", "night"):
         png = np.asarray(Image.open(root / "out" / recs[rid]["image"]))
@@ -354,10 +365,12 @@ def test_infer_cli_runs_unipic_end_to_end(converted_dir, weights):
     text = understand(model, vae, [np.asarray(Image.open(root / "cat.png"))], ["What is in the picture?"], ENCODE,
                       max_new_tokens=6)[0]
     assert recs["what"]["text"] == bytes(t for t in text if t < 256).decode("utf-8", errors="replace")
+    chat = understand(model, vae, None, ["Say hello"], ENCODE, max_new_tokens=6)[0]
+    assert recs["chat"]["text"] == bytes(t for t in chat if t < 256).decode("utf-8", errors="replace")
     # resume: everything complete is skipped, the failed request is retried (and fails again)
     assert infer(args) == 0
     summary = json.loads((root / "out" / "summary.json").read_text())
-    assert summary["skipped"] == 4 and summary["error"] == 1 and summary["ok"] == 0
+    assert summary["skipped"] == 5 and summary["error"] == 1 and summary["ok"] == 0
 
 
 def infer_args(argv):

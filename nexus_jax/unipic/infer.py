@@ -5,7 +5,8 @@
   (``nexus_jax.unipic.sample.text_to_image``);
 * editing: the source image centre-cropped to a square and resized, instruction + ``"Repeat this image."`` CFG row
   (``sample.edit``);
-* understanding: one image padded to a square with gray, greedy answer (``understand.answer_ids``).
+* understanding: one image padded to a square with gray (or none: a text-only question), greedy answer
+  (``understand.answer_ids``).
 
 A request's randomness comes from its own seed only (generation order, the head's initial and per-step noise are drawn
 per row from ``jax.random.key(seed)`` and passed as ``SampleNoise``), so an image does not depend on its batch.
@@ -70,18 +71,23 @@ def prepare_request(req: Request, ckpt: UniPicCheckpoint, max_new_tokens: int) -
     text of all user turns (``Request.prompt``): UniPic's template has one user turn and no system turn."""
     cfg = ckpt.config
     encode, tok = ckpt.codec.encode, cfg.tokens
+    grid = _NO_GRID
     if req.task == "generation":
         ids, pixels = prompts.encode_instruction(prompts.T2I_PROMPT.format(req.prompt), encode, tok), None
+    elif req.task == "understanding" and not req.images:  # text-only question
+        ids, pixels = prompts.encode_instruction(req.prompt, encode, tok), None
     else:
         if len(req.images) != 1:
-            raise ValueError(f"UniPic-1 {req.task} takes exactly one image, got {len(req.images)}")
+            want = "exactly one image" if req.task == "editing" else "one image or none"
+            raise ValueError(f"UniPic-1 {req.task} takes {want}, got {len(req.images)}")
         pixels = preprocess_image(req.images[0], cfg.resolution, "crop" if req.task == "editing" else "pad")
         ids = prompts.encode_instruction(req.prompt, encode, tok, cfg.image_tokens)
+        grid = np.asarray([[1, cfg.grid, cfg.grid]], np.int64)  # keeps image and text-only questions apart in batches
     # the context is followed by the answer (understanding) or by one image segment of N + buffers tokens
     limit = cfg.text.max_position_embeddings - (max_new_tokens if req.task == "understanding" else cfg.image_tokens)
     if len(ids) > limit:
         raise ValueError(f"over-long prompt: {len(ids)} tokens exceed the limit {limit}")
-    return Prepared(req, ids, pixels)
+    return Prepared(req, ids, pixels, grid)
 
 
 def seed_noise(seeds: np.ndarray, model: Any, sampling: Any) -> sample.SampleNoise:
@@ -112,8 +118,8 @@ class UniPicJob(InferenceJob):
         rows = batch.rows()
         if batch.task == "understanding":
             pb = prompts.right_pad([p.ids for p in rows], tok.pad, length=batch.length)
-            out = answer_ids(ck.model, ck.vae, np.stack([p.pixels for p in rows]), pb,
-                             max_new_tokens=self.max_new_tokens)
+            pixels = None if rows[0].pixels is None else np.stack([p.pixels for p in rows])
+            out = answer_ids(ck.model, ck.vae, pixels, pb, max_new_tokens=self.max_new_tokens)
             tokens, counts = np.asarray(out.tokens), np.asarray(out.num_generated)
             stops = {tok.im_end, tok.endoftext}
             return [{"text": ck.codec.decode([t for t in tokens[i, : counts[i]].tolist() if t not in stops])}

@@ -96,12 +96,14 @@ def image_embeds(model: nnx.Module, input_ids: jax.Array, image_rows: jax.Array,
 @functools.partial(jax.jit, static_argnames=("graphdef", "vae_graphdef", "capacity"))
 def understanding_prefill(graphdef, state, vae_graphdef, vae_state, pixels, input_ids, attention_mask, *,
                           capacity: int):
-    """Images + right-padded prompts into a fresh KV cache. Returns (greedy first token [B], cache, next position
-    [B] = each row's true length)."""
+    """Images (or None: text only) + right-padded prompts into a fresh KV cache. Returns (greedy first token [B],
+    cache, next position [B] = each row's true length)."""
     model = nnx.merge(graphdef, state)
-    vae = nnx.merge(vae_graphdef, vae_state)
-    _, z = visual_features(model, vae, pixels)
-    embeds = image_embeds(model, input_ids, z, model.config.tokens.image)
+    if pixels is None:
+        embeds = model.llm.model.embed_tokens(input_ids)
+    else:
+        _, z = visual_features(model, nnx.merge(vae_graphdef, vae_state), pixels)
+        embeds = image_embeds(model, input_ids, z, model.config.tokens.image)
     lengths = attention_mask.astype(jnp.int32).sum(-1)
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
     cache = init_cache_for(model.llm.config, input_ids.shape[0], capacity)
@@ -112,18 +114,21 @@ def understanding_prefill(graphdef, state, vae_graphdef, vae_state, pixels, inpu
     return first, cache, lengths
 
 
-def answer_ids(model: nnx.Module, vae: nnx.Module, pixels: jax.Array | np.ndarray, batch: prompts.PromptBatch, *,
-               max_new_tokens: int) -> GenerationOutput:
-    """Greedy answers for pixels [B, R, R, 3] and their right-padded prompts (one image per row).
-    Returns tokens [B, max_new_tokens] (pad after the stop id) and num_generated [B] (stop id included)."""
+def answer_ids(model: nnx.Module, vae: nnx.Module, pixels: jax.Array | np.ndarray | None,
+               batch: prompts.PromptBatch, *, max_new_tokens: int) -> GenerationOutput:
+    """Greedy answers for pixels [B, R, R, 3] (one image per row; None: text-only prompts) and their right-padded
+    prompts. Returns tokens [B, max_new_tokens] (pad after the stop id) and num_generated [B] (stop id included)."""
     tok = model.config.tokens
-    pixels = jnp.asarray(pixels, jnp.float32)
-    if pixels.ndim != 4 or pixels.shape[0] != batch.input_ids.shape[0] or pixels.shape[1] != pixels.shape[2]:
-        raise ValueError(f"pixels must be [B={batch.input_ids.shape[0]}, R, R, 3] (square), got {pixels.shape}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    per_row = (pixels.shape[1] // vae.config.downsample_factor) ** 2 + model.mar.cfg.buffer_size
-    prompts.image_slots(batch.input_ids, tok, per_row)  # raises unless every row has per_row <image> ids
+    if pixels is None:
+        prompts.image_slots(batch.input_ids, tok, 0)  # raises if a row has <image> ids
+    else:
+        pixels = jnp.asarray(pixels, jnp.float32)
+        if pixels.ndim != 4 or pixels.shape[0] != batch.input_ids.shape[0] or pixels.shape[1] != pixels.shape[2]:
+            raise ValueError(f"pixels must be [B={batch.input_ids.shape[0]}, R, R, 3] (square), got {pixels.shape}")
+        per_row = (pixels.shape[1] // vae.config.downsample_factor) ** 2 + model.mar.cfg.buffer_size
+        prompts.image_slots(batch.input_ids, tok, per_row)  # raises unless every row has per_row <image> ids
     capacity = batch.input_ids.shape[1] + max_new_tokens
     graphdef, state = nnx.split(model)
     vae_graphdef, vae_state = nnx.split(vae)
@@ -135,19 +140,24 @@ def answer_ids(model: nnx.Module, vae: nnx.Module, pixels: jax.Array | np.ndarra
                   max_new_tokens=max_new_tokens, eos_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.pad)
 
 
-def understand(model: nnx.Module, vae: nnx.Module, images: Sequence[np.ndarray | str], questions: Sequence[str],
+def understand(model: nnx.Module, vae: nnx.Module, images: Sequence[np.ndarray | str] | None, questions: Sequence[str],
                encode: prompts.Encode, *, max_new_tokens: int = 64, resolution: int | None = None) -> list[list[int]]:
-    """One answer (ids without the stop id) per (image, question) pair, at ``resolution`` (default: the config's)."""
-    if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    """One answer (ids without the stop id) per (image, question) pair, at ``resolution`` (default: the config's);
+    ``images=None``: text-only questions."""
     cfg = model.config
-    res = resolution or cfg.resolution
-    if res % vae.config.downsample_factor:
-        raise ValueError(f"resolution {res} must be a multiple of the VAE stride {vae.config.downsample_factor}")
-    pixels = np.stack([preprocess_image(im, res) for im in images])
-    k = (res // vae.config.downsample_factor) ** 2 + cfg.mar.buffer_size
-    batch = prompts.understanding_batch(list(questions), encode, cfg.tokens, k)
+    if images is None:
+        ids = [prompts.encode_instruction(q, encode, cfg.tokens) for q in questions]
+        pixels, batch = None, prompts.right_pad(ids, cfg.tokens.pad)
+    else:
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        res = resolution or cfg.resolution
+        if res % vae.config.downsample_factor:
+            raise ValueError(f"resolution {res} must be a multiple of the VAE stride {vae.config.downsample_factor}")
+        pixels = np.stack([preprocess_image(im, res) for im in images])
+        k = (res // vae.config.downsample_factor) ** 2 + cfg.mar.buffer_size
+        batch = prompts.understanding_batch(list(questions), encode, cfg.tokens, k)
     out = answer_ids(model, vae, pixels, batch, max_new_tokens=max_new_tokens)
     tokens, counts = np.asarray(out.tokens), np.asarray(out.num_generated)
     stops = {cfg.tokens.im_end, cfg.tokens.endoftext}
-    return [[int(t) for t in tokens[i, : counts[i]] if int(t) not in stops] for i in range(len(images))]
+    return [[int(t) for t in tokens[i, : counts[i]] if int(t) not in stops] for i in range(len(questions))]
