@@ -39,12 +39,18 @@ TINY_VOCAB = 264
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Masked-AR sampling defaults (unipic.md 3.1 / 3.4): iterations, CFG scale and schedule, noise temperature."""
+    """Masked-AR sampling defaults (unipic.md 3.1 / 3.4): iterations, CFG scale and schedule, noise temperature.
+
+    ``visible_buckets`` (JAX only): 1 runs the LLM bridge on all N image slots every iteration (one compiled
+    iteration); k > 1 gathers the visible tokens into a segment rounded up to a multiple of ceil(N / k) slots (at
+    most k + 1 compiled iteration shapes), which saves most of the LLM work of the early, mostly-masked iterations.
+    """
 
     num_iter: int = 32
     cfg: float = 3.0
     cfg_schedule: str = "constant"
     temperature: float = 1.0
+    visible_buckets: int = 4
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
@@ -53,6 +59,15 @@ class SamplingConfig:
             raise ValueError(f"cfg_schedule={self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.visible_buckets < 1:
+            raise ValueError(f"visible_buckets must be >= 1, got {self.visible_buckets}")
+
+    def visible_capacity(self, visible: int, seq_len: int) -> int | None:
+        """The LLM segment's image slots for ``visible`` known tokens (None = all N, no gathering)."""
+        if self.visible_buckets == 1:
+            return None
+        size = -(-seq_len // self.visible_buckets)
+        return min(seq_len, -(-visible // size) * size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +172,7 @@ def tiny(**overrides: Any) -> UniPicConfig:
         diffusion=GaussianDiffusionConfig.tiny(),
         vae=FluxVAEConfig.kl16_tiny(),
         tokens=TINY_TOKENS,
-        sampling=SamplingConfig(num_iter=4),
+        sampling=SamplingConfig(num_iter=4, visible_buckets=2),
         resolution=64,
     )
     base.update(overrides)

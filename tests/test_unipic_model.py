@@ -61,12 +61,12 @@ def _prefill(llm, ids, mask, _unused, segment_len):
     return jbridge.prefill_context(llm, llm.model.embed_tokens(ids), mask, segment_len)
 
 
-@nnx.jit
-def _iteration(llm, mar, p_in, p_out, x, mask, prefix, ctx_mask):
+@nnx.jit(static_argnums=(8,))
+def _iteration(llm, mar, p_in, p_out, x, mask, prefix, ctx_mask, capacity=None):
     b = x.shape[0]
     x_enc = mar.forward_mae_encoder(x, mask, mar.fake_class_embedding(b))
     out = jbridge.bridge(llm, lambda v: project(p_in, v), lambda v: project(p_out, v), x_enc, 1 - mask, prefix,
-                         ctx_mask)
+                         ctx_mask, capacity)
     return out, mar.forward_mae_decoder(out, mask)
 
 
@@ -80,9 +80,13 @@ def test_bridge_static_shapes_match_torch_token_dropping(parts):
     with torch.no_grad():
         kv = unipic_torch.prefill(hf.model, hf.model.embed_tokens(torch.tensor(ids)))
     worst_h, worst_z = 0.0, 0.0
-    # iteration 0 (nothing visible), then partial, then almost all visible -- one prefix for all three
-    for mask in _masks(n, (0, 6, 15), seed=6):
-        out, z = _iteration(llm, mar, p_in, p_out, jnp.asarray(x), jnp.asarray(mask), prefix, jnp.asarray(ctx_mask))
+    # iteration 0 (nothing visible), then partial, then almost all visible -- one prefix for all three; the LLM on
+    # all N slots (capacity None) or on the visible rows gathered into `capacity` slots (exact count or padded)
+    for (count, capacity), mask in zip(((0, None), (0, 0), (6, None), (6, 6), (6, 9), (15, 16)),
+                                       _masks(n, (0, 0, 6, 6, 6, 15), seed=6), strict=True):
+        out, z = _iteration(llm, mar, p_in, p_out, jnp.asarray(x), jnp.asarray(mask), prefix, jnp.asarray(ctx_mask),
+                            capacity)
+        assert (mask == 0).sum(-1).tolist() == [count] * len(LENGTHS)
         with torch.no_grad():
             tm = torch.tensor(mask)
             fake = t_mar.fake_latent.expand(len(LENGTHS), c)

@@ -70,7 +70,8 @@ def _compare(out, t_tokens, t_pixels, what):
 
 def test_text_to_image_matches_torch_reference_loop(models):
     tu, diffusion, codec, model, vae = models
-    sampling = CFG.sampling
+    sampling = CFG.sampling  # visible_buckets 2: the LLM runs on 0 / 8 / 8 / 16 gathered image slots
+    assert jsample.segment_capacities(CFG.seq_len, sampling) == [0, 8, 8, 16]
     batch = prompts.text_to_image_batch(["a red cube on a wooden table", "two cats"], ENCODE, CFG.tokens)
     assert batch.lengths[0] != batch.lengths[1]  # right padding in play
     noise, orders, t_init, t_steps = _noise(sampling, seed=0)
@@ -90,7 +91,7 @@ def test_editing_at_an_interpolated_grid_matches_torch_reference_loop(models):
     cfg = CFG.replace(resolution=128)
     model = nnx.eval_shape(lambda: UniPic(cfg, rngs=nnx.Rngs(0)))
     nnx.update(model, nnx.state(small))
-    sampling = SamplingConfig(num_iter=3, cfg=2.5, cfg_schedule="linear", temperature=0.9)
+    sampling = SamplingConfig(num_iter=3, cfg=2.5, cfg_schedule="linear", temperature=0.9, visible_buckets=1)
     batch = prompts.editing_batch(["make it blue", "add a hat to the cat"], ENCODE, cfg.tokens, cfg.image_tokens)
     src = np.random.default_rng(7).uniform(-1, 1, (G, cfg.resolution, cfg.resolution, 3)).astype(np.float32)
     noise, orders, t_init, t_steps = _noise(sampling, seed=1, cfg=cfg)
@@ -115,7 +116,7 @@ def test_editing_at_an_interpolated_grid_matches_torch_reference_loop(models):
 def test_key_sampling_compiles_one_iteration_and_is_deterministic(models):
     *_, model, vae = models
     batch = prompts.text_to_image_batch(["a dog", "a boat at sea"], ENCODE, CFG.tokens)
-    sampling = SamplingConfig(num_iter=5, cfg=1.5)
+    sampling = SamplingConfig(num_iter=5, cfg=1.5, visible_buckets=1)
     before = jsample.iteration._cache_size()
     a = jsample.text_to_image(model, vae, batch, sampling=sampling, key=jax.random.key(3))
     assert jsample.iteration._cache_size() - before == 1  # 5 iterations, one compiled function

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from nexus_jax.diffusion.maskgit import gather_predicted
 from nexus_jax.models.qwen2 import KVCache, Qwen2ForCausalLM, init_cache_for
 
 Proj = Callable[[jax.Array], jax.Array]
@@ -53,6 +54,23 @@ def segment_positions(ctx_mask: jax.Array, visible: jax.Array, buffer_size: int)
     return jnp.maximum(jnp.concatenate([image, buffers], axis=-1), 0)
 
 
+def _segment_delta(
+    llm: Qwen2ForCausalLM, proj_in: Proj, proj_out: Proj, x_enc: jax.Array, visible: jax.Array, prefix: KVCache,
+    ctx_mask: jax.Array,
+) -> jax.Array:
+    """proj_out(h) [B, buffers + M, C] for x_enc [B, buffers + M, C] whose M image rows are in raster order."""
+    b, total, _ = x_enc.shape
+    m = visible.shape[1]
+    nb = total - m
+    z = proj_in(x_enc)
+    z = jnp.concatenate([z[:, nb:], z[:, :nb]], axis=1)  # buffers to the end
+    keys = jnp.concatenate([visible.astype(bool), jnp.ones((b, nb), bool)], axis=1)
+    positions = segment_positions(ctx_mask, visible, nb)
+    h, _ = llm.model(inputs_embeds=z, positions=positions, attention_mask=keys, cache=prefix)
+    h = jnp.concatenate([h[:, m:], h[:, :m]], axis=1)  # buffers back to the front
+    return proj_out(h).astype(x_enc.dtype)
+
+
 def bridge(
     llm: Qwen2ForCausalLM,
     proj_in: Proj,
@@ -61,11 +79,15 @@ def bridge(
     visible: jax.Array,
     prefix: KVCache,
     ctx_mask: jax.Array,
+    capacity: int | None = None,
 ) -> jax.Array:
     """x_enc [B, buffers + N, C] (MAR encoder output, buffers first), visible [B, N] (1 = known token),
     prefix from :func:`prefill_context`, ctx_mask [B, Lc] -> x_enc + proj_out(h) [B, buffers + N, C].
 
     h is the LLM's final-normed hidden state of the segment ``[image slots ; buffers]``, rotated back to buffers-first.
+    ``capacity`` (static, >= every row's visible count): the LLM runs on the visible rows gathered in raster order
+    into ``capacity`` slots (padding excluded as keys) instead of all N, and the result is scattered back (masked rows
+    get no update). Same numbers at the visible rows, less work in the early iterations.
     """
     b, total, _ = x_enc.shape
     n = visible.shape[1]
@@ -74,10 +96,18 @@ def bridge(
         raise ValueError(f"visible {visible.shape} does not fit x_enc {x_enc.shape} (buffers + N tokens)")
     if prefix.capacity < ctx_mask.shape[1] + total:
         raise ValueError(f"prefix cache capacity {prefix.capacity} < context {ctx_mask.shape[1]} + segment {total}")
-    z = proj_in(x_enc)
-    z = jnp.concatenate([z[:, nb:], z[:, :nb]], axis=1)  # buffers to the end
-    keys = jnp.concatenate([visible.astype(bool), jnp.ones((b, nb), bool)], axis=1)
-    positions = segment_positions(ctx_mask, visible, nb)
-    h, _ = llm.model(inputs_embeds=z, positions=positions, attention_mask=keys, cache=prefix)
-    h = jnp.concatenate([h[:, n:], h[:, :n]], axis=1)  # buffers back to the front
-    return x_enc + proj_out(h).astype(x_enc.dtype)
+    if capacity is None:
+        return x_enc + _segment_delta(llm, proj_in, proj_out, x_enc, visible, prefix, ctx_mask)
+    if not 0 <= capacity <= n:
+        raise ValueError(f"capacity must be in [0, N={n}], got {capacity}")
+    if capacity:
+        idx, valid = gather_predicted(visible.astype(bool), capacity)
+    else:
+        idx, valid = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
+    gathered = jnp.take_along_axis(x_enc[:, nb:], idx[..., None], axis=1)
+    delta = _segment_delta(llm, proj_in, proj_out, jnp.concatenate([x_enc[:, :nb], gathered], axis=1), valid,
+                           prefix, ctx_mask)
+    where = jnp.where(valid, idx, n)  # padding slots scatter out of range (dropped)
+    image = jnp.zeros((b, n, x_enc.shape[-1]), delta.dtype).at[jnp.arange(b)[:, None], where].set(
+        delta[:, nb:], mode="drop")
+    return x_enc + jnp.concatenate([delta[:, :nb], image], axis=1)

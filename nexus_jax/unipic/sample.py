@@ -1,11 +1,13 @@
 """UniPic-1 masked-autoregressive sampling (unipic.md 3.1 text-to-image, 3.2 editing) with static shapes.
 
 The batch is ``[cond (G rows) ; uncond (G rows)]``. The context (prompt, or source-image rows + instruction) is
-prefilled once (:func:`nexus_jax.unipic.bridge.prefill_context`). Each of ``num_iter`` iterations runs ONE compiled
-function (:func:`iteration`; the step index is traced, every shape is constant):
+prefilled once (:func:`nexus_jax.unipic.bridge.prefill_context`). Each of ``num_iter`` iterations runs one compiled
+function (:func:`iteration`; the step index is traced; one compilation per LLM-segment bucket of
+``SamplingConfig.visible_buckets``, at most buckets + 1):
 
     mask      = first remaining[k] entries of each row's order        (uncond rows share the cond orders)
-    x_enc     = MAR encoder(tokens, mask) -> LLM bridge -> MAR decoder (mask_token, or decoder_embed(x_con)) = z
+    x_enc     = MAR encoder(tokens, mask) -> LLM bridge (visible rows gathered into the step's bucket) -> MAR decoder
+                (mask_token, or decoder_embed(x_con)) = z
     to_pred   = mask XOR mask_next (all of mask at the last step), gathered into max_pred fixed slots per row
     tokens    = IDDPM head sample of z[to_pred] with in-head CFG (shared noise), scattered back; uncond copies cond
 
@@ -66,6 +68,12 @@ def step_tables(seq_len: int, sampling: SamplingConfig) -> tuple[StepTables, int
     return tables, sched.max_pred
 
 
+def segment_capacities(seq_len: int, sampling: SamplingConfig) -> list[int | None]:
+    """Per-step LLM segment capacity (``SamplingConfig.visible_capacity`` of each step's visible count)."""
+    sched = maskgit.mask_schedule(seq_len, sampling.num_iter)
+    return [sampling.visible_capacity(int(v), seq_len) for v in sched.num_visible]
+
+
 def _head_noise(init: jax.Array, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cond-half noise init [G, P, C], steps [S, G, P, C] -> the head's [2GP, C] and [S, 2GP, C] (halves equal)."""
     g, p, c = init.shape
@@ -78,7 +86,7 @@ def iteration_body(
     model: nnx.Module, tokens: jax.Array, orders: jax.Array, step: jax.Array, tables: StepTables,
     prefix: Any, ctx_mask: jax.Array, schedule: gaussian.Schedule, x_con: jax.Array | None,
     key: jax.Array | None, init_noise: jax.Array | None, step_noise: jax.Array | None,
-    temperature: jax.Array | float, max_pred: int,
+    temperature: jax.Array | float, max_pred: int, visible_capacity: int | None = None,
 ) -> jax.Array:
     """One masked-AR iteration. tokens [2G, N, C] (uncond rows = cond rows), orders [2G, N] -> new tokens."""
     b, n, _ = tokens.shape
@@ -89,7 +97,8 @@ def iteration_body(
         raise ValueError(f"{n} tokens do not form the config's {grid[0]}x{grid[1]} grid")
     mask = maskgit.mask_by_order(orders, tables.remaining[step])
     x_enc = mar.forward_mae_encoder(tokens, mask, mar.fake_class_embedding(b), grid)
-    x_enc = bridge_lib.bridge(model.llm, model.project_in, model.project_out, x_enc, ~mask, prefix, ctx_mask)
+    x_enc = bridge_lib.bridge(model.llm, model.project_in, model.project_out, x_enc, ~mask, prefix, ctx_mask,
+                              visible_capacity)
     z = mar.forward_mae_decoder(x_enc, mask, grid, x_con=x_con)
     mask_next = maskgit.mask_by_order(orders, tables.mask_len[step])
     last = step == tables.mask_len.shape[0] - 1
@@ -109,12 +118,13 @@ def iteration_body(
     return jnp.concatenate([cond, cond], axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_pred"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_pred", "visible_capacity"))
 def iteration(graphdef, state, tokens, orders, step, tables, prefix, ctx_mask, schedule, x_con, key, init_noise,
-              step_noise, temperature, *, max_pred: int):
-    """Jitted :func:`iteration_body` on a split model (one compilation serves every step)."""
+              step_noise, temperature, *, max_pred: int, visible_capacity: int | None = None):
+    """Jitted :func:`iteration_body` on a split model (one compilation per visible-capacity bucket; the step index
+    is traced)."""
     return iteration_body(nnx.merge(graphdef, state), tokens, orders, step, tables, prefix, ctx_mask, schedule, x_con,
-                          key, init_noise, step_noise, temperature, max_pred)
+                          key, init_noise, step_noise, temperature, max_pred, visible_capacity)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "segment_len"))
@@ -163,6 +173,7 @@ def sample_from_context(
         raise ValueError(f"need an even [cond; uncond] batch with matching mask, got {embeds.shape}, {ctx_mask.shape}")
     g, n, c = b // 2, cfg.seq_len, cfg.mar.token_embed_dim
     tables, max_pred = step_tables(n, sampling)
+    capacities = segment_capacities(n, sampling)
     schedule = gaussian.make_schedule(cfg.diffusion)
     if noise is not None:
         orders = jnp.asarray(noise.orders, jnp.int32)
@@ -187,7 +198,7 @@ def sample_from_context(
         else:
             rand = (jax.random.fold_in(key, k), None, None)
         tokens = iteration(graphdef, state, tokens, orders, step, tables, prefix, ctx_mask, schedule, x_con, *rand,
-                           temperature, max_pred=max_pred)
+                           temperature, max_pred=max_pred, visible_capacity=capacities[k])
     vae_graphdef, vae_state = nnx.split(vae)
     pixels = _decode(vae_graphdef, vae_state, tokens[:g], grid=cfg.grid)
     return SampleOutput(tokens[:g], pixels)
