@@ -18,6 +18,7 @@ Everything works on fixed shapes (masks instead of boolean gathers), so it jits 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -86,25 +87,73 @@ class LazyLogits:
         return (*self.hidden.shape[:2], self.vocab)
 
 
+def _spans(length: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+def _chunk_logits(project: Callable, h: jax.Array, consts: tuple) -> jax.Array:
+    return project(h, *consts).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_nll(project: Callable, chunk: int, hidden: jax.Array, targets: jax.Array, valid: jax.Array,
+                 *consts: jax.Array) -> jax.Array:
+    return _chunked_nll_fwd(project, chunk, hidden, targets, valid, *consts)[0]
+
+
+def _chunked_nll_fwd(project, chunk, hidden, targets, valid, *consts):
+    """Summed NLL, chunk after chunk (each chunk's input waits for the previous chunk's sum: an optimization
+    barrier keeps XLA from running all chunks at once); saves only the per-token logsumexp."""
+    total = jnp.zeros((), jnp.float32)
+    lse_parts = []
+    for start, end in _spans(hidden.shape[1], chunk):
+        h, total = jax.lax.optimization_barrier((hidden[:, start:end], total))
+        logits = _chunk_logits(project, h, consts)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        t, v = targets[:, start:end], valid[:, start:end]
+        picked = jnp.take_along_axis(logits, jnp.where(v, t, 0)[..., None], axis=-1)[..., 0]
+        total = total + jnp.where(v, lse - picked, 0.0).sum()
+        lse_parts.append(lse)
+    return total, (hidden, targets, valid, consts, jnp.concatenate(lse_parts, axis=1))
+
+
+def _chunked_nll_bwd(project, chunk, res, g):
+    """Per chunk: recompute the logits, d logits = (softmax - onehot) * g, then the chunk's input and parameter
+    gradients (parameter gradients accumulated in fp32, chunk after chunk)."""
+    hidden, targets, valid, consts, lse = res
+    dconsts = tuple(jnp.zeros(c.shape, jnp.float32) for c in consts)
+    dh_parts = []
+    for start, end in _spans(hidden.shape[1], chunk):
+        h, dconsts = jax.lax.optimization_barrier((hidden[:, start:end], dconsts))
+        logits, vjp = jax.vjp(lambda x, *c: _chunk_logits(project, x, c), h, *consts)
+        t, v = targets[:, start:end], valid[:, start:end]
+        probs = jnp.exp(logits - lse[:, start:end, None])
+        dlogits = jnp.where(v[..., None], probs - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32), 0.0) * g
+        dh, *dc = vjp(dlogits)
+        dconsts = tuple(a + b.astype(jnp.float32) for a, b in zip(dconsts, dc))
+        dh_parts.append(dh)
+    dconsts = tuple(d.astype(c.dtype) for d, c in zip(dconsts, consts))
+    return (jnp.concatenate(dh_parts, axis=1).astype(hidden.dtype), None, None, *dconsts)
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
 def chunked_token_cross_entropy(logits: LazyLogits, labels: jax.Array, image_token_id: int
                                 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`token_cross_entropy` from :class:`LazyLogits`: per token chunk, the fp32 logits and their NLL under
-    ``jax.checkpoint`` (the backward pass recomputes one chunk's logits instead of keeping all of them). The chunks
-    are a Python loop, so the program stays loop-free. labels [B, L] -> (mean CE, number of counted tokens)."""
+    """:func:`token_cross_entropy` from :class:`LazyLogits`, with a custom VJP: the forward keeps only the per-token
+    logsumexp; the backward recomputes one chunk's fp32 logits at a time and accumulates the projection's gradient.
+    The chunks are a Python loop (a loop-free program). labels [B, L] -> (mean CE, number of counted tokens)."""
     b, length, vocab = logits.shape
     # position p predicts labels[p + 1]; the last position predicts nothing
     targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
     valid = (targets != IGNORE_INDEX) & (targets != image_token_id)
     _check_labels(targets, valid, vocab)
-
-    @jax.checkpoint
-    def chunk_nll(h: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
-        return _nll(logits.project(h), t, v)
-
-    total = jnp.zeros((), jnp.float32)
-    for start in range(0, length, logits.chunk):
-        end = min(start + logits.chunk, length)
-        total = total + chunk_nll(logits.hidden[:, start:end], targets[:, start:end], valid[:, start:end])
+    project, consts = jax.closure_convert(logits.project, logits.hidden[:, : min(logits.chunk, length)])
+    floats = [jnp.issubdtype(c.dtype, jnp.inexact) for c in consts]
+    if not all(floats):
+        raise ValueError("LazyLogits.project may close over floating-point arrays only")
+    total = _chunked_nll(project, logits.chunk, logits.hidden, targets, valid, *consts)
     count = valid.sum()
     return _safe_mean(total, count), count
 
