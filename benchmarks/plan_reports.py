@@ -25,7 +25,7 @@ from launch.topology import parse_topology  # noqa: E402
 
 # name -> (plan config, topology, mesh (data, fsdp, tensor), remat)
 REPORTS: dict[str, tuple[str, str, tuple[int, int, int], str]] = {
-    "ar_train_v5p-4x4x4": ("ar_train", "v5p:4x4x4", (1, 64, 1), "dots_no_batch"),
+    "ar_train_v5p-4x4x4": ("ar_train", "v5p:4x4x4", (1, 64, 1), "none"),
     "ar_train_v6e-8x8": ("ar_train_v6e", "v6e:8x8", (1, 64, 1), "full"),
     "generation_decoder_train_v6e-2x4": ("generation_decoder_train", "v6e:2x4", (1, 8, 1), "full"),
     "generation_sample_512_v6e-2x4": ("generation_sample_512", "v6e:2x4", (2, 1, 4), "none"),
