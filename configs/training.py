@@ -14,6 +14,9 @@ from nexus_jax.sharding import MeshConfig
 ScheduleKind = Literal["cosine", "constant"]
 
 
+REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")  # nexus_jax.layers.REMAT_POLICIES plus "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW + linear warmup + (cosine | constant) schedule + global-norm clipping.
@@ -96,6 +99,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: no periodic eval
     eval_batches: int = 4
     compute_dtype: str = "bfloat16"
+    remat: str = "none"  # per decoder layer / DiT block: "none" | "full" | "dots" | "dots_no_batch"
     log_dir: str = ""  # TensorBoard directory; "" = stdout only
 
     def __post_init__(self) -> None:
@@ -103,6 +107,8 @@ class LoopConfig:
             raise ValueError(f"total_steps and batch_size must be >= 1, got {self.total_steps}, {self.batch_size}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,8 @@ def job_command(plan: PlanConfig, data: str | None, run_dir: str | None, extra: 
         if not data or not run_dir:
             raise ValueError(f"{plan.name} trains: pass --data <records> and --run-dir <gs://bucket/dir>")
         argv += ["--data", data, "--run-dir", run_dir]
+        if "--remat" not in plan.job:  # the job runs the remat policy the plan was compiled (and fits) with
+            argv += ["--remat", plan.remat]
     return argv + list(extra)
 
 

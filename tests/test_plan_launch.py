@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from configs.plans import get_plan
 from launch import distributed, launcher
 
 
@@ -17,7 +20,7 @@ def test_tpu_vm_commands_for_ar_training(capsys):
                       "--version=v2-alpha-tpuv5")
     assert "--worker=all" in out[2] and "--worker=all" in out[3]
     assert "python3 -m launch.distributed train --preset ar_stage3" in out[4]
-    assert out[4].endswith("--data gs://b/d --run-dir gs://b/r --steps 10'")
+    assert out[4].endswith("--data gs://b/d --run-dir gs://b/r --remat none --steps 10'")
     assert out[5].startswith("gcloud compute tpus tpu-vm delete nx")
 
 
@@ -60,3 +63,18 @@ def test_global_batch_from_local_rows_single_host():
     out = distributed.global_batch(local, mesh)
     np.testing.assert_array_equal(np.asarray(out["x"]), local["x"])
     assert out["x"].sharding.shard_shape((16, 3)) == (2, 3)
+
+
+def test_train_jobs_run_the_remat_policy_they_were_planned_with():
+    from launch.launcher import job_command
+    from nexus_jax.training.cli import build_parser, config_from_args
+
+    argv = job_command(get_plan("ar_train_v6e"), "gs://b/d", "gs://b/r", [])
+    assert argv[argv.index("--remat") + 1] == "full"
+    cfg = config_from_args(build_parser().parse_args(argv[4:]))
+    assert cfg.loop.remat == "full"
+    from nexus_jax.training.decoder_loop import decoder_parts
+
+    assert decoder_parts("generation_decoder", "tiny", "dots").decoder.dit.remat == "dots"
+    with pytest.raises(ValueError, match="remat must be one of"):
+        dataclasses.replace(cfg.loop, remat="sometimes")

@@ -7,6 +7,7 @@ frozen ViT on the packed input images (features placed at the input ``<|image_pa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def ar_task(
 ) -> TrainTask:
     """The AR :class:`TrainTask` for ``cfg`` (records at ``cfg.data.path``; tokenizer ``encode_text``)."""
     model_cfg = model_cfg or model_config(cfg.model_preset)
+    if cfg.loop.remat != "none":
+        model_cfg = dataclasses.replace(model_cfg, vl=dataclasses.replace(
+            model_cfg.vl, text=model_cfg.vl.text.replace(remat=cfg.loop.remat)))
     accum = cfg.optim.grad_accum
     if jax.process_count() > 1:
         raise NotImplementedError(

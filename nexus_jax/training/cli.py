@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import sys
 
-from configs.training import PRESETS, TrainConfig
+from configs.training import PRESETS, REMAT_CHOICES, TrainConfig
 from nexus_jax.sharding import MeshConfig
 
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to <run-dir>/tb")
     p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, one may be -1 (default 1,-1,1)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--remat", choices=REMAT_CHOICES, help="rematerialise each decoder layer / DiT block (default none)")
     p.add_argument("--tokenizer", default="", help="HF tokenizer directory (full-size AR); tiny presets use bytes")
     p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
     return p
@@ -63,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     loop = r(cfg.loop, total_steps=pick(args.steps, cfg.loop.total_steps),
              batch_size=pick(args.batch_size, cfg.loop.batch_size), seed=pick(args.seed, cfg.loop.seed),
              eval_every=pick(args.eval_every, cfg.loop.eval_every), log_every=pick(args.log_every, cfg.loop.log_every),
-             compute_dtype=pick(args.compute_dtype, cfg.loop.compute_dtype),
+             compute_dtype=pick(args.compute_dtype, cfg.loop.compute_dtype), remat=pick(args.remat, cfg.loop.remat),
              log_dir=f"{args.run_dir}/tb" if args.tensorboard else cfg.loop.log_dir)
     mesh = cfg.mesh
     if args.mesh:
@@ -96,7 +97,7 @@ def make_task(cfg: TrainConfig, tokenizer_dir: str = ""):
         return ar_task(cfg, _text_encoder(cfg, tokenizer_dir))
     from nexus_jax.training.decoder_loop import decoder_parts, decoder_task
 
-    return decoder_task(cfg, decoder_parts(cfg.task, cfg.model_preset))
+    return decoder_task(cfg, decoder_parts(cfg.task, cfg.model_preset, cfg.loop.remat))
 
 
 def main(argv: list[str] | None = None) -> int:

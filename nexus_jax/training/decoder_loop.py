@@ -103,17 +103,20 @@ class DecoderParts:
         return (g[0] // m) * (g[1] // m) if self.editing else 0
 
 
-def decoder_parts(task: str, preset: str) -> DecoderParts:
-    """task 'generation_decoder' | 'editing_decoder'; preset 'tiny' | 'flux_dev'."""
+def decoder_parts(task: str, preset: str, remat: str = "none") -> DecoderParts:
+    """task 'generation_decoder' | 'editing_decoder'; preset 'tiny' | 'flux_dev'; ``remat`` per DiT block."""
     if task not in ("generation_decoder", "editing_decoder"):
         raise ValueError(f"decoder task must be 'generation_decoder' or 'editing_decoder', got {task!r}")
     editing = task == "editing_decoder"
     if preset == "tiny":
-        return DecoderParts(NexusDecoderConfig.tiny(), FluxVAEConfig.tiny(), editing)
-    if preset == "flux_dev":
-        dec = NexusDecoderConfig.editing() if editing else NexusDecoderConfig.generation()
-        return DecoderParts(dec, FluxVAEConfig.full(), editing)
-    raise ValueError(f"unknown decoder model preset {preset!r}; choose 'tiny' or 'flux_dev'")
+        dec, vae = NexusDecoderConfig.tiny(), FluxVAEConfig.tiny()
+    elif preset == "flux_dev":
+        dec, vae = NexusDecoderConfig.editing() if editing else NexusDecoderConfig.generation(), FluxVAEConfig.full()
+    else:
+        raise ValueError(f"unknown decoder model preset {preset!r}; choose 'tiny' or 'flux_dev'")
+    if remat != "none":
+        dec = dataclasses.replace(dec, dit=dataclasses.replace(dec.dit, remat=remat))
+    return DecoderParts(dec, vae, editing)
 
 
 def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | None = None,

@@ -7,16 +7,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.flux import FluxDiTConfig
-from nexus_jax.layers import Linear
+from nexus_jax.layers import REMAT_POLICIES, Linear
 from nexus_jax.models.flux.blocks import ACT, AdaLNModulation, DoubleStreamBlock, SingleStreamBlock, layer_norm
 from nexus_jax.models.flux.embeddings import TimestepEmbedder, make_silu_mlp, rope_tables, silu_mlp
 from nexus_jax.sharding import constrain
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def _call_block(block: nnx.Module, *args: jax.Array):
