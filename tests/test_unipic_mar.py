@@ -147,6 +147,35 @@ def test_unequal_masked_counts_per_row(models):
     assert max(errs) <= 1e-4
 
 
+@pytest.mark.parametrize("capacity", [11, 16])
+def test_encoder_on_gathered_visible_tokens(models, capacity):
+    """``capacity`` runs the blocks on the visible tokens only (torch's dropping; padded slots are masked keys):
+    visible rows equal torch run row by row, masked rows are zero; capacity 0 (nothing visible) gives the buffers."""
+    tm, jm = models
+    n = CFG.seq_len
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((B, n, CFG.token_embed_dim)).astype(np.float32)
+    mask = np.concatenate([_masks(rng, 1, n, k) for k in (n - 11, n - 3, n - 7)])  # 11, 3, 7 visible
+    ce = np.array(jm.fake_class_embedding(B))
+    enc = np.asarray(jax.jit(lambda m, a, k, c: m.forward_mae_encoder(a, k, c, capacity=capacity))(
+        jm, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(ce)))
+    errs = []
+    for i in range(B):
+        with torch.no_grad():
+            r = tm.forward_mae_encoder(torch.from_numpy(x[i : i + 1]), torch.from_numpy(mask[i : i + 1]),
+                                       torch.from_numpy(ce[i : i + 1])).numpy()
+        errs.append(_err(_visible_rows(enc[i : i + 1], mask[i : i + 1], CFG.buffer_size), r))
+    print(f"encoder on gathered visible tokens (capacity {capacity}): max abs err {max(errs):.2e}")
+    assert max(errs) <= 1e-4
+    assert not np.any(enc[:, CFG.buffer_size:][mask == 1])
+    all_masked = jnp.ones((B, n))
+    e0, ef = jax.jit(lambda m, a, k, c: (m.forward_mae_encoder(a, k, c, capacity=0), m.forward_mae_encoder(a, k, c)))(
+        jm, jnp.asarray(x), all_masked, jnp.asarray(ce))
+    assert _err(e0[:, : CFG.buffer_size], ef[:, : CFG.buffer_size]) <= 1e-5
+    with pytest.raises(ValueError, match="capacity"):
+        jm.forward_mae_encoder(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(ce), capacity=n + 1)
+
+
 def test_unmasked_helper_matches_forward(models):
     _, jm = models
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, CFG.seq_len, 16)), jnp.float32)

@@ -96,7 +96,7 @@ def iteration_body(
     if grid[0] * grid[1] != n:
         raise ValueError(f"{n} tokens do not form the config's {grid[0]}x{grid[1]} grid")
     mask = maskgit.mask_by_order(orders, tables.remaining[step])
-    x_enc = mar.forward_mae_encoder(tokens, mask, mar.fake_class_embedding(b), grid)
+    x_enc = mar.forward_mae_encoder(tokens, mask, mar.fake_class_embedding(b), grid, capacity=visible_capacity)
     x_enc = bridge_lib.bridge(model.llm, model.project_in, model.project_out, x_enc, ~mask, prefix, ctx_mask,
                               visible_capacity)
     z = mar.forward_mae_decoder(x_enc, mask, grid, x_con=x_con)

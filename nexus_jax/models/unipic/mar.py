@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.mar import MARConfig
+from nexus_jax.diffusion.maskgit import gather_predicted
 from nexus_jax.layers import REMAT_POLICIES, Embed, LayerNorm, Linear, make_param
 from nexus_jax.models.unipic.pos_embed import Grid, resize_grid, resize_pos_embed
 from nexus_jax.models.unipic.vit import ACT, Block
@@ -112,12 +113,15 @@ class MAR(nnx.Module):
     # ------------------------------------------------------------------ encoder / decoder
     def forward_mae_encoder(
         self, x: jax.Array, mask: jax.Array, class_embedding: jax.Array, grid: Grid | None = None, *,
-        dropout_key: jax.Array | None = None,
+        dropout_key: jax.Array | None = None, capacity: int | None = None,
     ) -> jax.Array:
         """x [B, N, token_embed_dim], mask [B, N] (1 = masked), class_embedding [B, C] or [1, C] -> [B, buffer + N, C].
 
         Buffer rows come first and all start as ``class_embedding``; rows at masked positions are don't-care.
         ``grid`` (h, w) with h * w == N (default: the trained grid) selects the positional-table resize.
+        ``capacity`` (static, >= every row's visible count): the blocks run on the visible tokens gathered in raster
+        order into ``capacity`` slots (padding excluded as keys), as torch's token dropping does, and the result is
+        scattered back (masked rows are zero). Same numbers at the visible rows, less work while few are visible.
         """
         cfg = self.cfg
         if x.ndim != 3 or x.shape[-1] != cfg.token_embed_dim:
@@ -128,13 +132,29 @@ class MAR(nnx.Module):
         ce_shape = class_embedding.shape
         if class_embedding.ndim != 2 or ce_shape[-1] != cfg.width or ce_shape[0] not in (1, b):
             raise ValueError(f"class_embedding must be [B, {cfg.width}] or [1, {cfg.width}], got {ce_shape}")
+        if capacity is not None and not 0 <= capacity <= n:
+            raise ValueError(f"capacity must be in [0, N={n}], got {capacity}")
+        nb = cfg.buffer_size
+        pos = jnp.broadcast_to(self.encoder_pos_embed(grid), (b, nb + n, cfg.width))
+        keys = ~masked
+        if capacity is not None:  # gather the visible tokens (and their positional rows)
+            if capacity:
+                idx, valid = gather_predicted(~mask.astype(bool), capacity)
+            else:
+                idx, valid = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
+            x = jnp.take_along_axis(x, idx[..., None], axis=1)
+            pos = jnp.concatenate([pos[:, :nb], jnp.take_along_axis(pos[:, nb:], idx[..., None], axis=1)], axis=1)
+            keys = jnp.concatenate([jnp.ones((b, nb), bool), valid], axis=1)
         h = self.z_proj(x)
-        buffers = jnp.broadcast_to(class_embedding[:, None, :].astype(h.dtype), (b, cfg.buffer_size, cfg.width))
-        h = jnp.concatenate([buffers, h], axis=1)
-        h = h + self.encoder_pos_embed(grid).astype(h.dtype)
+        buffers = jnp.broadcast_to(class_embedding[:, None, :].astype(h.dtype), (b, nb, cfg.width))
+        h = jnp.concatenate([buffers, h], axis=1) + pos.astype(h.dtype)
         h = constrain(self.z_proj_ln(h), ACT)
-        h = _run_blocks(self.encoder_blocks, h, ~masked, dropout_key, cfg.remat)
-        return self.encoder_norm(h)
+        h = self.encoder_norm(_run_blocks(self.encoder_blocks, h, keys, dropout_key, cfg.remat))
+        if capacity is None:
+            return h
+        where = jnp.where(valid, idx, n)  # padding slots scatter out of range (dropped)
+        image = jnp.zeros((b, n, cfg.width), h.dtype).at[jnp.arange(b)[:, None], where].set(h[:, nb:], mode="drop")
+        return jnp.concatenate([h[:, :nb], image], axis=1)
 
     def mar_encoder_unmasked(
         self, x: jax.Array, grid: Grid | None = None, class_embedding: jax.Array | None = None
