@@ -72,7 +72,6 @@ class GaussianDiffusionConfig:
     max_beta: float = 0.2
     sampling_steps: str = "100"
     learn_sigma: bool = True
-    temperature: float = 1.0
     diffusion_batch_mul: int = 4
 
     def __post_init__(self) -> None:
@@ -84,8 +83,6 @@ class GaussianDiffusionConfig:
             raise ValueError(f"GaussianDiffusionConfig.max_beta must be in (0, 1], got {self.max_beta}")
         if self.diffusion_batch_mul < 1:
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {self.diffusion_batch_mul}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
     @classmethod
     def full(cls, **overrides: Any) -> GaussianDiffusionConfig:

@@ -26,6 +26,7 @@ _WILDCARD = re.compile(r"\{(\w+)\}")
 
 # ----------------------------------------------------------------------------------------------------------- transforms
 _BLOCK = 256
+UINT_BY_ITEMSIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # bit-exact views of any dtype
 
 
 def transpose(x: np.ndarray, perm: Sequence[int]) -> np.ndarray:
@@ -34,7 +35,7 @@ def transpose(x: np.ndarray, perm: Sequence[int]) -> np.ndarray:
     perm = tuple(perm)
     if x.ndim != 2 or perm != (1, 0) or x.size < _BLOCK * _BLOCK:
         return np.ascontiguousarray(np.transpose(x, perm))
-    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(x.dtype.itemsize)
+    bits = UINT_BY_ITEMSIZE.get(x.dtype.itemsize)
     src = x.view(bits) if bits is not None and x.flags.c_contiguous else x
     out = np.empty((x.shape[1], x.shape[0]), src.dtype)
     for i in range(0, x.shape[0], _BLOCK):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from conversion.engine import LINEAR, Mapping, Rule, Transform, combine, linear, norm, rule
+from conversion.engine import LINEAR, UINT_BY_ITEMSIZE, Mapping, Rule, Transform, combine, linear, norm, rule
 from conversion.errors import ConversionError
 from conversion.tables.qwen2_5_vl import text_mapping
 
@@ -72,8 +72,8 @@ class TiedCopy(Transform):
 
 def _bits(x: np.ndarray) -> np.ndarray:
     """Raw bits (NaN-safe equality)."""
-    kinds = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-    return np.ascontiguousarray(x).view(kinds[x.dtype.itemsize]) if x.dtype.itemsize in kinds else x
+    kind = UINT_BY_ITEMSIZE.get(x.dtype.itemsize)
+    return np.ascontiguousarray(x).view(kind) if kind is not None else x
 
 
 def llm_mapping(num_layers: int) -> Mapping:
@@ -150,8 +150,3 @@ def unipic_mapping(cfg: Any) -> Mapping:
         raise ConversionError("the UniPic-1 checkpoint ties lm_head to embed_tokens; the config must set "
                               "text.tie_word_embeddings=True")
     return unipic_tables(cfg.text.num_layers, cfg.mar.encoder_depth, cfg.mar.decoder_depth, cfg.head.depth)
-
-
-def is_skipped(name: str) -> bool:
-    """True for tensors the import leaves out on purpose (SigLIP2: loaded by upstream, never used)."""
-    return name.startswith(SKIP_PREFIXES)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from nexus_jax.diffusion.maskgit import gather_predicted
+from nexus_jax.diffusion.maskgit import gather_predicted, put_rows, take_rows
 from nexus_jax.models.qwen2 import KVCache, Qwen2ForCausalLM, init_cache_for
 
 Proj = Callable[[jax.Array], jax.Array]
@@ -100,14 +100,9 @@ def bridge(
         return x_enc + _segment_delta(llm, proj_in, proj_out, x_enc, visible, prefix, ctx_mask)
     if not 0 <= capacity <= n:
         raise ValueError(f"capacity must be in [0, N={n}], got {capacity}")
-    if capacity:
-        idx, valid = gather_predicted(visible.astype(bool), capacity)
-    else:
-        idx, valid = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
-    gathered = jnp.take_along_axis(x_enc[:, nb:], idx[..., None], axis=1)
+    idx, valid = gather_predicted(visible.astype(bool), capacity)
+    gathered = take_rows(x_enc[:, nb:], idx)
     delta = _segment_delta(llm, proj_in, proj_out, jnp.concatenate([x_enc[:, :nb], gathered], axis=1), valid,
                            prefix, ctx_mask)
-    where = jnp.where(valid, idx, n)  # padding slots scatter out of range (dropped)
-    image = jnp.zeros((b, n, x_enc.shape[-1]), delta.dtype).at[jnp.arange(b)[:, None], where].set(
-        delta[:, nb:], mode="drop")
+    image = put_rows(jnp.zeros((b, n, x_enc.shape[-1]), delta.dtype), delta[:, nb:], idx, valid)
     return x_enc + jnp.concatenate([delta[:, :nb], image], axis=1)

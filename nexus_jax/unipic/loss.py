@@ -29,6 +29,7 @@ from flax import nnx
 
 from nexus_jax.diffusion.gaussian import diffusion_loss, training_schedule
 from nexus_jax.diffusion.maskgit import training_mask
+from nexus_jax.models.qwen2.masks import positions_from_mask
 from nexus_jax.models.vae.kl16 import encode_tokens
 from nexus_jax.nexus.loss import token_cross_entropy
 from nexus_jax.unipic.bridge import bridge, prefill_context
@@ -106,7 +107,7 @@ def image_to_text_loss(model: nnx.Module, vae: nnx.Module, pixels: jax.Array, in
     Returns (mean CE over counted tokens, their count)."""
     _, z = _source_features(model, vae, pixels)
     embeds = image_embeds(model, input_ids, z, model.config.tokens.image)
-    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    positions = positions_from_mask(attention_mask)
     out = model.llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask)
     return token_cross_entropy(out.logits, labels, model.config.tokens.image)
 

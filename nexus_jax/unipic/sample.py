@@ -104,7 +104,7 @@ def iteration_body(
     last = step == tables.mask_len.shape[0] - 1
     to_pred = maskgit.tokens_to_predict(mask, mask_next, last)
     idx, valid = maskgit.gather_predicted(to_pred, max_pred)
-    z_pred = jnp.take_along_axis(z, idx[..., None], axis=1).reshape(b * max_pred, z.shape[-1])
+    z_pred = maskgit.take_rows(z, idx).reshape(b * max_pred, z.shape[-1])
     if init_noise is not None:
         noise, steps_noise = _head_noise(init_noise, step_noise)
         kw = dict(noise=noise, step_noise=steps_noise)
@@ -113,8 +113,7 @@ def iteration_body(
     sampled = gaussian.sample(mar.diffloss, schedule, z_pred, temperature=temperature, cfg_scale=tables.cfg[step],
                               guided=True, **kw)
     sampled = sampled.reshape(b, max_pred, -1)[:g].astype(tokens.dtype)
-    where = jnp.where(valid[:g], idx[:g], n)  # padding slots scatter out of range (dropped)
-    cond = tokens[:g].at[jnp.arange(g)[:, None], where].set(sampled, mode="drop")
+    cond = maskgit.put_rows(tokens[:g], sampled, idx[:g], valid[:g])
     return jnp.concatenate([cond, cond], axis=0)
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from nexus_jax.generation.generate import GenerationOutput, decode
 from nexus_jax.models.qwen2.cache import init_cache_for
+from nexus_jax.models.qwen2.masks import positions_from_mask
 from nexus_jax.models.vae.kl16 import encode_tokens
 from nexus_jax.nexus.slots import check_slot_count, scatter_rows
 from nexus_jax.processing.image_processor import to_rgb_uint8
@@ -105,7 +106,7 @@ def understanding_prefill(graphdef, state, vae_graphdef, vae_state, pixels, inpu
         _, z = visual_features(model, nnx.merge(vae_graphdef, vae_state), pixels)
         embeds = image_embeds(model, input_ids, z, model.config.tokens.image)
     lengths = attention_mask.astype(jnp.int32).sum(-1)
-    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    positions = positions_from_mask(attention_mask)
     cache = init_cache_for(model.llm.config, input_ids.shape[0], capacity)
     hidden, cache = model.llm.model(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask,
                                     cache=cache)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.mar import MARConfig
-from nexus_jax.diffusion.maskgit import gather_predicted
+from nexus_jax.diffusion.maskgit import gather_predicted, put_rows, take_rows
 from nexus_jax.layers import REMAT_POLICIES, Embed, LayerNorm, Linear, make_param
 from nexus_jax.models.unipic.pos_embed import Grid, resize_grid, resize_pos_embed
 from nexus_jax.models.unipic.vit import ACT, Block
@@ -138,12 +138,9 @@ class MAR(nnx.Module):
         pos = jnp.broadcast_to(self.encoder_pos_embed(grid), (b, nb + n, cfg.width))
         keys = ~masked
         if capacity is not None:  # gather the visible tokens (and their positional rows)
-            if capacity:
-                idx, valid = gather_predicted(~mask.astype(bool), capacity)
-            else:
-                idx, valid = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
-            x = jnp.take_along_axis(x, idx[..., None], axis=1)
-            pos = jnp.concatenate([pos[:, :nb], jnp.take_along_axis(pos[:, nb:], idx[..., None], axis=1)], axis=1)
+            idx, valid = gather_predicted(~mask.astype(bool), capacity)
+            x = take_rows(x, idx)
+            pos = jnp.concatenate([pos[:, :nb], take_rows(pos[:, nb:], idx)], axis=1)
             keys = jnp.concatenate([jnp.ones((b, nb), bool), valid], axis=1)
         h = self.z_proj(x)
         buffers = jnp.broadcast_to(class_embedding[:, None, :].astype(h.dtype), (b, nb, cfg.width))
@@ -152,8 +149,7 @@ class MAR(nnx.Module):
         h = self.encoder_norm(_run_blocks(self.encoder_blocks, h, keys, dropout_key, cfg.remat))
         if capacity is None:
             return h
-        where = jnp.where(valid, idx, n)  # padding slots scatter out of range (dropped)
-        image = jnp.zeros((b, n, cfg.width), h.dtype).at[jnp.arange(b)[:, None], where].set(h[:, nb:], mode="drop")
+        image = put_rows(jnp.zeros((b, n, cfg.width), h.dtype), h[:, nb:], idx, valid)
         return jnp.concatenate([h[:, :nb], image], axis=1)
 
     def mar_encoder_unmasked(
