@@ -21,9 +21,11 @@ import time
 from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1] == "1":  # must precede importing jax
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1] == "1":  # must precede importing jax
+    from benchmarks.timing import pin_xla_to_one_thread
+
+    pin_xla_to_one_thread()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -21,8 +21,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--single-thread" in sys.argv:  # must precede the jax import: one XLA CPU thread, one torch thread
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
+    from benchmarks.timing import pin_xla_to_one_thread
+
+    pin_xla_to_one_thread()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
