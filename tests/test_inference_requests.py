@@ -181,3 +181,22 @@ def test_request_dataclass_is_hashable_and_frozen():
     r = Request("a", 0, "generation", (), (), 0, "p")
     with pytest.raises(AttributeError):
         r.id = "b"  # type: ignore[misc]
+
+
+def test_chat_request_is_a_prompt_with_room_for_text_and_an_image(image_dir):
+    """``chat``: the prompt ends with the assistant turn (the model writes the answer and may open an image); the
+    length limit keeps max_new_tokens plus the N image slots free; an empty chat is refused."""
+    cfg, tok = nexus_gen.tiny("v2"), ByteTokenizer()
+    req = parse_request(line(id="c", task="chat", messages=[{"role": "user", "content": "draw a boat"}]), 0, image_dir)
+    p = prepare_request(req, cfg, tok.encode, 8)
+    ids = list(p.chat.input_ids)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n") and cfg.tokens.vision_start not in ids
+    same = parse_request(line(id="c", task="understanding", messages=[{"role": "user", "content": "draw a boat"}]), 0,
+                         image_dir)
+    assert ids == list(prepare_request(same, cfg, tok.encode, 8).chat.input_ids)  # prepared as an understanding prompt
+    room = cfg.max_length - 8 - cfg.num_slots
+    long = parse_request(line(task="chat", messages=[{"role": "user", "content": "x" * room}]), 1, image_dir)
+    with pytest.raises(ValueError, match=f"over-long prompt.*{room}.*image slots"):
+        prepare_request(long, cfg, tok.encode, 8)
+    with pytest.raises(RequestError, match="chat request needs a message"):
+        parse_request(line(task="chat", messages=[{"role": "user", "content": "  "}]), 2, image_dir)

@@ -2,7 +2,9 @@
 
 Prompts are left-padded ([B, L] ids + [B, L] mask). Each row's next RoPE position continues from its largest prompt
 position + 1 (as transformers' ``rope_deltas`` does for M-RoPE prompts). Rows that emit an EOS id are finished;
-their later slots hold ``pad_token_id``. The loop stops when every row is finished or ``max_new_tokens`` is reached.
+their later slots hold ``pad_token_id`` and the tokens still fed for them are marked invalid in the KV cache, so a
+finished row's cache holds exactly its prompt and the tokens before its stop token (the stop token is never fed).
+The loop stops when every row is finished or ``max_new_tokens`` is reached.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nexus_jax.generation.sampling import sample_next
+from nexus_jax.generation.sampling import sample_next, suppress_tokens
 from nexus_jax.models.qwen2.cache import KVCache, init_cache_for
 from nexus_jax.models.qwen2.model import Qwen2ForCausalLM, check_token_ids
 
@@ -44,10 +46,12 @@ class GenerationConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GenerationOutput:
-    """tokens [B, max_new_tokens] int32 (pad after EOS); num_generated [B] (tokens up to and including EOS)."""
+    """tokens [B, max_new_tokens] int32 (pad after EOS); num_generated [B] (tokens up to and including EOS);
+    cache: the final KV cache when ``decode(..., return_cache=True)``, else None."""
 
     tokens: jax.Array
     num_generated: jax.Array
+    cache: KVCache | None = None
 
 
 def validate_prompts(model: Qwen2ForCausalLM, ids: np.ndarray, mask: np.ndarray, config: GenerationConfig) -> int:
@@ -97,7 +101,12 @@ def prefill(graphdef, state, input_ids, attention_mask, positions, key, temperat
     return token, out.cache, next_positions(positions, attention_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id"))
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids", "return_cache"
+    ),
+)
 def decode(
     graphdef,
     state,
@@ -111,8 +120,13 @@ def decode(
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...],
     pad_token_id: int,
+    suppress_token_ids: tuple[int, ...] = (),
+    return_cache: bool = False,
 ):
-    """Feed ``first_token`` and decode until every row hit EOS or ``max_new_tokens`` tokens exist."""
+    """Feed ``first_token`` and decode until every row hit EOS or ``max_new_tokens`` tokens exist.
+
+    ``suppress_token_ids`` are never sampled (their logits are -inf); ``return_cache`` also returns the final cache
+    (finished rows' entries after their stop token are invalid), e.g. to continue a row in image mode."""
     model = nnx.merge(graphdef, state)
     b = first_token.shape[0]
     eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
@@ -127,8 +141,11 @@ def decode(
     def body(carry):
         step, tokens, cache, last, done, count, key = carry
         key, sub = jax.random.split(key)
-        out = model(last[:, None], positions=(position + step - 1)[:, None], cache=cache, only_last_logits=True)
-        nxt = sample_next(out.logits[:, 0], sub, temperature, top_p)
+        out = model(
+            last[:, None], positions=(position + step - 1)[:, None], attention_mask=~done[:, None], cache=cache,
+            only_last_logits=True,
+        )
+        nxt = sample_next(suppress_tokens(out.logits[:, 0], suppress_token_ids), sub, temperature, top_p)
         nxt = jnp.where(done, pad_token_id, nxt)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
         count = count + (~done).astype(jnp.int32)
@@ -136,8 +153,8 @@ def decode(
         return step + 1, tokens, out.cache, nxt, done, count, key
 
     carry = (jnp.ones((), jnp.int32), tokens, cache, first_token, done, count, key)
-    _, tokens, _, _, _, count, _ = jax.lax.while_loop(cond, body, carry)
-    return GenerationOutput(tokens, count)
+    _, tokens, cache, _, _, count, _ = jax.lax.while_loop(cond, body, carry)
+    return GenerationOutput(tokens, count, cache if return_cache else None)
 
 
 def generate(

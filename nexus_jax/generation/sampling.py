@@ -6,6 +6,13 @@ import jax
 import jax.numpy as jnp
 
 
+def suppress_tokens(logits: jax.Array, token_ids: tuple[int, ...]) -> jax.Array:
+    """logits [B, V] with the columns ``token_ids`` set to -inf (never sampled); unchanged for ``()``."""
+    if not token_ids:
+        return logits
+    return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf)
+
+
 def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
     """logits [B, V] -> logits with everything outside the smallest set of mass >= top_p set to -inf.
 

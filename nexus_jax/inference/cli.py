@@ -80,6 +80,8 @@ class InferenceJob:
             tokens, counts = self.runner.understand(nb)
             return [{"text": self.ckpt.codec.decode(tokens[i, : counts[i]].tolist())} for i in range(batch.num_real)]
         seeds = np.asarray([p.request.seed for p in batch.rows()], np.uint32)
+        if batch.task == "chat":
+            return self.chat(batch, nb, seeds)
         refs = collate_references(batch, self.ckpt.ar.config) if batch.task == "editing" else None
         pixels = self.runner.images(batch.task, nb, seeds, refs)
         results = []
@@ -87,6 +89,19 @@ class InferenceJob:
             path, digest = self.out.write_image(p.request.id, pixels[i])
             results.append({"image": path, "image_sha256": digest, "height": int(pixels.shape[1]),
                             "width": int(pixels.shape[2])})
+        return results
+
+    def chat(self, batch: Batch, nb: Any, seeds: np.ndarray) -> list[dict[str, Any]]:
+        """Free-form answers: text, plus a PNG from the generation decoder for rows that opened an image."""
+        out = self.runner.text_then_image(nb)
+        pixels = None if out.image_embeds is None else self.runner.decode_images("generation", out.image_embeds, seeds)
+        results = []
+        for i, p in enumerate(batch.items):
+            res: dict[str, Any] = {"text": self.ckpt.codec.decode(out.tokens[i, : out.num_text[i]].tolist())}
+            if out.has_image[i]:
+                path, digest = self.out.write_image(p.request.id, pixels[i])
+                res.update(image=path, image_sha256=digest, height=int(pixels.shape[1]), width=int(pixels.shape[2]))
+            results.append(res)
         return results
 
     def run(self, batch: Batch) -> None:

@@ -92,15 +92,17 @@ def prepare_request(
         pixels, grid = None, np.zeros((0, 3), np.int64)
     merge2 = cfg.vl.vision.spatial_merge_size ** 2
     counts = [int(np.prod(g)) // merge2 for g in grid]
-    understanding = req.task == "understanding"
+    understanding = req.task in ("understanding", "chat")  # prompt only: the model writes the answer
     chat = templates.encode_chat(
         chat_messages(req), encode, cfg.tokens, input_image_tokens=counts, num_slots=cfg.num_slots,
         add_generation_prompt=understanding, stop_after_slots=not understanding,
     )
-    budget = cfg.max_length - (max_new_tokens if understanding else 0)
+    slots = cfg.num_slots if req.task == "chat" else 0  # room for an image the answer may contain
+    budget = cfg.max_length - (max_new_tokens + slots if understanding else 0)
     if len(chat.input_ids) > budget:
         what = f"max_length={cfg.max_length} minus max_new_tokens={max_new_tokens}" if understanding else (
             f"max_length={cfg.max_length}")
+        what += f" minus {slots} image slots" if slots else ""
         raise ValueError(
             f"over-long prompt: {len(chat.input_ids)} tokens (image tokens and slots included) exceed the limit "
             f"{budget} ({what})"

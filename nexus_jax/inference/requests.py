@@ -8,6 +8,10 @@ One line is one request::
     {"id": "what", "task": "understanding",
      "messages": [{"role": "user", "content": [{"type": "image", "image": "street.png"},
                                                {"type": "text", "text": "What is in the picture?"}]}]}
+    {"id": "talk", "task": "chat", "messages": [{"role": "user", "content": "Draw me a lighthouse."}], "seed": 2}
+
+``chat`` is free-form: the model answers in text and decides itself whether to add an image (it emits
+``<|vision_start|>``); an image is rendered by the generation decoder.
 
 ``content`` is a string with ``<image>`` tags (the images then come from the top-level ``images`` list, in order) or
 a list of ``{"type": "text"|"image", ...}`` items. Relative image paths are resolved against the requests file's
@@ -25,7 +29,7 @@ from typing import Any
 
 from nexus_jax.nexus.templates import IMAGE_TAG, Message
 
-TASKS: tuple[str, ...] = ("understanding", "generation", "editing")
+TASKS: tuple[str, ...] = ("understanding", "generation", "editing", "chat")
 MAX_ID_LENGTH = 128
 
 
@@ -150,8 +154,9 @@ def parse_request(line: str, index: int, base_dir: str = ".", *, check_files: bo
         raise RequestError(f"a generation request takes no input image, got {len(images)}")
     if task == "editing" and len(images) != 1:
         raise RequestError(f"an editing request takes exactly 1 source image, got {len(images)}")
-    if task == "understanding" and not user_text and not images:
-        raise RequestError("an understanding request needs a question or an image")
+    if task in ("understanding", "chat") and not user_text and not images:
+        raise RequestError(f"an {task} request needs a question or an image" if task == "understanding" else
+                           "a chat request needs a message or an image")
     if task in ("generation", "editing") and not user_text:
         raise RequestError(f"a {task} request needs a non-empty text prompt")
     paths = tuple(_resolve(p, base_dir) for p in images)

@@ -27,11 +27,12 @@ from configs.nexus_decoders import SamplerConfig
 from nexus_jax import sharding
 from nexus_jax.diffusion.sampler import Conditioning, denoise, schedule_sigmas
 from nexus_jax.generation.generate import decode, next_positions
+from nexus_jax.generation.sampling import suppress_tokens
 from nexus_jax.models.flux.packing import image_ids, latent_size, pack_latents, unpack_latents
 from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.models.qwen2.cache import init_cache_for
 from nexus_jax.nexus.batch import NexusBatch, VisionInputs
-from nexus_jax.nexus.prefill import fill_slots
+from nexus_jax.nexus.prefill import fill_slots, fill_slots_from_cache
 from nexus_jax.pipelines.decode import EmptyPrompt  # pooled CLIP("") and T5("") (the negative branch of true CFG)
 
 
@@ -85,21 +86,35 @@ def _decoder_program(dec_graph, vae_graph, cfg: SamplerConfig) -> Callable:
     return jax.jit(run)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "num_merged"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "num_merged", "suppress_token_ids"))
 def understanding_prefill(graphdef, state, ids, positions, mask, pixels, layout, input_mask, *, capacity: int,
-                          num_merged: int):
-    """ViT + prompt into a fresh KV cache. Returns (first greedy token [B], cache, next positions [B])."""
+                          num_merged: int, suppress_token_ids: tuple[int, ...] = ()):
+    """ViT + prompt into a fresh KV cache. Returns (first greedy token [B], cache, next positions [B]);
+    ``suppress_token_ids`` are never chosen."""
     model = nnx.merge(graphdef, state)
     feats = None if pixels is None else model.encode_images(pixels, layout, num_merged)
     cache = init_cache_for(model.config.vl.text, ids.shape[0], capacity)
     out = model(ids, positions=positions, slot_index=jnp.full(ids.shape, -1, jnp.int32), attention_mask=mask,
                 input_features=feats, input_mask=input_mask if feats is not None else None, cache=cache)
-    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache, next_positions(positions, mask)
+    first = jnp.argmax(suppress_tokens(out.logits[:, -1], suppress_token_ids), axis=-1).astype(jnp.int32)
+    return first, out.cache, next_positions(positions, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_merged"))
 def _encode_images(graphdef, state, pixels, layout, *, num_merged: int) -> jax.Array:
     return nnx.merge(graphdef, state).encode_images(pixels, layout, num_merged)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeFormOutput:
+    """:meth:`Runner.text_then_image` result: tokens [B, max_new_tokens] as generated (the stop token included, pad
+    after); num_text [B] text tokens before the stop token (or all, if none came); has_image [B]; image_embeds
+    [B, N, hidden] (zeros in rows without an image; None if no row has one)."""
+
+    tokens: np.ndarray
+    num_text: np.ndarray
+    has_image: np.ndarray
+    image_embeds: jax.Array | None
 
 
 class Runner:
@@ -147,28 +162,57 @@ class Runner:
                                    positions=pos, input_mask=self._put(nb.input_mask))
 
     # ------------------------------------------------------------------ tasks
+    def _decode_text(self, nb: NexusBatch, stop: tuple[int, ...], suppress: tuple[int, ...], extra_slots: int):
+        """Prefill the prompt (ViT + text) and decode greedily until a ``stop`` id; returns the
+        :class:`GenerationOutput` (with its cache) and each row's first generated position [B]."""
+        capacity = nb.input_ids.shape[1] + self.max_new_tokens + extra_slots
+        graphdef, state = nnx.split(self.ar)
+        p = self._placed(nb)
+        pixels = layout = None
+        num_merged = 0
+        if nb.inputs is not None:
+            pixels = jnp.asarray(nb.inputs.pixels)
+            layout = {k: jnp.asarray(v) for k, v in nb.inputs.arrays().items()}
+            num_merged = nb.inputs.num_merged
+        first, cache, position = understanding_prefill(
+            graphdef, state, p.input_ids, p.positions, p.attention_mask, pixels, layout, p.input_mask,
+            capacity=capacity, num_merged=num_merged, suppress_token_ids=suppress,
+        )
+        lm_graph, lm_state = nnx.split(self.ar.language_model)
+        out = decode(lm_graph, lm_state, cache, first, position, jax.random.key(0), jnp.float32(0.0),
+                     jnp.float32(1.0), max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
+                     pad_token_id=self.ar.config.tokens.endoftext, suppress_token_ids=suppress,
+                     return_cache=extra_slots > 0)
+        return out, position
+
     def understand(self, nb: NexusBatch) -> tuple[np.ndarray, np.ndarray]:
         """Greedy answers: (token ids [B, max_new_tokens], generated counts [B])."""
         tok = self.ar.config.tokens
-        capacity = nb.input_ids.shape[1] + self.max_new_tokens
-        graphdef, state = nnx.split(self.ar)
         with self._context():
-            p = self._placed(nb)
-            pixels = layout = None
-            num_merged = 0
-            if nb.inputs is not None:
-                pixels = jnp.asarray(nb.inputs.pixels)
-                layout = {k: jnp.asarray(v) for k, v in nb.inputs.arrays().items()}
-                num_merged = nb.inputs.num_merged
-            first, cache, position = understanding_prefill(
-                graphdef, state, p.input_ids, p.positions, p.attention_mask, pixels, layout, p.input_mask,
-                capacity=capacity, num_merged=num_merged,
-            )
-            lm_graph, lm_state = nnx.split(self.ar.language_model)
-            out = decode(lm_graph, lm_state, cache, first, position, jax.random.key(0), jnp.float32(0.0),
-                         jnp.float32(1.0), max_new_tokens=self.max_new_tokens,
-                         eos_token_ids=(tok.im_end, tok.endoftext), pad_token_id=tok.endoftext)
+            out, _ = self._decode_text(nb, (tok.im_end, tok.endoftext), (), 0)
         return np.asarray(out.tokens), np.asarray(out.num_generated)
+
+    def text_then_image(self, nb: NexusBatch) -> FreeFormOutput:
+        """Free-form generation, the reference ``_sample`` state machine batched: greedy text (``<|vision_end|>``
+        never chosen) until ``<|vision_start|>``, ``<|im_end|>``, ``<|endoftext|>`` or ``max_new_tokens``; rows that
+        stopped at ``<|vision_start|>`` then fill their N image slots in one N-token forward on top of the decode's
+        KV cache (``fill_slots_from_cache``), at their own next position. One image per row; decoding does not
+        continue after it. ``nb`` is an understanding-style batch (prompt ending with the assistant turn)."""
+        tok = self.ar.config.tokens
+        n = self.ar.config.num_slots
+        stop = (tok.vision_start, tok.im_end, tok.endoftext)
+        with self._context():
+            out, position = self._decode_text(nb, stop, (tok.vision_end,), n)
+            tokens, counts = np.asarray(out.tokens), np.asarray(out.num_generated)
+            last = tokens[np.arange(tokens.shape[0]), counts - 1]
+            has_image = last == tok.vision_start
+            if has_image.any():  # <|vision_start|> sits at the row's next text position (never fed by decode)
+                next_position = np.asarray(position) + counts - 1
+                embeds = fill_slots_from_cache(self.ar, out.cache, next_position)
+                embeds = jnp.where(jnp.asarray(has_image)[:, None, None], embeds, 0)
+            else:
+                embeds = None
+        return FreeFormOutput(tokens, counts - np.isin(last, stop), has_image, embeds)
 
     def slot_embeddings(self, nb: NexusBatch) -> jax.Array:
         """AR slot prediction: [B, N, hidden] image embeddings from one parallel forward."""
@@ -186,18 +230,28 @@ class Runner:
                                    {k: jnp.asarray(v) for k, v in refs.arrays().items()}, num_merged=refs.num_merged)
         return feats.reshape(batch, -1, feats.shape[-1])
 
-    def images(self, task: str, nb: NexusBatch, seeds: np.ndarray, refs: VisionInputs | None = None) -> np.ndarray:
-        """Generation / editing: pixels [B, H, W, 3] in ~[-1, 1] (float32, before PNG encoding). ``seeds`` [B]
-        give each row's initial noise; ``refs`` are the editing decoder's reference images."""
+    def _decoder(self, task: str, batch: int, seeds: np.ndarray) -> ImageDecoder:
+        """The ``task`` decoder, after checking that it, the VAE, the empty prompt and one seed per row exist."""
         decoder = self.decoders.get(task)
         if decoder is None:
             raise ValueError(f"the checkpoint has no {task} decoder")
         if self.vae is None or self.empty is None:
             raise ValueError("the checkpoint has no VAE / empty-prompt conditioning (needed by the decoders)")
-        b = nb.input_ids.shape[0]
-        if np.asarray(seeds).shape != (b,):
-            raise ValueError(f"need one seed per row: seeds shape {np.asarray(seeds).shape}, batch {b}")
-        embeds = self.slot_embeddings(nb)
+        if np.asarray(seeds).shape != (batch,):
+            raise ValueError(f"need one seed per row: seeds shape {np.asarray(seeds).shape}, batch {batch}")
+        return decoder
+
+    def images(self, task: str, nb: NexusBatch, seeds: np.ndarray, refs: VisionInputs | None = None) -> np.ndarray:
+        """Generation / editing: pixels [B, H, W, 3] in ~[-1, 1] (float32, before PNG encoding). ``seeds`` [B]
+        give each row's initial noise; ``refs`` are the editing decoder's reference images."""
+        self._decoder(task, nb.input_ids.shape[0], seeds)  # fail before the AR work
+        return self.decode_images(task, self.slot_embeddings(nb), seeds, refs)
+
+    def decode_images(self, task: str, embeds: jax.Array, seeds: np.ndarray, refs: VisionInputs | None = None
+                      ) -> np.ndarray:
+        """The ``task`` decoder on predicted image embeddings [B, N, hidden] -> pixels [B, H, W, 3] in ~[-1, 1]."""
+        b = embeds.shape[0]
+        decoder = self._decoder(task, b, seeds)
         ref = None
         if decoder.is_editing:
             if refs is None:

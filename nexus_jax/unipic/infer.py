@@ -72,6 +72,8 @@ def prepare_request(req: Request, ckpt: UniPicCheckpoint, max_new_tokens: int) -
     cfg = ckpt.config
     encode, tok = ckpt.codec.encode, cfg.tokens
     grid = _NO_GRID
+    if req.task == "chat":
+        raise ValueError("UniPic-1 has no free-form chat task; use understanding, generation or editing")
     if req.task == "generation":
         ids, pixels = prompts.encode_instruction(prompts.T2I_PROMPT.format(req.prompt), encode, tok), None
     elif req.task == "understanding" and not req.images:  # text-only question
