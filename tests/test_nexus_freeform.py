@@ -33,20 +33,21 @@ from nexus_jax.models.nexus_decoders import GenerationDecoder
 from nexus_jax.models.vae import FluxVAE
 from nexus_jax.nexus.prefill import slot_phase_inputs
 from nexus_jax.nexus.tiny import ByteTokenizer
+from nexus_jax.sharding import make_mesh
 
 MAX_NEW = 12
-PROMPTS = ("draw " + "a quiet harbour at dawn with fishing boats, " * 12, "a fox", "cat?")
+PROMPTS = ("draw " + "a quiet harbour at dawn with fishing boats, " * 12, "a fox", "cat?", "a small red boat")
 
 
 def with_tokens(cfg, **ids):
     return dataclasses.replace(cfg, vl=dataclasses.replace(cfg.vl, tokens=dataclasses.replace(cfg.vl.tokens, **ids)))
 
 
-def build(cfg, with_decoder: bool = False) -> Runner:
+def build(cfg, with_decoder: bool = False, mesh=None) -> Runner:
     ar = NexusGenAR(cfg, rngs=nnx.Rngs(0))
     randomize_params(ar, 1)  # same weights for any token-id choice (ids are not parameters)
     if not with_decoder:
-        return Runner(ar, max_new_tokens=MAX_NEW)
+        return Runner(ar, max_new_tokens=MAX_NEW, mesh=mesh)
     dec_cfg = NexusDecoderConfig.tiny(num_steps=2, height=32, width=48, cfg_scale=3.0)
     gen, vae = GenerationDecoder(dec_cfg, rngs=nnx.Rngs(2)), FluxVAE(FluxVAEConfig.tiny(), rngs=nnx.Rngs(4))
     randomize_params(gen, 10)
@@ -123,6 +124,21 @@ def test_text_then_image_matches_uncached_forward(setup):
     assert len(set(out.num_text[out.has_image].tolist())) >= 2  # image rows stopped at different steps
     print(f"free-form slot fill vs uncached forward: max abs err {max(errors):.2e}")
     assert max(errors) <= 1e-5
+
+
+def test_sharded_equals_unsharded(setup):
+    """(data, fsdp, tensor) = (2, 2, 2) over 8 devices: same tokens, image rows and embeddings (1e-5)."""
+    cfg, nb, _, t, _ = setup
+    cfg = with_tokens(cfg, vision_start=t)
+    ref = build(cfg).text_then_image(nb)
+    runner = build(cfg, mesh=make_mesh(2, 2, 2))
+    assert len(runner.ar.language_model.model.layers[0].mlp.gate_proj.kernel.sharding.device_set) == 8
+    out = runner.text_then_image(nb)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.has_image, ref.has_image)
+    err = float(np.abs(np.asarray(out.image_embeds) - np.asarray(ref.image_embeds)).max())
+    print(f"free-form sharded vs unsharded: max abs err {err:.2e}")
+    assert err <= 1e-5
 
 
 def test_vision_end_is_never_generated(setup):
