@@ -21,7 +21,7 @@ from nexus_jax.data.ar_examples import LAYOUT_KEYS, ARCollator, AREncoder, ar_ba
 from nexus_jax.data.pipeline import BatchIterator, build_dataset
 from nexus_jax.data.sources import open_source
 from nexus_jax.models.nexus_ar import NexusGenAR
-from nexus_jax.nexus.loss import nexus_ar_loss
+from nexus_jax.nexus.loss import LazyLogits, nexus_ar_loss
 from nexus_jax.nexus.slots import scatter_rows
 from nexus_jax.training.loop import TrainTask
 
@@ -54,10 +54,13 @@ def make_ar_loss(model_cfg: NexusGenConfig, collator: ARCollator, token_weight: 
         layout_t = {k: mb[f"target_layout.{k}"] for k in LAYOUT_KEYS}
         feats = jax.lax.stop_gradient(model.encode_images(mb["input_pixels"], layout_in, input_rows))
         out = model(mb["input_ids"], positions=mb["positions"], slot_index=mb["slot_index"],
-                    attention_mask=mb["attention_mask"], input_features=feats, input_mask=mb["input_mask"])
+                    attention_mask=mb["attention_mask"], input_features=feats, input_mask=mb["input_mask"],
+                    with_logits=False)
+        # token CE over chunked logits (as model_loss and the AR plan): the fp32 [B, L, vocab] logits never exist
+        logits = LazyLogits(out.hidden_states, model.language_model.logits, model_cfg.vl.text.vocab_size)
         rows = jax.lax.stop_gradient(model.encode_images(mb["target_pixels"], layout_t, target_rows))
         targets = scatter_rows(rows.astype(out.image_embeds.dtype), mb["labels"] == image_id)
-        return nexus_ar_loss(out.logits, out.image_embeds, mb["labels"], targets, image_token_id=image_id,
+        return nexus_ar_loss(logits, out.image_embeds, mb["labels"], targets, image_token_id=image_id,
                              token_weight=token_weight, image_weight=image_weight)
 
     return loss_fn
