@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from configs.qwen2_5 import REMAT_POLICIES
+
 
 @dataclasses.dataclass(frozen=True)
 class FluxDiTConfig:
@@ -39,8 +41,8 @@ class FluxDiTConfig:
                              f"{self.head_dim}")
         if any(d % 2 for d in self.rope_axes_dim):
             raise ValueError(f"every rope axis dim must be even, got {self.rope_axes_dim}")
-        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-            raise ValueError(f"remat={self.remat!r} is not one of ('none', 'full', 'dots', 'dots_no_batch')")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.in_channels % 4:
             raise ValueError(f"in_channels {self.in_channels} must be 4 x latent channels (2x2 packing)")
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from configs.qwen2_5 import REMAT_POLICIES
+
 
 @dataclasses.dataclass(frozen=True)
 class MARConfig:
@@ -50,8 +52,8 @@ class MARConfig:
             raise ValueError(f"MARConfig.mlp_ratio must give a positive MLP width, got {self.mlp_ratio}")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"MARConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
-        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-            raise ValueError(f"MARConfig.remat={self.remat!r} is not one of ('none', 'full', 'dots', 'dots_no_batch')")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"MARConfig.remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if not 0.0 <= self.proj_dropout < 1.0:
             raise ValueError(f"MARConfig.proj_dropout must be in [0, 1), got {self.proj_dropout}")
 

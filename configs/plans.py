@@ -13,9 +13,10 @@ from typing import Any, Literal
 from configs import nexus_gen
 from configs.flux import FluxDiTConfig
 from configs.nexus_decoders import MergerConfig
+from configs.qwen2_5 import REMAT_POLICIES
 
 WorkloadKind = Literal["matmul_train", "ar_train", "decoder_train", "decoder_sample"]
-REMAT_CHOICES: tuple[str, ...] = ("none", "full", "dots", "dots_no_batch")
+REMAT_CHOICES = REMAT_POLICIES  # the --remat choices
 
 
 @dataclasses.dataclass(frozen=True)

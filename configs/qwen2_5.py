@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+# remat policy names of every config (nexus_jax.layers.REMAT_POLICIES plus "none"), per decoder layer / block
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots", "dots_no_batch")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 

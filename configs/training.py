@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from configs.qwen2_5 import REMAT_POLICIES
 from nexus_jax.sharding import MeshConfig
 
 ScheduleKind = Literal["cosine", "constant"]
 
 
-REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")  # nexus_jax.layers.REMAT_POLICIES plus "none"
+REMAT_CHOICES = REMAT_POLICIES  # the --remat choices
 
 
 @dataclasses.dataclass(frozen=True)

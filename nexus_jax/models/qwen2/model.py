@@ -16,7 +16,6 @@ from nexus_jax.models.qwen2.cache import KVCache
 from nexus_jax.models.qwen2.decoder_layer import HIDDEN_AXES, Qwen2DecoderLayer
 from nexus_jax.models.qwen2.rope import rope_cos_sin
 
-REMAT_POLICIES = layers.REMAT_POLICIES  # the one policy table (nexus_jax.layers), re-exported for existing imports
 # Full-sequence (cache-free) calls longer than this attend in causal query chunks of this many rows
 # (qwen2.attention.causal_chunked_attention: about half the score FLOPs, one chunk's fp32 scores live at a time).
 QUERY_CHUNK = 512
@@ -109,7 +108,7 @@ class Qwen2Model(nnx.Module):
 
         run = _layer_runner(QUERY_CHUNK if cache is None else 0)
         if cfg.remat != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+            run = nnx.remat(run, policy=layers.REMAT_POLICIES[cfg.remat], prevent_cse=True)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
