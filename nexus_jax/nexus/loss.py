@@ -46,12 +46,12 @@ def _check_labels(targets: jax.Array, valid: jax.Array, vocab: int) -> None:
             raise ValueError(f"label {int(np.asarray(targets)[bad][0])} is outside the vocabulary [0, {vocab})")
 
 
-def _nll(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
-    """Summed fp32 NLL of ``targets`` under ``logits`` [..., V] over the ``valid`` positions."""
+def _nll(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed fp32 NLL of ``targets`` under ``logits`` [..., V] over the ``valid`` positions, logsumexp [...])."""
     logits = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, logz - picked, 0.0).sum()
+    return jnp.where(valid, logz - picked, 0.0).sum(), logz
 
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array, image_token_id: int) -> tuple[jax.Array, jax.Array]:
@@ -60,7 +60,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, image_token_id: in
     valid = (targets != IGNORE_INDEX) & (targets != image_token_id)
     _check_labels(targets, valid, logits.shape[-1])
     count = valid.sum()
-    return _safe_mean(_nll(logits[:, :-1], targets, valid), count), count
+    return _safe_mean(_nll(logits[:, :-1], targets, valid)[0], count), count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +108,8 @@ def _chunked_nll_fwd(project, chunk, hidden, targets, valid, *consts):
     lse_parts = []
     for start, end in _spans(hidden.shape[1], chunk):
         h, total = jax.lax.optimization_barrier((hidden[:, start:end], total))
-        logits = _chunk_logits(project, h, consts)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        t, v = targets[:, start:end], valid[:, start:end]
-        picked = jnp.take_along_axis(logits, jnp.where(v, t, 0)[..., None], axis=-1)[..., 0]
-        total = total + jnp.where(v, lse - picked, 0.0).sum()
+        nll, lse = _nll(_chunk_logits(project, h, consts), targets[:, start:end], valid[:, start:end])
+        total = total + nll
         lse_parts.append(lse)
     return total, (hidden, targets, valid, consts, jnp.concatenate(lse_parts, axis=1))
 
