@@ -93,7 +93,7 @@ def editing_batch(
 ) -> PromptBatch:
     """The CFG batch [edit instructions; "Repeat this image." per row], each with ``num_image_tokens`` image ids."""
     cond = _image_rows(instructions, encode, tokens, num_image_tokens, "editing_batch")
-    uncond = _image_rows([EDIT_UNCOND] * len(instructions), encode, tokens, num_image_tokens, "editing_batch")
+    uncond = _image_rows([EDIT_UNCOND], encode, tokens, num_image_tokens, "editing_batch") * len(cond)
     return right_pad(cond + uncond, tokens.pad, length=length)
 
 
