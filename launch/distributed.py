@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DEFAULT_TIMEOUT_S = 1800  # cold pod restarts: some hosts are still importing when others call initialize
+DEFAULT_HEARTBEAT_S = 100  # a process silent this long is declared dead and the others stop with an error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +54,15 @@ def initialize(
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
     if needs_initialize(coordinator_address, num_processes, env):
+        # CPU processes (local pod rehearsals, CPU clusters) need a cross-process collectives backend; TPU/GPU
+        # backends ignore this option.
+        jax.config.update("jax_cpu_collectives_implementation", env.get("NEXUS_JAX_CPU_COLLECTIVES", "gloo"))
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
             initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=int(env.get("NEXUS_JAX_HEARTBEAT_TIMEOUT_S", DEFAULT_HEARTBEAT_S)),
         )
     return host_info()
 

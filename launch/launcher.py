@@ -8,6 +8,9 @@ Two paths:
 
 The job is the plan config's ``job`` (e.g. ``train --preset ar_stage3 ...``) plus ``--data`` / ``--run-dir`` and any
 arguments after ``--``. ``launch.distributed`` initialises multi-host JAX on every worker before running it.
+
+``nexus-jax launch local --processes N -- <command>`` runs the same job as N JAX processes on this machine
+(:mod:`launch.local`), to debug a pod job before a slice is paid for.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["local"]:  # nexus-jax launch local --processes N -- <command>: a pod job on this machine
+        from launch import local
+
+        return local.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         plan = get_plan(args.config)
