@@ -142,7 +142,8 @@ def test_ar_batches_have_fixed_shapes_and_correct_slots(tmp_path):
             if n:
                 np.testing.assert_array_equal(slot[a, r][out], np.arange(model_cfg.num_slots))
     assert b1["positions"].shape == (2, 3, 2, ids.shape[2])
-    assert b1["input_pixels"].shape == (2, collate.input_budget.patches, model_cfg.vl.vision.patch_dim)
+    # per-example ViT inputs [grad_accum, micro, patches, patch_dim]: batch-sharded like the tokens
+    assert b1["input_pixels"].shape == (2, 2, collate.input_budget.patches, model_cfg.vl.vision.patch_dim)
 
 
 def test_full_size_target_image_gives_81_slots(tmp_path):
@@ -158,7 +159,7 @@ def test_full_size_target_image_gives_81_slots(tmp_path):
     out = batch["labels"][0, 0] == model_cfg.tokens.image_pad
     assert int(out.sum()) == 81
     np.testing.assert_array_equal(batch["slot_index"][0, 0][out], np.arange(81))
-    assert batch["target_pixels"].shape == (1, 324, 1176)
+    assert batch["target_pixels"].shape == (1, 1, 324, 1176)
     assert max_windows_per_image(324, 4) >= 25
 
 

@@ -5,10 +5,19 @@ target images (resized to ``slot_grid_thw``: 252x252 -> 81 slots at full size), 
 (:func:`nexus_jax.nexus.templates.encode_chat`). Missing/corrupt images, too many images and sequences longer than
 the largest length bucket raise, so the pipeline skips and counts the record.
 
-Per global batch (:class:`ARCollator`): pick the smallest length bucket holding the longest sequence (per-batch
+Per batch (:class:`ARCollator`): pick the smallest length bucket holding the longest sequence (per-batch
 bucketing: a handful of static shapes, no cross-example state, so resuming is exact), split into ``grad_accum``
-micro-batches, right-pad tokens, compute M-RoPE positions and slot indices, and pack each micro-batch's input and
-target images into ViT inputs padded to fixed patch / window budgets. Every array gets a leading ``[grad_accum]`` axis.
+micro-batches, right-pad tokens, compute M-RoPE positions and slot indices, and pack each *example's* input and
+target images into ViT inputs padded to fixed per-example patch / window budgets. Every array gets a leading
+``[grad_accum]`` axis, then the example axis, so the ViT inputs are batch-sharded like the tokens: each process
+loads only its own records and each device encodes only its own examples' images.
+
+Micro-batch ``a`` takes the examples ``a::grad_accum`` of the batch, so a process holding the contiguous rows
+``[p*B/P, (p+1)*B/P)`` of a global batch holds exactly its shard of every micro-batch, and the global micro-batches
+are the same whatever the number of processes P.
+
+Multi-process: the length bucket is the one thing a batch's rows share. Each process sees only its rows, so the
+trainer passes ``agree_length`` (the maximum over processes) and every process pads to the same bucket.
 """
 
 from __future__ import annotations
@@ -105,25 +114,42 @@ class VisionBudget:
 
 
 class ARCollator:
-    """Examples -> micro-batched fixed-shape arrays (leading axis ``grad_accum``). See module docstring."""
+    """Examples -> micro-batched fixed-shape arrays (leading axes ``[grad_accum, micro_batch]``). See module
+    docstring. ``input_budget`` / ``target_budget`` are per example; ``agree_length(n) -> n'`` (multi-process runs)
+    turns this process's longest sequence into the longest over all processes."""
 
-    def __init__(self, model: NexusGenConfig, data: DataConfig, grad_accum: int, micro_batch: int):
+    def __init__(self, model: NexusGenConfig, data: DataConfig, grad_accum: int, micro_batch: int,
+                 agree_length: Callable[[int], int] | None = None):
         self.model, self.data = model, data
         self.accum, self.micro = grad_accum, micro_batch
+        self.agree_length = agree_length
         v = model.vl.vision
         unit, win = v.spatial_merge_size**2, v.merged_window
         self.patch_dim = v.patch_dim
         max_in_patches = model.input_max_pixels // v.patch_size**2 // unit * unit
-        n_in = micro_batch * data.max_input_images
+        n_in = data.max_input_images
         self.input_budget = VisionBudget(
             max(n_in * max_in_patches, unit), max(n_in * max_windows_per_image(max_in_patches // unit, win), 1)
         )
         t, h, w = model.slot_grid_thw
-        n_out = micro_batch * data.max_output_images
+        n_out = data.max_output_images
         self.target_budget = VisionBudget(
             max(n_out * t * h * w, unit),
             max(n_out * math.ceil(h // v.spatial_merge_size / win) * math.ceil(w // v.spatial_merge_size / win), 1),
         )
+
+    def filler(self) -> Example:
+        """A zero-weight stand-in for a broken record: one padding token, every label ignored, no images."""
+        tok = self.model.tokens
+        return {
+            "input_ids": np.asarray([tok.endoftext], np.int32),
+            "labels": np.asarray([templates.IGNORE_INDEX], np.int32),
+            "image_is_output": np.zeros((0,), bool),
+            "input_pixels": np.zeros((0, self.patch_dim), np.float32),
+            "input_grid": np.zeros((0, 3), np.int64),
+            "target_pixels": np.zeros((0, self.patch_dim), np.float32),
+            "target_grid": np.zeros((0, 3), np.int64),
+        }
 
     def _vision(self, pixels: list[np.ndarray], grids: list[np.ndarray], budget: VisionBudget, prefix: str
                 ) -> dict[str, np.ndarray]:
@@ -166,29 +192,30 @@ class ARCollator:
             "slot_index": slot_index(padded.labels, tok.image_pad, self.model.num_slots),
             "input_mask": input_image_mask(padded.input_ids, padded.labels, tok.image_pad),
         }
-        out.update(self._vision([e["input_pixels"] for e in examples], [e["input_grid"] for e in examples],
-                                self.input_budget, "input"))
-        out.update(self._vision([e["target_pixels"] for e in examples], [e["target_grid"] for e in examples],
-                                self.target_budget, "target"))
+        for kind, budget in (("input", self.input_budget), ("target", self.target_budget)):
+            per_example = [self._vision([e[f"{kind}_pixels"]], [e[f"{kind}_grid"]], budget, kind) for e in examples]
+            out.update({k: np.stack([v[k] for v in per_example]) for k in per_example[0]})
         return out
 
     def __call__(self, examples: list[Example]) -> Batch:
         if len(examples) != self.accum * self.micro:
             raise ValueError(f"expected {self.accum} x {self.micro} examples, got {len(examples)}")
-        length = pick_bucket(max(len(e["input_ids"]) for e in examples), self.data.length_buckets)
-        micros = [self._micro(examples[i * self.micro:(i + 1) * self.micro], length) for i in range(self.accum)]
+        longest = max(len(e["input_ids"]) for e in examples)
+        if self.agree_length is not None:
+            longest = self.agree_length(longest)
+        length = pick_bucket(longest, self.data.length_buckets)
+        micros = [self._micro(examples[a::self.accum], length) for a in range(self.accum)]
         batch = {k: np.stack([m[k] for m in micros]) for k in micros[0]}
         batch["record_id"] = np.asarray([int(e["record_id"]) for e in examples], np.int64)
         return batch
 
 
 def ar_batch_axes(name: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of micro-batched AR inputs: token arrays over the batch, packed ViT inputs replicated."""
-    if name in TOKEN_KEYS:
-        return (None, "batch") + (None,) * (ndim - 2)
+    """Logical axes of micro-batched AR inputs [grad_accum, batch, ...] (positions [grad_accum, 3, batch, L]):
+    tokens and the per-example ViT inputs alike are sharded over the batch."""
     if name == "positions":
         return (None, None, "batch", None)
-    return (None,) * ndim
+    return (None, "batch") + (None,) * (ndim - 2)
 
 
 def count_tokens(batch: Batch) -> int:

@@ -45,13 +45,22 @@ def _load_embed(path: Path, rows: int, dim: int, what: str) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderEncoder:
-    """Raw JSONL line -> {"pixels" [S, S, 3], "embed" [N, D][, "ref_embed" [R, D]]}."""
+    """Raw JSONL line -> {"pixels" [S, S, 3], "embed" [N, D][, "ref_embed" [R, D]], "weight" [] (1; 0 for a filler)}."""
 
     image_size: int
     embed_rows: int
     embed_dim: int
     ref_rows: int = 0  # 0: generation decoder (no reference embeddings)
     image_root: str = ""
+
+    def filler(self) -> Example:
+        """A zero-weight stand-in for a broken record (same shapes; ``weight`` 0 so the loss ignores it)."""
+        out = {"pixels": np.zeros((self.image_size, self.image_size, 3), np.float32),
+               "embed": np.zeros((self.embed_rows, self.embed_dim), np.float32),
+               "weight": np.asarray(0.0, np.float32)}
+        if self.ref_rows:
+            out["ref_embed"] = np.zeros((self.ref_rows, self.embed_dim), np.float32)
+        return out
 
     def __call__(self, raw: str | bytes | dict) -> Example:
         rec = json.loads(raw) if isinstance(raw, str | bytes) else raw
@@ -65,6 +74,7 @@ class DecoderEncoder:
             "pixels": center_crop_pixels(image, self.image_size),
             "embed": _load_embed(resolve_image(rec["embed"], self.image_root), self.embed_rows, self.embed_dim,
                                  "embed"),
+            "weight": np.asarray(1.0, np.float32),
         }
         if self.ref_rows:
             if "ref_embed" not in rec:

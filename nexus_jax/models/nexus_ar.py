@@ -75,7 +75,8 @@ class NexusGenAR(Qwen25VLForConditionalGeneration):
         input_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Input embeddings [B, L, hidden]: token embeddings; V2 prefill rows at output slots; ViT features at
-        input-image slots (``input_features`` [T, hidden] row-major into ``input_mask`` [B, L])."""
+        input-image slots (``input_features`` [T, hidden] row-major into ``input_mask`` [B, L], or [B, R, hidden]
+        per example)."""
         check_token_ids(input_ids, self.config.vl.text.vocab_size)
         embeds = self.language_model.model.embed_tokens(input_ids)
         if self.image_prefill_embeds is not None:
@@ -87,7 +88,8 @@ class NexusGenAR(Qwen25VLForConditionalGeneration):
         if input_features is not None:
             if input_mask is None:
                 raise ValueError("input_features need input_mask (the input-image <|image_pad|> positions)")
-            check_slot_count(input_mask, input_features.shape[0], "input images")
+            per_example = input_features.ndim == 3
+            check_slot_count(input_mask, input_features.shape[-2 if per_example else 0], "input images", per_example)
             feats = scatter_rows(input_features.astype(embeds.dtype), input_mask)
             embeds = jnp.where(input_mask[..., None], feats, embeds)
         return sharding.constrain(embeds, HIDDEN_AXES)

@@ -23,7 +23,7 @@ from nexus_jax.data.sources import open_source
 from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.nexus.loss import LazyLogits, nexus_ar_loss
 from nexus_jax.nexus.slots import scatter_rows
-from nexus_jax.training.loop import TrainTask
+from nexus_jax.training.loop import TrainTask, local_batch_size, max_over_processes
 
 VIT_FROZEN = (r"(^|/)visual/",)
 
@@ -52,13 +52,17 @@ def make_ar_loss(model_cfg: NexusGenConfig, collator: ARCollator, token_weight: 
         del rng
         layout_in = {k: mb[f"input_layout.{k}"] for k in LAYOUT_KEYS}
         layout_t = {k: mb[f"target_layout.{k}"] for k in LAYOUT_KEYS}
-        feats = jax.lax.stop_gradient(model.encode_images(mb["input_pixels"], layout_in, input_rows))
+
+        def encode(px, lay, n):  # per example: pixels [B, P, patch_dim] + layouts [B, ...] -> [B, n, hidden]
+            return jax.vmap(lambda p, l: model.encode_images(p, l, n))(px, lay)
+
+        feats = jax.lax.stop_gradient(encode(mb["input_pixels"], layout_in, input_rows))
         out = model(mb["input_ids"], positions=mb["positions"], slot_index=mb["slot_index"],
                     attention_mask=mb["attention_mask"], input_features=feats, input_mask=mb["input_mask"],
                     with_logits=False)
         # token CE over chunked logits (as model_loss and the AR plan): the fp32 [B, L, vocab] logits never exist
         logits = LazyLogits(out.hidden_states, model.language_model.logits, model_cfg.vl.text.vocab_size)
-        rows = jax.lax.stop_gradient(model.encode_images(mb["target_pixels"], layout_t, target_rows))
+        rows = jax.lax.stop_gradient(encode(mb["target_pixels"], layout_t, target_rows))
         targets = scatter_rows(rows.astype(out.image_embeds.dtype), mb["labels"] == image_id)
         return nexus_ar_loss(logits, out.image_embeds, mb["labels"], targets, image_token_id=image_id,
                              token_weight=token_weight, image_weight=image_weight)
@@ -79,22 +83,22 @@ def ar_task(
         model_cfg = dataclasses.replace(model_cfg, vl=dataclasses.replace(
             model_cfg.vl, text=model_cfg.vl.text.replace(remat=cfg.loop.remat)))
     accum = cfg.optim.grad_accum
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "AR training packs each micro-batch's images into one replicated ViT input, which cannot be assembled "
-            f"from {jax.process_count()} processes' different records; multi-host AR data loading needs per-example "
-            "image packing (see docs/training.md)"
-        )
     if cfg.loop.batch_size % accum:
         raise ValueError(f"batch_size={cfg.loop.batch_size} is not divisible by grad_accum={accum}")
-    collator = ARCollator(model_cfg, cfg.data, accum, cfg.loop.batch_size // accum)
+    local = local_batch_size(cfg.loop.batch_size)
+    if local % accum:
+        raise ValueError(f"each of the {jax.process_count()} processes loads {local} records per step, which do not "
+                         f"split into grad_accum={accum} micro-batches; use a batch_size that is a multiple of "
+                         f"{accum * jax.process_count()}")
+    collator = ARCollator(model_cfg, cfg.data, accum, local // accum,
+                          agree_length=max_over_processes if jax.process_count() > 1 else None)
     root = str(image_root if image_root is not None else (cfg.data.image_root or Path(cfg.data.path).parent))
     encoder = AREncoder(model_cfg, cfg.data, encode_text, root)
 
     def batches(path: str, seed: int, epochs: int | None) -> BatchIterator:
-        ds = build_dataset(open_source(path), encoder, seed=seed, num_epochs=epochs)
-        return BatchIterator(ds, cfg.loop.batch_size, collator, num_threads=cfg.data.num_threads,
-                             prefetch=cfg.data.prefetch)
+        ds = build_dataset(open_source(path), encoder, seed=seed, num_epochs=epochs, global_batch=cfg.loop.batch_size)
+        return BatchIterator(ds, local, collator, num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch,
+                             filler=collator.filler)
 
     return TrainTask(
         name="ar",

@@ -3,7 +3,8 @@
 One checkpoint step directory holds two Orbax items:
 
 * ``state``: the train-state pytree (params, frozen params, optimiser state, step, PRNG key data);
-* ``data``: the Grain iterator state (saved with Grain's Orbax handler, one JSON file per process).
+* ``data``: the data-iterator state as one JSON document written by process 0 (batches done, global counters), so a
+  checkpoint written by N processes resumes on any other number of processes.
 
 After Orbax has committed a step (its temporary directory renamed into place), a ``nexus_manifest.json`` listing every
 file with its size and CRC32 is written atomically (temp file + rename). A step counts as complete only when that
@@ -24,7 +25,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -35,29 +35,6 @@ MANIFEST = "nexus_manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint step is missing, incomplete, truncated or corrupt."""
-
-
-class _FrozenIteratorState:
-    """Snapshot of an iterator's state taken at save time (what Grain's handler serialises)."""
-
-    def __init__(self, state: dict[str, Any]):
-        self._blob = json.dumps(state, sort_keys=True).encode()
-
-    def get_state(self) -> bytes:
-        return self._blob
-
-
-class _IteratorStateReceiver:
-    """Restore target for Grain's handler: captures the saved state bytes."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, Any] | None = None
-
-    def set_state(self, blob: bytes) -> None:
-        self.state = json.loads(blob)
-
-    def start_prefetch(self) -> None:  # Grain's handler calls this after set_state
-        pass
 
 
 def _crc32(path: Path) -> int:
@@ -124,7 +101,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_names=("state", "data"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
         )
 
     # -- saving ---------------------------------------------------------------------------------------------------
@@ -147,7 +124,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state)),
+                data=ocp.args.JsonSave(dict(data_state)),
             ),
             force=True,
         )
@@ -219,14 +196,11 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state placed per ``abstract_state``'s shardings, data-iterator state) of a verified step."""
         self.verify(step)
-        receiver = _IteratorStateReceiver()
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(receiver),
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
-        if receiver.state is None:
+        data = restored["data"]
+        if not isinstance(data, dict):
             raise CheckpointError(f"checkpoint {self.step_dir(step)} has no data-iterator state")
-        return restored["state"], receiver.state
+        return restored["state"], data

@@ -73,8 +73,14 @@ def make_flow_loss(cfg: FlowLossConfig):
                               image_ids(h, w), guidance)
         target = flow_match.velocity_target(x0, noise).astype(jnp.float32)
         per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - target), axis=(1, 2))
-        loss = jnp.mean(per_sample * weight)
-        return loss, {"flow_mse": jnp.mean(per_sample), "sigma": jnp.mean(sigma.astype(jnp.float32))}
+        if "weight" not in batch:
+            loss = jnp.mean(per_sample * weight)
+            return loss, {"flow_mse": jnp.mean(per_sample), "sigma": jnp.mean(sigma.astype(jnp.float32))}
+        real = batch["weight"].astype(jnp.float32)  # 0 for filler rows (broken records)
+        count = jnp.maximum(jnp.sum(real), 1.0)
+        loss = jnp.sum(per_sample * weight * real) / count
+        return loss, {"flow_mse": jnp.sum(per_sample * real) / count,
+                      "sigma": jnp.sum(sigma.astype(jnp.float32) * real) / count}
 
     return loss_fn
 
@@ -136,9 +142,9 @@ def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | 
         return DecoderTrainModel(decoder_cls(parts.decoder, rngs=rngs), FluxVAE(parts.vae, rngs=rngs), pooled)
 
     def batches(path: str, seed: int, epochs: int | None) -> BatchIterator:
-        ds = build_dataset(open_source(path), encoder, seed=seed, num_epochs=epochs)
+        ds = build_dataset(open_source(path), encoder, seed=seed, num_epochs=epochs, global_batch=cfg.loop.batch_size)
         return BatchIterator(ds, local_batch_size(cfg.loop.batch_size), stack, num_threads=cfg.data.num_threads,
-                             prefetch=cfg.data.prefetch)
+                             prefetch=cfg.data.prefetch, filler=encoder.filler)
 
     def count(batch: dict[str, Any]) -> int:
         return int(np.prod(batch["pixels"].shape[:3])) // 256  # packed latent tokens (16x16 pixels each)

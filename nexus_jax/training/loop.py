@@ -65,9 +65,90 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // pc
 
 
-def _global_batch(batch: Batch, shardings: dict[str, Any]) -> dict[str, jax.Array]:
-    """Per-process numpy batch -> global jax.Arrays laid out per ``shardings`` (multi-host safe)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x`` stacked in process order (identity on one process). Must be called by all processes."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=False))
+
+
+def max_over_processes(n: int) -> int:
+    """The largest ``n`` over all processes (e.g. the longest sequence of a global batch)."""
+    return int(_allgather(np.asarray(n, np.int64)).max())
+
+
+def global_data_state(batches: BatchIterator) -> dict[str, Any]:
+    """The iterator state saved with a checkpoint, independent of the number of processes: batches done and the
+    skip / record counters summed over processes (collective)."""
+    state = batches.get_state()
+    counts = _allgather(np.asarray([state["skipped"], state["records"]], np.int64)).sum(axis=0)
+    return {"batches": int(state["batches"]), "position": int(state["position"]), "skipped": int(counts[0]),
+            "records": int(counts[1]), "process_count": jax.process_count()}
+
+
+def restore_data_state(batches: BatchIterator, saved: dict[str, Any]) -> None:
+    """Place ``batches`` at a saved global state (counters kept on process 0 so that sums stay global)."""
+    if batches.filler is None and int(saved.get("process_count", 1)) != jax.process_count():
+        raise ValueError(f"this data iterator cannot resume a checkpoint of {saved.get('process_count')} processes on "
+                         f"{jax.process_count()}: give the task a filler")
+    primary = jax.process_index() == 0
+    batches.set_state({**saved, "skipped": saved["skipped"] if primary else 0,
+                       "records": saved["records"] if primary else 0})
+
+
+class _QuietWriter:
+    """Stand-in for :class:`MetricsWriter` on processes other than 0 (one writer per run directory)."""
+
+    def event(self, name: str, **fields: Any) -> None:
+        pass
+
+    def step(self, step: int, metrics: dict[str, Any], **_: Any) -> dict[str, float]:
+        return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _global_shapes(batch: Batch, axes) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global shape of each host array: its ``"batch"`` axis times the number of processes."""
+    pc = jax.process_count()
+    out = {}
+    for k, v in batch.items():
+        shape = list(np.shape(v))
+        logical = axes(k, len(shape))
+        if "batch" in logical:
+            shape[logical.index("batch")] *= pc
+        out[k] = jax.ShapeDtypeStruct(tuple(shape), np.asarray(v).dtype)
+    return out
+
+
+def _global_batch(batch: Batch, shardings: dict[str, Any], axes=None) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global jax.Arrays laid out per ``shardings`` (multi-host safe).
+
+    With several processes every array must be split over the processes along its ``"batch"`` axis (``axes(name,
+    ndim)``); an array whose batch dimension does not divide over the data-parallel devices would be replicated and
+    silently take one process's rows for everyone's, so that raises instead.
+    """
+    out = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+    pc = jax.process_count()
+    if pc > 1 and axes is not None:
+        for k, v in batch.items():
+            logical = axes(k, np.ndim(v))
+            if "batch" in logical:
+                ax = logical.index("batch")
+                if out[k].shape[ax] != np.shape(v)[ax] * pc:
+                    mesh = shardings[k].mesh
+                    dp = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+                    raise ValueError(
+                        f"input {k!r}: {np.shape(v)[ax] * pc} rows per (micro-)batch do not split over the {dp} "
+                        f"data-parallel devices (data x fsdp) of {pc} processes; use a batch size (per micro-batch) "
+                        f"that is a multiple of {dp}")
+    return out
 
 
 def train(
@@ -93,11 +174,13 @@ def train(
     resumed = ckpt.resolve(cfg.checkpoint.resume)
     if resumed is not None:
         state, data_state = ckpt.restore(resumed, abstract)
-        batches.set_state(data_state)
-        log.info("resumed from step %d of %s", resumed, ckpt_dir)
+        restore_data_state(batches, data_state)
+        log.info("resumed from step %d of %s (written by %s process(es))", resumed, ckpt_dir,
+                 data_state.get("process_count", "?"))
     start = int(np.asarray(state["step"]))
 
-    writer = MetricsWriter(run_dir, cfg.loop.log_every, cfg.loop.log_dir)
+    primary = jax.process_index() == 0
+    writer = MetricsWriter(run_dir, cfg.loop.log_every, cfg.loop.log_dir) if primary else _QuietWriter()
     writer.event("start", resumed_from=resumed, step=start, task=task.name)
     step_fn = state_lib.make_train_step(graphdef, task.loss_fn, optim, cfg.loop.compute_dtype, task.micro_batched)
     eval_fn = jax.jit(state_lib.make_eval_step(graphdef, task.loss_fn, cfg.loop.compute_dtype))
@@ -115,18 +198,22 @@ def train(
                 record_ids = host_batch.pop("record_id").tolist() if "record_id" in host_batch else None
                 key = tuple((k, v.shape, v.dtype.str) for k, v in sorted(host_batch.items()))
                 if key not in jitted:
-                    batch_sh = state_lib.batch_shardings(host_batch, mesh, rules, task.batch_axes)
+                    batch_sh = state_lib.batch_shardings(_global_shapes(host_batch, task.batch_axes), mesh, rules,
+                                                         task.batch_axes)
                     jitted[key] = (state_lib.jit_train_step(step_fn, state_sh, batch_sh), batch_sh)
                 fn, batch_sh = jitted[key]
-                state, metrics = fn(state, _global_batch(host_batch, batch_sh))
-                host = writer.step(step + 1, metrics, tokens=task.count_tokens(host_batch),
-                                   records=len(record_ids or []), record_ids=record_ids, skipped=batches.skipped)
+                state, metrics = fn(state, _global_batch(host_batch, batch_sh, task.batch_axes))
+                if record_ids is not None:  # the global batch's ids, in row order (process 0 logs them)
+                    record_ids = _allgather(np.asarray(record_ids, np.int64)).reshape(-1).tolist()
+                tokens, skipped = _allgather(np.asarray([task.count_tokens(host_batch), batches.skipped])).sum(0)
+                host = writer.step(step + 1, metrics, tokens=int(tokens), records=len(record_ids or []),
+                                   record_ids=record_ids, skipped=int(skipped))
                 losses[step + 1] = host["loss"]
                 if do_eval and (step + 1) % cfg.loop.eval_every == 0:
                     evals[step + 1] = evaluate(eval_fn, state, task, cfg.loop.eval_batches, mesh, rules)
                     writer.eval(step + 1, evals[step + 1])
                 if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.loop.total_steps:
-                    ckpt.save(step + 1, state, batches.get_state())
+                    ckpt.save(step + 1, state, global_data_state(batches))
                 if step_delay_s:
                     time.sleep(step_delay_s)
     finally:
@@ -146,9 +233,11 @@ def evaluate(eval_fn, state, task: TrainTask, num_batches: int, mesh, rules) -> 
         batch.pop("record_id", None)
         if task.micro_batched:  # evaluate the first micro-batch of each batch
             batch = {k: v[0] for k, v in batch.items()}
-        sh = state_lib.batch_shardings(batch, mesh, rules, lambda k, nd: task.batch_axes(k, nd + 1)[1:]
-                                       if task.micro_batched else task.batch_axes(k, nd))
-        out = eval_fn(state, _global_batch(batch, sh))
+        def axes(k, nd):
+            return task.batch_axes(k, nd + 1)[1:] if task.micro_batched else task.batch_axes(k, nd)
+
+        sh = state_lib.batch_shardings(_global_shapes(batch, axes), mesh, rules, axes)
+        out = eval_fn(state, _global_batch(batch, sh, axes))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
         n += 1
