@@ -2,6 +2,8 @@
 
     convert import SRC OUT --family F [--config PRESET|FILE|hf] [--scheme S] [--mesh D,F,T] [--overwrite]
     convert export SRC OUT [--scheme S] [--format safetensors|bin] [--max-shard-size 5GB] [--overwrite]
+    convert nexus-gen SRC [--flux FLUX_DIR] OUT   # a whole Nexus-Gen release -> an infer-ready checkpoint
+    convert unipic SRC OUT                        # a whole UniPic-1 release -> an infer-ready checkpoint
     convert detect SRC          # print the key scheme of a checkpoint
     convert list                # families, presets and schemes
 
@@ -62,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB")
     exp.add_argument("--overwrite", action="store_true")
     exp.add_argument("--no-progress", action="store_true")
+    ng = sub.add_parser("nexus-gen", help="Nexus-Gen release dir (+ FLUX.1-dev dir) -> infer-ready checkpoint dir")
+    ng.add_argument("source", help="the downloaded Nexus-Gen(V2) directory")
+    ng.add_argument("out")
+    ng.add_argument("--flux", help="FLUX.1-dev directory: ae.safetensors or vae/, text_encoder{,_2}/, tokenizer{,_2}/")
+    ng.add_argument("--tokenizer", help="tokenizer directory (default: the tokenizer files in SOURCE)")
+    ng.add_argument("--text-encoder-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="compute dtype of CLIP / T5 for the empty prompt (float32 needs ~19 GB RAM for T5-XXL)")
+    ng.add_argument("--max-sequence-length", type=int, default=512, help="T5 length of the empty prompt")
+    up = sub.add_parser("unipic", help="UniPic-1 release dir -> infer-ready checkpoint dir")
+    up.add_argument("source", help="the downloaded UniPic-1 directory (pytorch_model.bin, kl16.ckpt)")
+    up.add_argument("out")
+    up.add_argument("--tokenizer", help="tokenizer directory (default: SOURCE/Qwen2.5-1.5B-Instruct)")
+    for release in (ng, up):
+        release.add_argument("--mesh", type=parse_mesh, help="data,fsdp,tensor: store tensors sharded for this mesh")
+        release.add_argument("--overwrite", action="store_true")
+        release.add_argument("--no-progress", action="store_true")
     det = sub.add_parser("detect", help="print the key scheme of a checkpoint")
     det.add_argument("source")
     sub.add_parser("list", help="list families, presets and key schemes")
@@ -87,6 +105,19 @@ def _run(args: argparse.Namespace) -> dict:
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
+    if args.command in ("nexus-gen", "unipic"):
+        from conversion import release
+
+        mesh = None
+        if args.mesh:
+            from nexus_jax.sharding import make_mesh
+
+            mesh = make_mesh(*args.mesh)
+        common = dict(tokenizer=args.tokenizer, mesh=mesh, progress=not args.no_progress, overwrite=args.overwrite)
+        if args.command == "unipic":
+            return release.import_unipic(args.source, args.out, **common)
+        return release.import_nexus_gen(args.source, args.out, args.flux, text_encoder_dtype=args.text_encoder_dtype,
+                                        max_sequence_length=args.max_sequence_length, **common)
     if args.command == "export":
         return pipeline.export_checkpoint(
             args.source,

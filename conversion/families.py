@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from conversion import config_io
+from conversion import config_io, diffusers_configs
 from conversion.engine import Mapping
 from conversion.errors import ConversionError
 
@@ -28,6 +28,9 @@ class Family:
     hf_config: Callable[[Any], dict] | None = None  # config.json written beside exported weights
     weights_prefix: str = "model"  # exported safetensors file prefix
     skip_prefixes: tuple[str, ...] = ()  # source tensors left out on import (logged with a count), e.g. unused towers
+    hf_config_schemes: tuple[str, ...] = ()  # export schemes that get ``hf_config`` (empty: all of them)
+    extras_file: str | None = None  # the exact typed config, written on export and preferred on import
+    pipeline_subdir: str | None = None  # a diffusers pipeline root's folder for this family (transformer/, vae/)
 
     def table(self, scheme: str, config: Any) -> Mapping:
         if scheme not in self.tables:
@@ -64,15 +67,13 @@ def _nexus_from_json(d: dict) -> Any:
     return nexus_gen.NexusGenConfig(vl=vl_cfg, trainable=trainable, **kwargs)
 
 
-def nexus_config_from_hf(hf: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
-    """NexusGenConfig from a transformers Qwen2.5-VL ``config.json`` (4.49 flat or 5.x nested ``text_config``).
-    The version is V2 when the checkpoint (``shapes``) has ``image_prefill_embeds.weight``; its row count must be
-    the 81 slots of the released models (other slot grids need an explicit config)."""
-    from configs import nexus_gen, qwen2_5, qwen2_5_vl
+def text_config_from_hf(hf: dict, shapes: dict | None = None) -> Any:
+    """Qwen2TextConfig from a transformers Qwen2 / Qwen2.5(-VL) ``config.json`` (flat or nested ``text_config``)."""
+    from configs import qwen2_5
 
     t = hf.get("text_config", hf)
     rope = t.get("rope_scaling") or t.get("rope_parameters") or {}
-    text = qwen2_5.Qwen2TextConfig(
+    return qwen2_5.Qwen2TextConfig(
         vocab_size=t["vocab_size"],
         hidden_size=t["hidden_size"],
         intermediate_size=t["intermediate_size"],
@@ -86,6 +87,15 @@ def nexus_config_from_hf(hf: dict, shapes: dict[str, tuple[int, ...]] | None = N
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
         max_position_embeddings=t.get("max_position_embeddings", 128000),
     )
+
+
+def nexus_config_from_hf(hf: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+    """NexusGenConfig from a transformers Qwen2.5-VL ``config.json`` (4.49 flat or 5.x nested ``text_config``).
+    The version is V2 when the checkpoint (``shapes``) has ``image_prefill_embeds.weight``; its row count must be
+    the 81 slots of the released models (other slot grids need an explicit config)."""
+    from configs import nexus_gen, qwen2_5_vl
+
+    text = text_config_from_hf(hf)
     v = hf["vision_config"]
     fields = {f.name for f in dataclasses.fields(qwen2_5_vl.Qwen25VisionConfig)}
     vkw = {k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in fields}
@@ -147,8 +157,11 @@ def nexus_hf_config(cfg: Any) -> dict:
         vision_start_token_id=tok.vision_start,
         vision_end_token_id=tok.vision_end,
         tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=tok.endoftext,
+        eos_token_id=tok.im_end,
     )
     d = hf.to_dict()
+    d["bos_token_id"], d["eos_token_id"] = tok.endoftext, tok.im_end
     d["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     return d
 
@@ -181,6 +194,7 @@ def _nexus_family() -> Family:
         config_from_json=_nexus_from_json,
         config_from_hf=nexus_config_from_hf,
         hf_config=nexus_hf_config,
+        extras_file="nexus_gen_config.json",
     )
 
 
@@ -244,6 +258,7 @@ def _qwen2_family() -> Family:
         tables={"hf_qwen2": table},
         export_scheme="hf_qwen2",
         config_from_json=lambda d: config_io.from_dict(qwen2_5.Qwen2TextConfig, d),
+        config_from_hf=text_config_from_hf,
     )
 
 
@@ -273,7 +288,11 @@ def _flux_family() -> Family:
         tables=tables(),
         export_scheme="diffsynth_flux_dit",
         config_from_json=lambda d: config_io.from_dict(FluxDiTConfig, d),
+        config_from_hf=diffusers_configs.flux_from_diffusers,
+        hf_config=diffusers_configs.flux_to_diffusers,
+        hf_config_schemes=("diffusers_flux_transformer",),
         weights_prefix="diffusion_pytorch_model",
+        pipeline_subdir="transformer",
     )
 
 
@@ -339,7 +358,11 @@ def _vae_family() -> Family:
         tables={"diffusers_vae": table("diffusers"), "bfl_vae": table("bfl")},
         export_scheme="diffusers_vae",
         config_from_json=lambda d: config_io.from_dict(FluxVAEConfig, d),
+        config_from_hf=diffusers_configs.vae_from_diffusers,
+        hf_config=diffusers_configs.vae_to_diffusers,
+        hf_config_schemes=("diffusers_vae",),
         weights_prefix="diffusion_pytorch_model",
+        pipeline_subdir="vae",
     )
 
 

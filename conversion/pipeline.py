@@ -23,8 +23,13 @@ def resolve_config(
     family: Family, spec: str | None, source: str | os.PathLike | None = None, shapes: dict | None = None
 ) -> Any:
     """``spec``: a preset name, a path to a JSON file of config fields, or ``hf`` (the source dir's config.json);
-    None = ``hf`` if the source directory has a config.json and the family reads HF configs."""
+    None = ``hf`` if the source directory has a config.json and the family reads HF configs. With None or ``hf``,
+    the family's exact config file (``extras_file``, e.g. ``nexus_gen_config.json`` written by export) wins."""
     src_cfg = Path(source) / "config.json" if source is not None and Path(source).is_dir() else None
+    extras = src_cfg.parent / family.extras_file if src_cfg is not None and family.extras_file else None
+    if spec in (None, "hf") and extras is not None and extras.is_file():
+        doc = json.loads(extras.read_text())
+        return family.config_from_json(doc.get("config", doc))
     if spec is None:
         if family.config_from_hf is not None and src_cfg is not None and src_cfg.exists():
             spec = "hf"
@@ -45,6 +50,17 @@ def resolve_config(
         doc = json.loads(Path(spec).read_text())
         return family.config_from_json(doc.get("config", doc))
     raise ConversionError(f"--config {spec!r} is neither a preset of {family.name} {sorted(family.presets)} nor a file")
+
+
+def pipeline_component(source: str | os.PathLike, family: Family) -> str | os.PathLike:
+    """``source/transformer`` or ``source/vae`` when ``source`` is a diffusers pipeline root (a ``model_index.json``,
+    or no weights of its own beside that folder) and the family has such a folder; else ``source``."""
+    p = Path(source)
+    sub = p / family.pipeline_subdir if family.pipeline_subdir and p.is_dir() else None
+    if sub is None or not sub.is_dir():
+        return source
+    own = any(f.suffix in (".safetensors", ".bin", ".pt") or f.name.endswith(".index.json") for f in p.iterdir())
+    return sub if (p / "model_index.json").is_file() or not own else source
 
 
 def _abstract_model(family: Family, config: Any):
@@ -82,6 +98,7 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """torch checkpoint (file or directory) -> Orbax checkpoint at ``out`` + config.json. Returns a summary."""
     family = get_family(family_name)
+    source = pipeline_component(source, family)
     with io.open_checkpoint(source) as reader:
         skipped = io.skip_tensors(reader, family.skip_prefixes)
         if config is None or isinstance(config, str):
@@ -166,9 +183,22 @@ def export_checkpoint(
             for f in writer.files:
                 (staging / f).unlink()
             staging.rmdir()
-        if family.hf_config is not None:
-            io.write_json(tmp / "config.json", family.hf_config(cfg))
+        if family.hf_config is not None and (not family.hf_config_schemes or scheme in family.hf_config_schemes):
+            hf = family.hf_config(cfg)
+            if family.extras_file is not None:  # transformers configs: record the stored dtype
+                hf.setdefault("torch_dtype", _main_dtype(entries))
+            io.write_json(tmp / "config.json", hf)
+        if family.extras_file is not None:
+            io.write_json(tmp / family.extras_file, family.config_to_json(cfg))
     return {"family": family.name, "scheme": scheme, "tensors_out": len(entries), "format": fmt}
+
+
+def _main_dtype(entries: list) -> str:
+    """The dtype holding most of the exported elements (``torch_dtype`` of a transformers config)."""
+    count: dict[str, int] = {}
+    for _, shape, dtype in entries:
+        count[np.dtype(dtype).name] = count.get(np.dtype(dtype).name, 0) + int(np.prod(shape, dtype=np.int64))
+    return max(count, key=count.get) if count else "float32"
 
 
 def _grouped_reader(params: Path, steps, shapes, stored, group_bytes: int):

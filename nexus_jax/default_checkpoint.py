@@ -12,7 +12,7 @@ Directory written by :func:`build` (names as in ``DiffSynth-Studio/Nexus-GenV2``
     ae.safetensors                          FLUX VAE, BFL names (encoder.down.*, decoder.up.*)
     empty_prompt.safetensors                precomputed CLIP("") pooled [pooled_dim] and T5("") [Lt, context_dim]
     *_config.json                           configs of the decoders (DiT, adapter / merger, sampler) and the VAE
-    tokenizer.json                          {"type": "bytes"}: the tiny model uses the byte tokenizer
+    nexus_jax_tokenizer.json                {"type": "bytes"}: the tiny model uses the byte tokenizer
 
 The torch names come from the converter's own mapping tables run in the export direction (``conversion.engine``),
 plus the adapter / merger keys of the V2 ``.bin`` files (nexus-gen.md 5.3), written here by hand.
@@ -167,6 +167,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
     from conversion import config_io, io
     from conversion.tables.qwen2_5_vl import nexus_ar_mapping
     from conversion.tables.vae import bfl_mapping
+    from nexus_jax.inference.loading import TOKENIZER
     from nexus_jax.models.nexus_ar import NexusGenAR
     from nexus_jax.models.vae import FluxVAE
 
@@ -207,7 +208,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
         ew.close()
         for name, key in (("generation_decoder", "generation"), ("edit_decoder", "editing"), ("ae", "vae")):
             io.write_json(tmp / f"{name}_config.json", config_io.to_dict(cfgs[key]))
-        io.write_json(tmp / "tokenizer.json", {"type": "bytes"})
+        io.write_json(tmp / TOKENIZER, {"type": "bytes"})
         io.write_json(tmp / "README.json", {"seed": seed, "note": "random weights: outputs are noise",
                                             "layout": "upstream PyTorch (Nexus-GenV2 + FLUX.1-dev names)"})
     return {"path": str(root), "seed": seed, "ar_tensors": len(state), "files": sorted(os.listdir(root))}

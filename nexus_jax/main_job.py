@@ -31,7 +31,7 @@ COMPONENTS = (
     ("edit_decoder.bin", "edit_decoder", "editing_decoder", "edit_decoder_config.json"),
     ("ae.safetensors", "vae", "vae", "ae_config.json"),
 )
-COPIED = ("empty_prompt.safetensors", "tokenizer.json")
+COPIED = ("empty_prompt.safetensors", "nexus_jax_tokenizer.json", "tokenizer.json")  # the pointer: new, old name
 
 
 def log(msg: str) -> None:
@@ -66,7 +66,8 @@ def convert(source: Path, out: Path) -> int:
             return rc
         log(f"convert {src} -> {out / dst} ({family}) in {time.perf_counter() - t:.1f}s")
     for name in COPIED:
-        shutil.copyfile(source / name, out / name)
+        if (source / name).exists():
+            shutil.copyfile(source / name, out / name)
     return 0
 
 

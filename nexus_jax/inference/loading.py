@@ -7,7 +7,11 @@ Layout (each model directory is an Orbax checkpoint written by ``nexus-jax conve
     edit_decoder/           editing decoder             (optional)
     vae/                    FLUX VAE                    (needed by both decoders)
     empty_prompt.safetensors  pooled CLIP("") and T5("") (needed by the decoders)
-    tokenizer.json          {"type": "bytes"} or {"type": "hf", "path": "<dir with tokenizer files>"}
+    nexus_jax_tokenizer.json  {"type": "bytes"} or {"type": "hf", "path": "<dir with tokenizer files>"}
+    tokenizer/              the Hugging Face tokenizer files (``nexus-jax convert nexus-gen`` copies them here)
+
+Older directories name the pointer ``tokenizer.json``; it is still read when it is a pointer. A real Hugging Face
+``tokenizer.json`` at the top level (no pointer) makes the directory itself the tokenizer.
 
 Missing optional parts only disable the tasks that need them (those requests fail with a clear error).
 """
@@ -26,7 +30,8 @@ import numpy as np
 from nexus_jax.inference.runner import EmptyPrompt, ImageDecoder
 
 AR_DIR, GEN_DIR, EDIT_DIR, VAE_DIR = "ar", "generation_decoder", "edit_decoder", "vae"
-EMPTY_PROMPT, TOKENIZER = "empty_prompt.safetensors", "tokenizer.json"
+EMPTY_PROMPT, TOKENIZER = "empty_prompt.safetensors", "nexus_jax_tokenizer.json"
+LEGACY_TOKENIZER = "tokenizer.json"  # the pointer's old name, which collides with Hugging Face's file
 
 
 @dataclasses.dataclass
@@ -47,8 +52,27 @@ class Checkpoint:
     empty: EmptyPrompt | None = None
 
 
+def tokenizer_spec(root: Path) -> dict:
+    """The tokenizer pointer of a checkpoint directory: ``nexus_jax_tokenizer.json``; else an old-style pointer
+    ``tokenizer.json`` (a JSON object with a ``type``); else a Hugging Face ``tokenizer.json`` at the top level
+    (``{"type": "hf", "path": "."}``); else the byte tokenizer."""
+    if (root / TOKENIZER).exists():
+        return json.loads((root / TOKENIZER).read_text())
+    legacy = root / LEGACY_TOKENIZER
+    if legacy.exists():
+        try:
+            doc = json.loads(legacy.read_text())
+        except ValueError as e:
+            raise ValueError(f"{legacy}: not JSON ({e}); write the pointer as {root / TOKENIZER}") from e
+        if isinstance(doc, dict) and doc.get("type") in ("bytes", "hf") and "model" not in doc:
+            return doc
+        return {"type": "hf", "path": "."}
+    return {"type": "bytes"}
+
+
 def load_codec(root: Path, tokens: Any) -> TextCodec:
-    spec = json.loads((root / TOKENIZER).read_text()) if (root / TOKENIZER).exists() else {"type": "bytes"}
+    root = Path(root)
+    spec = tokenizer_spec(root)
     if spec.get("type") == "bytes":
         from nexus_jax.nexus.tiny import ByteTokenizer
 
