@@ -5,33 +5,45 @@ fixed-size padded batches (:mod:`nexus_jax.inference.batching`), runs them with 
 all devices (:mod:`nexus_jax.inference.runner`) and writes PNGs + results atomically
 (:mod:`nexus_jax.inference.outputs`). A restart skips completed requests. Exit status: 0 unless every request
 failed (1), 2 for bad usage / an unreadable checkpoint or input file.
+
+Several processes (``python -m launch.distributed infer ...`` on every host) split the pending requests: each serves
+its share on a mesh of its own devices and writes its own journal; process 0 merges all journals into
+``results.jsonl`` / ``summary.json`` once every process is done (:mod:`nexus_jax.inference.multiprocess`).
+``nexus-jax infer --merge --output <dir>`` merges after the fact.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import hashlib
+import json
 import sys
 import time
 from typing import Any
 
 import numpy as np
 
+from nexus_jax.inference import paths
 from nexus_jax.inference.batching import Batch, Batcher, collate, collate_references
+from nexus_jax.inference.multiprocess import Group, local_mesh
 from nexus_jax.inference.outputs import OutputDir, Progress
 from nexus_jax.inference.reader import Done, iterate, prepare_request, request_dataset
-from nexus_jax.inference.requests import Failure, read_lines
+from nexus_jax.inference.requests import Failure, read_lines, request_id
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-jax infer", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="converted checkpoint directory (see inference/loading.py)")
-    p.add_argument("--input", required=True, help="requests JSONL (one request per line)")
-    p.add_argument("--output", required=True, help="output directory (created; reused to resume)")
+    p.add_argument("--checkpoint", help="converted checkpoint directory or URL (see inference/loading.py)")
+    p.add_argument("--input", help="requests JSONL (one request per line), a path or URL")
+    p.add_argument("--output", required=True, help="output directory or URL (created; reused to resume)")
+    p.add_argument("--merge", action="store_true",
+                   help="only merge the journals under --output into results.jsonl + summary.json (request order "
+                        "from --input if given, else from the records' line indices)")
     p.add_argument("--batch-size", type=int, default=4, help="requests per batch (rounded up to the data devices)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit for understanding")
     p.add_argument("--length-multiple", type=int, default=64, help="prompt lengths are padded to this multiple")
-    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: all devices on data)")
+    p.add_argument("--mesh", default=None,
+                   help="data,fsdp,tensor sizes of each process's local devices (default: all on data)")
     p.add_argument("--num-threads", type=int, default=2, help="Grain prefetch threads (0: none)")
     p.add_argument("--no-progress", action="store_true")
     unipic = p.add_argument_group("UniPic-1 checkpoints (sampling overrides; default: the checkpoint's config)")
@@ -39,20 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     unipic.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     unipic.add_argument("--diffusion-steps", type=int, default=None, help="diffusion-head sampling steps")
     return p
-
-
-def _mesh(spec: str | None):
-    import jax
-
-    from nexus_jax.sharding import make_mesh
-
-    if spec is None:
-        return make_mesh(data=-1, fsdp=1, tensor=1) if len(jax.devices()) > 1 else None
-    try:
-        d, f, t = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh wants data,fsdp,tensor sizes such as 2,2,2; got {spec!r}") from None
-    return make_mesh(d, f, t)
 
 
 class InferenceJob:
@@ -124,7 +122,29 @@ class InferenceJob:
             self.progress.update(1)
 
 
-def run(args: argparse.Namespace) -> int:
+def plan(lines: list[str], out: OutputDir) -> tuple[list[str], list[int]]:
+    """(the id of every line, the line indices not complete in any journal of ``out``)."""
+    ids = [request_id(line, i) for i, line in enumerate(lines)]
+    return ids, [i for i, rid in enumerate(ids) if not out.is_complete(rid)]
+
+
+def combine(summaries: list[dict[str, Any]], total: int, skipped: int) -> dict[str, Any]:
+    """One job summary from the processes' own (counts summed, timings of the slowest process)."""
+    ok, error = sum(s["ok"] for s in summaries), sum(s["error"] for s in summaries)
+    run_seconds = max(s["run_seconds"] for s in summaries)
+    task_seconds: dict[str, float] = {}
+    for s in summaries:
+        for k, v in s["task_seconds"].items():
+            task_seconds[k] = round(task_seconds.get(k, 0.0) + v, 3)
+    return {
+        "requests": total, "ok": ok, "error": error, "skipped": skipped, "batch_size": summaries[0]["batch_size"],
+        "devices": sum(s["devices"] for s in summaries), "load_seconds": max(s["load_seconds"] for s in summaries),
+        "run_seconds": run_seconds, "requests_per_second": round(ok / run_seconds, 4) if ok and run_seconds else 0.0,
+        "task_seconds": task_seconds, "processes": len(summaries),
+    }
+
+
+def run(args: argparse.Namespace, group: Group) -> int:
     from nexus_jax.inference import loading
     from nexus_jax.inference.runner import Runner
 
@@ -133,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"infer: {args.input} holds no requests", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    mesh = _mesh(args.mesh)
+    mesh = local_mesh(args.mesh)  # each process serves its own share on its own devices
     from nexus_jax.unipic.loading import is_unipic_checkpoint
 
     unipic = is_unipic_checkpoint(args.checkpoint)  # UniPic-1: same requests and outputs, nexus_jax.unipic.infer
@@ -149,9 +169,13 @@ def run(args: argparse.Namespace) -> int:
     batch_size = -(-args.batch_size // data_devices) * data_devices
     load_seconds = time.perf_counter() - t0
 
-    import jax
-
-    out = OutputDir(args.output, jax.process_index(), jax.process_count())
+    out = OutputDir(args.output, group.index, group.count)
+    ids, pending = plan(lines, out)
+    # every process must see the same journals before any writes: agreeing on the plan is also that barrier
+    digest = hashlib.sha256(json.dumps([len(lines), pending]).encode()).hexdigest()[:16]
+    group.agree("plan", digest)
+    share = pending[group.index :: group.count]
+    group.log(f"{len(share)} of {len(pending)} pending requests ({len(lines) - len(pending)} already complete)")
     if unipic:
         def prepare(req):
             return unipic_infer.prepare_request(req, ckpt, args.max_new_tokens)
@@ -162,17 +186,13 @@ def run(args: argparse.Namespace) -> int:
         def prepare(req):
             return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
 
-    ds = request_dataset(lines, os.path.dirname(os.path.abspath(args.input)), prepare, out.is_complete)
-    total = len(ds)  # this host's share
-    progress = Progress(total, enabled=not args.no_progress)
+    ds = request_dataset(lines, paths.parent(args.input), prepare, indices=share)
+    progress = Progress(len(share), enabled=not args.no_progress)
     job = (unipic_infer.UniPicJob if unipic else InferenceJob)(runner, ckpt, out, progress)
     job.max_new_tokens = args.max_new_tokens
     batcher = Batcher(batch_size, args.length_multiple)
-    order: dict[int, str] = {}
     t1 = time.perf_counter()
     for item in iterate(ds, num_threads=args.num_threads):
-        prepared = not isinstance(item, (Failure, Done))  # reader.Prepared or a model family's own (UniPic-1)
-        order[item.request.index if prepared else item.index] = item.request.id if prepared else item.id
         if isinstance(item, Failure):
             job.fail(item)
         elif isinstance(item, Done):
@@ -183,20 +203,53 @@ def run(args: argparse.Namespace) -> int:
     for batch in batcher.flush():
         job.run(batch)
     progress.close()
+    out.close()
     run_seconds = time.perf_counter() - t1
     done = job.counts["ok"]
-    summary = {
-        "requests": total, **job.counts, "batch_size": batch_size,
-        "devices": 1 if mesh is None else int(mesh.size), "load_seconds": round(load_seconds, 3),
-        "run_seconds": round(run_seconds, 3), "requests_per_second": round(done / run_seconds, 4) if done else 0.0,
+    mine = {
+        "requests": len(share), "ok": done, "error": job.counts["error"], "skipped": len(lines) - len(pending),
+        "batch_size": batch_size, "devices": 1 if mesh is None else int(mesh.size),
+        "load_seconds": round(load_seconds, 3), "run_seconds": round(run_seconds, 3),
+        "requests_per_second": round(done / run_seconds, 4) if done else 0.0,
         "task_seconds": {k: round(v, 3) for k, v in job.task_seconds.items()},
     }
-    out.finalize([order[i] for i in sorted(order)], summary)
-    out.close()
-    print(f"infer: {job.counts['ok']} ok, {job.counts['error']} failed, {job.counts['skipped']} already complete "
-          f"of {total} requests in {run_seconds:.1f}s -> {args.output}", file=sys.stderr)
-    all_failed = job.counts["error"] == total
-    return 1 if all_failed else 0
+    print(f"infer: {job.counts['ok']} ok, {job.counts['error']} failed of {len(share)} requests in {run_seconds:.1f}s "
+          f"({len(lines) - len(pending)} already complete) -> {args.output}", file=sys.stderr)
+    if group.count > 1:
+        out.write_summary(mine)
+        group.log("share done; waiting for the other processes (a dead one stops this one within the heartbeat "
+                  "timeout)")
+    summaries = group.gather_json("done", mine)
+    summary = combine(summaries, len(lines), len(lines) - len(pending))
+    if group.is_main:  # every journal is final now
+        merged = OutputDir(args.output).merge(ids, summary)
+        if merged["missing"]:
+            print(f"infer: error: {merged['missing']} requests have no record after the run", file=sys.stderr)
+            return 1
+    return 1 if summary["error"] == len(lines) else 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """``--merge``: results.jsonl + summary.json from the journals under --output (process 0 only)."""
+    if not Group.from_jax().is_main:
+        return 0
+    if not paths.is_dir(args.output):
+        print(f"infer: --output {args.output} does not exist", file=sys.stderr)
+        return 2
+    out = OutputDir(args.output)
+    if args.input is not None:
+        ids = [request_id(line, i) for i, line in enumerate(read_lines(args.input))]
+    else:
+        last = {rid: recs[-1] for rid, recs in out.history.items()}
+        ids = sorted(last, key=lambda rid: (last[rid].get("index", float("inf")), rid))
+    summary = out.merge(ids)
+    print(f"infer: merged {summary['ok']} ok and {summary['error']} failed of {summary['requests']} requests from "
+          f"{len(summary['journals'])} journals -> {args.output}", file=sys.stderr)
+    if summary["missing"]:
+        print(f"infer: {summary['missing']} requests of {args.input} have no record yet; run infer again to complete "
+              "them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,15 +266,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infer: --batch-size ({args.batch_size}), --max-new-tokens ({args.max_new_tokens}) and "
               f"--length-multiple ({args.length_multiple}) must be >= 1", file=sys.stderr)
         return 2
+    if args.merge:
+        if args.input is not None and not paths.exists(args.input):
+            print(f"infer: --input {args.input} does not exist", file=sys.stderr)
+            return 2
+        return merge(args)
     for flag, path in (("--input", args.input), ("--checkpoint", args.checkpoint)):
-        if not os.path.exists(path):
+        if path is None:
+            print(f"infer: {flag} is required (unless --merge)", file=sys.stderr)
+            return 2
+        if not paths.exists(path):
             print(f"infer: {flag} {path} does not exist", file=sys.stderr)
             return 2
+    group = Group.from_jax()
     try:
-        return run(args)
+        return run(args, group)
     except (FileNotFoundError, ValueError) as e:
+        group.fail(f"{type(e).__name__}: {e}")
         print(f"infer: error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        group.fail(f"{type(e).__name__}: {e}")
+        raise
 
 
 if __name__ == "__main__":

@@ -89,9 +89,9 @@ def load_codec(root: Path, tokens: Any) -> TextCodec:
 
 
 def load_empty_prompt(path: Path) -> EmptyPrompt:
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    d = load_file(str(path))
+    d = load(path.read_bytes())
     missing = {"pooled", "t5"} - set(d)
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}; it needs 'pooled' [pooled_dim] and 't5' [Lt, context_dim]")
@@ -124,11 +124,20 @@ def load_decoder(path: Path, mesh: Any = None) -> ImageDecoder:
     return ImageDecoder(model, cfg.sampler)
 
 
+def checkpoint_root(checkpoint: str | os.PathLike) -> Path:
+    """``checkpoint`` as a path object: ``pathlib.Path`` locally, ``etils.epath.Path`` for a URL (``gs://...``)."""
+    if "://" in os.fspath(checkpoint):
+        from etils import epath
+
+        return epath.Path(os.fspath(checkpoint))
+    return Path(checkpoint)
+
+
 def load(checkpoint: str | os.PathLike, mesh: Any = None) -> Checkpoint:
     """Load every component present under ``checkpoint``; raises FileNotFoundError naming what is missing."""
     from conversion.pipeline import load_model
 
-    root = Path(checkpoint)
+    root = checkpoint_root(checkpoint)
     if not (root / AR_DIR).is_dir():
         raise FileNotFoundError(f"{root}: no AR model directory {AR_DIR}/ (convert one with `nexus-jax convert`)")
     ar = load_model(root / AR_DIR, mesh=mesh)

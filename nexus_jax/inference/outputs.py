@@ -1,17 +1,23 @@
-"""Output directory: atomically written PNGs, an append-only results journal, resume, progress and summary.
+"""Output directory: atomically written PNGs, append-only results journals, resume, merge, progress and summary.
 
-Layout of ``<output>``::
+Layout of ``<output>`` (a local directory or a URL such as ``gs://bucket/run``, see :mod:`.paths`)::
 
-    images/<id>.png     generated / edited images (written to a temp file, fsynced, then renamed)
+    images/<id>.png     generated / edited images (written atomically: temp file + fsync + rename)
     results.jsonl       one record per request, in request order (rewritten atomically at the end of a run)
     journal.jsonl       append-only: one fsynced line per finished request (what a restart resumes from)
     summary.json        counts, requests/s and timings of the last run
 
-With several hosts, each writes ``journal-<i>-of-<n>.jsonl`` / ``results-<i>-of-<n>.jsonl`` / ``summary-...`` for
-its own share of the requests (the PNGs share ``images/``; ids are unique).
+A job of ``n`` processes writes one journal per process, ``journal-<i>-of-<n>.jsonl`` (and its own
+``summary-<i>-of-<n>.json``); process 0 merges all journals into ``results.jsonl`` / ``summary.json`` once every
+process is done (``nexus-jax infer --merge`` does the same after the fact). The PNGs share ``images/``.
 
-A request counts as complete when the journal has an ``ok`` record for it and, for image tasks, its PNG exists with
-the recorded SHA-256. Complete requests are skipped on restart; failed ones are retried.
+Resume reads **every** journal in the directory (``journal*.jsonl``), whatever process count wrote it. A request
+counts as complete when some journal has an ``ok`` record for it and, for image tasks, its PNG exists with the
+recorded SHA-256. Complete requests are skipped on restart; failed ones are retried. Of several records of one id
+(journals ordered by modification time, then line order) the latest complete ``ok`` one wins, else the latest one.
+
+On a URL the journal cannot be appended to; each new record rewrites this process's journal object whole (still
+atomic, O(records) per request).
 """
 
 from __future__ import annotations
@@ -20,36 +26,23 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
-import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image
 
+from nexus_jax.inference import paths
+from nexus_jax.inference.paths import atomic_write_bytes  # noqa: F401 - re-exported (older imports)
+
 IMAGES_DIR = "images"
 JOURNAL = "journal.jsonl"
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temp file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+JOURNAL_NAME = re.compile(r"^journal(-\d+-of-\d+)?\.jsonl$")
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -70,75 +63,142 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def process_suffix(process_index: int, process_count: int) -> str:
+    return "" if process_count == 1 else f"-{process_index:05d}-of-{process_count:05d}"
+
+
+def journal_paths(root: str) -> list[str]:
+    """Every journal under ``root`` (any process count), oldest modification first."""
+    found = [paths.join(root, n) for n in paths.listdir(root) if JOURNAL_NAME.match(n)]
+    return sorted(found, key=lambda p: (paths.mtime(p), p))
+
+
 class OutputDir:
-    """Writes results under ``root`` and knows which requests are already complete."""
+    """Writes results under ``root`` and knows which requests are already complete (from all journals)."""
 
     def __init__(self, root: str | os.PathLike, process_index: int = 0, process_count: int = 1):
         self.root = os.fspath(root)
-        # multi-host: each host owns its share of the requests and its own journal / results / summary files
-        self.suffix = "" if process_count == 1 else f"-{process_index:05d}-of-{process_count:05d}"
-        os.makedirs(os.path.join(self.root, IMAGES_DIR), exist_ok=True)
-        self.records: dict[str, dict[str, Any]] = {}
-        for rec in read_jsonl_tolerant(self._path(JOURNAL)):
-            self.records[rec["id"]] = rec
-        self._journal: TextIO = open(self._path(JOURNAL), "a", encoding="utf-8")  # noqa: SIM115
+        self.suffix = process_suffix(process_index, process_count)
+        paths.makedirs(paths.join(self.root, IMAGES_DIR))
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        for path in journal_paths(self.root):
+            for rec in read_jsonl_tolerant(path):
+                self.history.setdefault(rec["id"], []).append(rec)
+        self._journal: TextIO | None = None  # opened on the first record
+        self._remote_lines: list[str] | None = None
+
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        """id -> its latest record (any journal)."""
+        return {k: v[-1] for k, v in self.history.items()}
 
     def _path(self, name: str) -> str:
         stem, ext = os.path.splitext(name)
-        return os.path.join(self.root, f"{stem}{self.suffix}{ext}")
+        return paths.join(self.root, f"{stem}{self.suffix}{ext}")
 
     def image_path(self, request_id: str) -> str:
-        return os.path.join(self.root, IMAGES_DIR, f"{request_id}.png")
+        return paths.join(self.root, IMAGES_DIR, f"{request_id}.png")
 
-    def is_complete(self, request_id: str) -> bool:
-        """True when an ``ok`` record exists and its image (if any) is on disk with the recorded hash."""
-        rec = self.records.get(request_id)
-        if rec is None or rec.get("status") != "ok":
+    def _valid(self, rec: dict[str, Any]) -> bool:
+        """An ``ok`` record whose image (if any) is on disk with the recorded hash."""
+        if rec.get("status") != "ok":
             return False
         if rec.get("image") is None:
             return True
-        path = os.path.join(self.root, rec["image"])
-        if not os.path.isfile(path):
+        path = paths.join(self.root, rec["image"])
+        if not paths.is_file(path):
             return False
-        with open(path, "rb") as f:
-            return sha256(f.read()) == rec.get("image_sha256")
+        return sha256(paths.read_bytes(path)) == rec.get("image_sha256")
+
+    def chosen(self, request_id: str) -> tuple[dict[str, Any] | None, bool]:
+        """(the record that stands for ``request_id``, whether it is complete): the latest complete ``ok`` record,
+        else the latest record; (None, False) without any."""
+        recs = self.history.get(request_id, [])
+        for rec in reversed(recs):
+            if self._valid(rec):
+                return rec, True
+        return (recs[-1] if recs else None), False
+
+    def is_complete(self, request_id: str) -> bool:
+        """True when an ``ok`` record exists and its image (if any) is on disk with the recorded hash."""
+        return self.chosen(request_id)[1]
 
     def write_image(self, request_id: str, image: np.ndarray) -> tuple[str, str]:
         """PNG-encode ``image`` ([H, W, 3] in [-1, 1]) atomically -> (path relative to root, sha256)."""
         data = png_bytes(image)
-        atomic_write_bytes(self.image_path(request_id), data)
-        return os.path.join(IMAGES_DIR, f"{request_id}.png"), sha256(data)
+        paths.atomic_write_bytes(self.image_path(request_id), data)
+        return f"{IMAGES_DIR}/{request_id}.png", sha256(data)
 
     def record(self, rec: dict[str, Any]) -> None:
-        """Append one finished request to the journal (flushed and fsynced before returning)."""
-        self.records[rec["id"]] = rec
-        self._journal.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        """Append one finished request to this process's journal (durable before returning)."""
+        self.history.setdefault(rec["id"], []).append(rec)
+        line = json.dumps(rec, ensure_ascii=False) + "\n"
+        path = self._path(JOURNAL)
+        if paths.is_url(path):
+            if self._remote_lines is None:
+                self._remote_lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in read_jsonl_tolerant(path)]
+            self._remote_lines.append(line)
+            paths.atomic_write_bytes(path, "".join(self._remote_lines).encode())
+            return
+        if self._journal is None:
+            self._journal = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._journal.write(line)
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
+    def results_lines(self, order: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(``results.jsonl`` lines: the chosen record of each id in ``order``, ids without any record)."""
+        lines, missing = [], []
+        for i in order:
+            rec, _ = self.chosen(i)
+            if rec is None:
+                missing.append(i)
+            else:
+                lines.append(json.dumps(rec, ensure_ascii=False))
+        return lines, missing
+
     def finalize(self, order: Iterable[str], summary: dict[str, Any]) -> None:
-        """Rewrite ``results.jsonl`` (latest record per id, in ``order``) and ``summary.json`` atomically."""
-        lines = [json.dumps(self.records[i], ensure_ascii=False) for i in order if i in self.records]
+        """Rewrite this process's ``results.jsonl`` (chosen record per id, in ``order``) and ``summary.json``."""
+        lines, _ = self.results_lines(order)
         atomic_write_bytes(self._path(RESULTS), ("\n".join(lines) + "\n" if lines else "").encode())
-        atomic_write_bytes(self._path(SUMMARY), (json.dumps(summary, indent=2) + "\n").encode())
+        self.write_summary(summary)
+
+    def write_summary(self, summary: dict[str, Any], merged: bool = False) -> None:
+        path = paths.join(self.root, SUMMARY) if merged else self._path(SUMMARY)
+        atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+
+    def merge(self, order: Sequence[str], summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the job's ``results.jsonl`` and ``summary.json`` from all journals; returns the summary.
+
+        ``summary`` (a run's figures) gets ``missing`` added; without it the summary counts the merged records."""
+        lines, missing = self.results_lines(order)
+        atomic_write_bytes(paths.join(self.root, RESULTS), ("\n".join(lines) + "\n" if lines else "").encode())
+        if summary is None:
+            statuses = [json.loads(x)["status"] for x in lines]
+            summary = {"requests": len(order), "ok": statuses.count("ok"), "error": statuses.count("error"),
+                       "journals": [os.path.basename(p) for p in journal_paths(self.root)]}
+        summary = {**summary, "missing": len(missing)}
+        self.write_summary(summary, merged=True)
+        return summary
 
     def close(self) -> None:
-        self._journal.close()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
 
 def read_jsonl_tolerant(path: str) -> list[dict[str, Any]]:
     """Records of a journal; a torn last line (the run was killed mid-write) and non-objects are ignored."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                out.append(rec)
+    for line in paths.read_text(path).split("\n"):  # not splitlines(): U+2028 may sit in a text
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            out.append(rec)
     return out
 
 

@@ -2,7 +2,8 @@
 
     lines of requests.jsonl
       -> MapDataset.source                  random access, one element per request line
-      -> [process_index::process_count]     per-host shard (multi-host runs split the requests)
+      -> [process_index::process_count]     per-host shard (multi-host runs split the requests), or the
+                                            line indices the job's plan gave this process (``indices``)
       -> map_with_index(parse)              Request | Failure | Done (already complete: nothing decoded)
       -> map(prepare)                       images decoded and preprocessed exactly as in training
                                             (nexus.batch.process_input_images), chat tokenised, length checked
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from configs.nexus_gen import NexusGenConfig
+from nexus_jax.inference import paths
 from nexus_jax.inference.requests import Failure, Request, parse_or_fail
 from nexus_jax.nexus import templates
 from nexus_jax.nexus.batch import process_input_images
@@ -85,7 +87,7 @@ def prepare_request(
 ) -> Prepared:
     """Decode + preprocess images, tokenise the chat; raises ValueError for an over-long prompt or a bad image.
     ``ref_grid``: the editing merger's reference ViT grid (edit requests then also carry reference pixels)."""
-    images = [to_rgb_uint8(p) for p in req.images]
+    images = [to_rgb_uint8(paths.read_bytes(p) if paths.is_url(p) else p) for p in req.images]
     if images:
         pixels, grid = process_input_images(images, cfg)
     else:
@@ -121,14 +123,22 @@ def request_dataset(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    indices: Sequence[int] | None = None,
 ) -> grain.MapDataset:
-    """MapDataset of this host's share of the requests -> Prepared | Failure | Done (in line order)."""
+    """MapDataset of this host's share of the requests -> Prepared | Failure | Done (in line order).
+
+    The share is ``indices`` (line numbers) when given, else every ``process_count``-th line from ``process_index``."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     if not 0 <= pi < pc:
         raise ValueError(f"process_index {pi} must be in [0, process_count={pc})")
-    indexed = [(i, line) for i, line in enumerate(lines)]
-    ds = grain.MapDataset.source(indexed)[pi::pc]
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < len(lines)]
+        if bad:
+            raise ValueError(f"line indices {bad[:5]} are outside the {len(lines)} request lines")
+        ds = grain.MapDataset.source([(i, lines[i]) for i in indices])
+    else:
+        ds = grain.MapDataset.source([(i, line) for i, line in enumerate(lines)])[pi::pc]
 
     def parse(item: tuple[int, str]) -> Request | Failure | Done:
         index, line = item

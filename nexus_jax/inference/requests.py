@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from nexus_jax.inference import paths
 from nexus_jax.nexus.templates import IMAGE_TAG, Message
 
 TASKS: tuple[str, ...] = ("understanding", "generation", "editing", "chat")
@@ -109,10 +110,6 @@ def _messages(raw: Any, images: list[str]) -> list[Message]:
     return out
 
 
-def _resolve(path: str, base_dir: str) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
-
-
 def parse_request(line: str, index: int, base_dir: str = ".", *, check_files: bool = True) -> Request:
     """One JSONL line -> :class:`Request`; raises :class:`RequestError` naming the bad field and value."""
     try:
@@ -159,12 +156,12 @@ def parse_request(line: str, index: int, base_dir: str = ".", *, check_files: bo
                            "a chat request needs a message or an image")
     if task in ("generation", "editing") and not user_text:
         raise RequestError(f"a {task} request needs a non-empty text prompt")
-    paths = tuple(_resolve(p, base_dir) for p in images)
+    resolved = tuple(paths.resolve(p, base_dir) for p in images)
     if check_files:
-        for p in paths:
-            if not os.path.isfile(p):
+        for p in resolved:
+            if not paths.is_file(p):
                 raise RequestError(f"missing image: {p} does not exist")
-    return Request(rid, index, task, tuple(messages), paths, seed, user_text)
+    return Request(rid, index, task, tuple(messages), resolved, seed, user_text)
 
 
 def parse_or_fail(line: str, index: int, base_dir: str = ".") -> Request | Failure:
@@ -172,21 +169,29 @@ def parse_or_fail(line: str, index: int, base_dir: str = ".") -> Request | Failu
     try:
         return parse_request(line, index, base_dir)
     except RequestError as e:
-        rid, task = default_id(index), None
+        task = None
         try:
             doc = json.loads(line)
-            if isinstance(doc, dict):
-                rid = doc["id"] if isinstance(doc.get("id"), str) and doc["id"] else rid
-                task = doc.get("task") if doc.get("task") in TASKS else None
+            task = doc.get("task") if isinstance(doc, dict) and doc.get("task") in TASKS else None
         except json.JSONDecodeError:
             pass
-        return Failure(rid, index, task, str(e))
+        return Failure(request_id(line, index), index, task, str(e))
+
+
+def request_id(line: str, index: int) -> str:
+    """The id a line's outputs are recorded under, valid or not (its ``id`` string, else ``line-<n>``)."""
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError:
+        return default_id(index)
+    rid = doc.get("id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str) and rid else default_id(index)
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """Non-blank lines of a requests file (blank lines are dropped; the line index counts the kept lines)."""
-    with open(path, encoding="utf-8") as f:
-        return [ln.rstrip("\n") for ln in f if ln.strip()]
+    text = paths.read_text(os.fspath(path))
+    return [ln.rstrip("\r") for ln in text.split("\n") if ln.strip()]
 
 
 def duplicate_ids(items: Sequence[Request | Failure]) -> dict[str, int]:
