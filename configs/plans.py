@@ -139,7 +139,7 @@ GENERATION_SAMPLE = _add(PlanConfig(
     workload="decoder_sample",
     model=FluxDiTConfig.full(),
     topology="v6e:2x4",
-    mesh=(-1, 1, 2),
+    mesh=(2, 1, 4),  # the mesh of benchmarks/results/plan_generation_sample_512_v6e-2x4.json
     remat="none",
     global_batch=8,
     image_size=512,
@@ -148,7 +148,7 @@ GENERATION_SAMPLE = _add(PlanConfig(
     cfg_scale=3.0,
     param_dtype="bfloat16",
     description="batch inference: 8 images at 512x512, 50 Euler steps, CFG 3 (negative: 512 T5 tokens), bf16",
-    job=("infer",),
+    job=("infer", "--mesh", "2,1,4"),  # the inference CLI's default mesh is data-only
 ))
 # --- tiny (tests) -----------------------------------------------------------------------------------------------
 TINY_MATMUL = _add(PlanConfig(
@@ -169,8 +169,8 @@ TINY_EDIT = _add(PlanConfig(
     mesh=(1, 4, 1), remat="full", global_batch=4, image_size=64, context_len=405, compute_dtype="float32",
     merger=MergerConfig.tiny(out_dim=32),
 ))
-TINY_SAMPLE = _add(PlanConfig(
-    name="tiny_decoder_sample", workload="decoder_sample", model=FluxDiTConfig.tiny(), topology="v5p:2x2x1",
+TINY_SAMPLE = _add(PlanConfig(  # 2 heads: tensor=2 must divide the head count (launch.checks)
+    name="tiny_decoder_sample", workload="decoder_sample", model=FluxDiTConfig.tiny(num_heads=2), topology="v5p:2x2x1",
     mesh=(2, 1, 2), remat="none", global_batch=4, image_size=64, context_len=81, num_steps=4,
     compute_dtype="float32",
 ))

@@ -13,61 +13,25 @@ Estimates:
 
 ``--search`` ranks (data, fsdp, tensor) meshes x remat policies by estimated MFU among those that fit, using the
 reduced-depth extrapolation for every candidate (fast), then confirms the best with a full compile.
+
+A config whose job cannot run on the slice (mesh size, batch vs hosts / data-parallel devices, model dims vs mesh
+axes: :func:`launch.checks.check_plan`) is refused before anything is compiled (exit code 2; ``--search`` skips
+such candidates).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from configs.plans import REMAT_CHOICES, PlanConfig, get_plan
 from launch import compiled
+from launch.checks import MESH_AXES, PlanError, check_plan, parse_mesh, resolve_mesh  # noqa: F401 (re-exported)
 from launch.topology import GiB, Topology, parse_topology, topology_devices
 from launch.workloads import Workload, make_workload
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-
-class PlanError(ValueError):
-    """Bad planner input (unknown topology / config, impossible mesh)."""
-
-
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    """``"1,16,4"`` (data,fsdp,tensor; one entry may be -1) -> tuple."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        raise PlanError(f"cannot parse mesh {text!r}: expected three integers data,fsdp,tensor like 1,-1,4") from None
-    if len(sizes) != 3:
-        raise PlanError(f"mesh {text!r} has {len(sizes)} entries; expected 3 (data,fsdp,tensor)")
-    return sizes  # type: ignore[return-value]
-
-
-def resolve_mesh(sizes: Sequence[int], num_devices: int, topology: str) -> tuple[int, int, int]:
-    """Fill a -1 entry and check that the mesh multiplies to the device count (clear message otherwise)."""
-    sizes = list(sizes)
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise PlanError(f"mesh {tuple(sizes)}: sizes must be >= 1, with at most one -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if num_devices % known:
-            raise PlanError(
-                f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, which does not divide the "
-                f"{num_devices} devices of {topology}"
-            )
-        sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        desc = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
-        raise PlanError(
-            f"mesh {desc} = {math.prod(sizes)} devices, but topology {topology} has {num_devices} devices; "
-            f"the mesh must multiply to {num_devices}"
-        )
-    return tuple(sizes)  # type: ignore[return-value]
 
 
 def _mesh(topo_devices: list[Any], sizes: tuple[int, int, int]):
@@ -123,6 +87,7 @@ def _oom_measurement(program: compiled.Program, oom: compiled.CompilerOutOfMemor
 def report(plan: PlanConfig, topo: Topology, sizes: tuple[int, int, int], remat: str, full: bool = True,
            devices: list[Any] | None = None) -> dict[str, Any]:
     """Compile ``plan`` for ``topo`` on mesh ``sizes`` with ``remat``; the JSON-able report."""
+    sizes = check_plan(plan, topo, sizes)  # refuses jobs that cannot run on the slice before compiling
     devices = topology_devices(topo) if devices is None else devices
     sizes = resolve_mesh(sizes, len(devices), topo.name)
     workload = make_workload(plan, remat)
@@ -266,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         topo = parse_topology(args.topology or plan.topology)
         sizes = parse_mesh(args.mesh) if args.mesh else plan.mesh
         if not args.search:
-            resolve_mesh(sizes, topo.num_chips, topo.name)
+            check_plan(plan, topo, sizes)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
