@@ -4,6 +4,7 @@
     convert export SRC OUT [--scheme S] [--format safetensors|bin] [--max-shard-size 5GB] [--overwrite]
     convert nexus-gen SRC [--flux FLUX_DIR] OUT   # a whole Nexus-Gen release -> an infer-ready checkpoint
     convert unipic SRC OUT                        # a whole UniPic-1 release -> an infer-ready checkpoint
+    convert from-run RUN_DIR[/STEP] OUT [--base DIR]  # a `nexus-jax train` checkpoint -> an infer-ready checkpoint
     convert detect SRC          # print the key scheme of a checkpoint
     convert list                # families, presets and schemes
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.add_parser("detect", help="print the key scheme of a checkpoint")
     det.add_argument("source")
     sub.add_parser("list", help="list families, presets and key schemes")
+    from conversion import from_run
+
+    from_run.add_parser(sub)
     return p
 
 
@@ -118,6 +122,10 @@ def _run(args: argparse.Namespace) -> dict:
             return release.import_unipic(args.source, args.out, **common)
         return release.import_nexus_gen(args.source, args.out, args.flux, text_encoder_dtype=args.text_encoder_dtype,
                                         max_sequence_length=args.max_sequence_length, **common)
+    if args.command == "from-run":
+        from conversion import from_run
+
+        return from_run.run(args)
     if args.command == "export":
         return pipeline.export_checkpoint(
             args.source,
@@ -129,10 +137,10 @@ def _run(args: argparse.Namespace) -> dict:
             overwrite=args.overwrite,
         )
     if args.command == "detect":
-        from conversion.io import open_checkpoint
         from conversion.schemes import detect_scheme
+        from conversion.split_layout import open_any
 
-        with open_checkpoint(args.source) as reader:
+        with open_any(args.source) as reader:
             return {"scheme": detect_scheme(reader.shapes, args.source), "tensors": len(reader.shapes)}
     from conversion.families import family_names, get_family
     from conversion.schemes import SCHEMES

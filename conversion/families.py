@@ -31,6 +31,8 @@ class Family:
     hf_config_schemes: tuple[str, ...] = ()  # export schemes that get ``hf_config`` (empty: all of them)
     extras_file: str | None = None  # the exact typed config, written on export and preferred on import
     pipeline_subdir: str | None = None  # a diffusers pipeline root's folder for this family (transformer/, vae/)
+    # split layouts (conversion.split_layout): sub-folder -> (config -> its config.json), e.g. a decoder's transformer/
+    split_configs: dict[str, Callable[[Any], dict]] = dataclasses.field(default_factory=dict)
 
     def table(self, scheme: str, config: Any) -> Mapping:
         if scheme not in self.tables:
@@ -142,6 +144,8 @@ def nexus_hf_config(cfg: Any) -> dict:
         max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=t.tie_word_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+        bos_token_id=cfg.vl.tokens.endoftext,
+        eos_token_id=cfg.vl.tokens.im_end,
     )
 
     if t.head_dim * t.num_heads != t.hidden_size:
@@ -317,9 +321,11 @@ def _decoder_family(kind: str) -> Family:
         return make
 
     tables = (
-        {"nexus_v1_decoder": table("v1_generation_mapping"), "nexus_v2_generation": table("v2_generation_mapping")}
+        {"nexus_v1_decoder": table("v1_generation_mapping"), "nexus_v2_generation": table("v2_generation_mapping"),
+         "nexus_diffusers_generation": table("diffusers_generation_mapping")}
         if kind == "generation"
-        else {"nexus_v2_editing": table("v2_editing_mapping")}
+        else {"nexus_v2_editing": table("v2_editing_mapping"), "nexus_diffusers_editing": table(
+            "diffusers_editing_mapping")}
     )
     return Family(
         name=f"{kind}_decoder",
@@ -330,6 +336,8 @@ def _decoder_family(kind: str) -> Family:
         export_scheme=next(iter(tables)),
         config_from_json=lambda d: config_io.from_dict(NexusDecoderConfig, d),
         weights_prefix="generation_decoder" if kind == "generation" else "edit_decoder",
+        extras_file="nexus_decoder_config.json",
+        split_configs={"transformer": lambda cfg: diffusers_configs.flux_to_diffusers(cfg.dit)},
     )
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path  # local paths and gs:// URLs alike
 
 from conversion import engine, io
 from conversion import orbax as orbax_io
@@ -97,9 +97,12 @@ def import_checkpoint(
     group_bytes: int = 256 * 2**20,
 ) -> dict[str, Any]:
     """torch checkpoint (file or directory) -> Orbax checkpoint at ``out`` + config.json. Returns a summary."""
+    from conversion.split_layout import SplitReader, split_subdirs
+
     family = get_family(family_name)
     source = pipeline_component(source, family)
-    with io.open_checkpoint(source) as reader:
+    subdirs = split_subdirs(source, tuple(family.split_configs))
+    with SplitReader(source, subdirs) if subdirs else io.open_checkpoint(source) as reader:
         skipped = io.skip_tensors(reader, family.skip_prefixes)
         if config is None or isinstance(config, str):
             config = resolve_config(family, config, source, reader.shapes)
@@ -123,7 +126,7 @@ def import_checkpoint(
         items = io.iter_progress(
             engine.execute(steps, reader.read, prefetch=True), n_out, f"import {family.name}", progress
         )
-        with io.atomic_output_dir(out, overwrite) as tmp:
+        with io.atomic_output_dir(out, overwrite, in_place=True) as tmp:  # Orbax writes URLs itself
             orbax_io.save_streaming(tmp / orbax_io.PARAMS_DIR, items, place, group_bytes)
             orbax_io.write_config(
                 tmp, family.name, family.config_to_json(cfg), source=str(source), scheme=scheme, table=table.name,
@@ -168,11 +171,23 @@ def export_checkpoint(
         ]
     read = _grouped_reader(params, steps, {k: v.shape for k, v in stored.items()}, stored, group_bytes)
     items = io.iter_progress(engine.execute(steps, read), len(entries), f"export {family.name}", progress)
+    split = any("/" in n for n, _, _ in entries)
+    if split and fmt != "safetensors":
+        raise ConversionError(f"key scheme {scheme!r} spans folders; it is written as safetensors only, not {fmt}")
     with io.atomic_output_dir(out, overwrite) as tmp:
         staging = tmp if fmt == "safetensors" else tmp / ".staging"
         staging.mkdir(exist_ok=True)
         cap = max_shard_bytes if fmt == "safetensors" else 2**62
-        writer = io.SafetensorsWriter(staging, entries, cap, prefix=family.weights_prefix)
+        if split:
+            from conversion.split_layout import SplitWriter
+
+            writer = SplitWriter(staging, entries, cap, prefix=family.weights_prefix)
+            for sub in writer.subdirs:
+                if sub not in family.split_configs:
+                    raise ConversionError(f"family {family.name!r} has no config.json for folder {sub}/")
+                io.write_json(tmp / sub / "config.json", family.split_configs[sub](cfg))
+        else:
+            writer = io.SafetensorsWriter(staging, entries, cap, prefix=family.weights_prefix)
         for name, array in items:
             writer.write(name, array)
         writer.close()
@@ -185,8 +200,8 @@ def export_checkpoint(
             staging.rmdir()
         if family.hf_config is not None and (not family.hf_config_schemes or scheme in family.hf_config_schemes):
             hf = family.hf_config(cfg)
-            if family.extras_file is not None:  # transformers configs: record the stored dtype
-                hf.setdefault("torch_dtype", _main_dtype(entries))
+            if family.extras_file is not None and hf.get("dtype") is None:  # transformers: the stored dtype
+                hf["dtype"] = hf["torch_dtype"] = _main_dtype(entries)  # (5.x reads dtype, 4.x torch_dtype)
             io.write_json(tmp / "config.json", hf)
         if family.extras_file is not None:
             io.write_json(tmp / family.extras_file, family.config_to_json(cfg))

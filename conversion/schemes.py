@@ -13,6 +13,8 @@ SCHEMES: dict[str, str] = {
     "nexus_v1_decoder": "Nexus-Gen V1 decoder_81_512 (unprefixed adapter 0/1/3/4.* + unprefixed DiffSynth DiT)",
     "nexus_v2_generation": "Nexus-Gen V2 generation decoder (adapter.* + pipe.dit.*)",
     "nexus_v2_editing": "Nexus-Gen V2 editing decoder (embedding_merger.* + pipe.dit.*)",
+    "nexus_diffusers_generation": "Nexus-Gen generation decoder, diffusers layout (transformer/ + adapter.*)",
+    "nexus_diffusers_editing": "Nexus-Gen editing decoder, diffusers layout (transformer/ + embedding_merger.*)",
     "hf_qwen2": "transformers Qwen2 / Qwen2.5 text model (model.layers.*, no vision tower)",
     "diffsynth_flux_dit": "DiffSynth FluxDiT state dict (blocks.*, single_blocks.*, final_norm_out.*)",
     "diffusers_flux_transformer": (
@@ -33,6 +35,11 @@ def _has_prefix(keys: Collection[str], prefix: str) -> bool:
 def detect_scheme(keys: Collection[str], where: str = "the checkpoint") -> str:
     """Name of the key scheme of a state dict (see :data:`SCHEMES`); raises UnknownSchemeError listing the keys."""
     keys = set(keys)
+    if "transformer/x_embedder.weight" in keys:
+        if _has_prefix(keys, "embedding_merger."):
+            return "nexus_diffusers_editing"
+        if _has_prefix(keys, "adapter."):
+            return "nexus_diffusers_generation"
     if _has_prefix(keys, "pipe.dit."):
         if _has_prefix(keys, "embedding_merger."):
             return "nexus_v2_editing"

@@ -3,7 +3,10 @@ merger, in the three upstream key schemes:
 
 - ``nexus_v1_decoder`` (``decoder_81_512.bin``): adapter ``0/1/3/4.*`` and the DiT keys, both unprefixed;
 - ``nexus_v2_generation`` (``generation_decoder.bin``): ``adapter.{0,1,3,4}.*`` + ``pipe.dit.*``;
-- ``nexus_v2_editing`` (``edit_decoder.bin``): ``embedding_merger.*`` + ``pipe.dit.*``.
+- ``nexus_v2_editing`` (``edit_decoder.bin``): ``embedding_merger.*`` + ``pipe.dit.*``;
+- ``nexus_diffusers_generation`` / ``nexus_diffusers_editing``: the DiT as a diffusers ``FluxTransformer2DModel`` in
+  ``transformer/`` (names ``transformer/<diffusers name>``, see ``conversion.split_layout``) + ``adapter.*`` /
+  ``embedding_merger.*`` beside it.
 
 JAX side (paths of the decoder model): ``dit.*`` (``FluxDiT``), ``adapter.{0,3}.kernel`` (Linear), ``adapter.{1,4}
 .{weight,bias}`` (LayerNorm), ``embedding_merger.layers.{m}.*`` (Qwen2 decoder layers, as in ``Qwen2DecoderLayer``)
@@ -14,9 +17,10 @@ from __future__ import annotations
 
 from configs.nexus_decoders import NexusDecoderConfig
 from conversion.engine import Mapping, Rule, combine, linear, norm
-from conversion.tables.flux_dit import diffsynth_mapping
+from conversion.tables.flux_dit import diffsynth_mapping, diffusers_mapping
 
 DIT_PREFIX = "dit."
+DIFFUSERS_DIT = "transformer/"  # the diffusers layout's DiT folder (conversion.split_layout)
 
 
 def adapter_mapping(torch_prefix: str, jax_prefix: str = "adapter.") -> Mapping:
@@ -65,3 +69,15 @@ def v2_editing_mapping(cfg: NexusDecoderConfig) -> Mapping:
     """``edit_decoder.bin``: ``embedding_merger.*`` + ``pipe.dit.*``."""
     dit = diffsynth_mapping(cfg.dit).with_prefix("pipe.dit.", DIT_PREFIX)
     return combine("nexus_v2_editing", merger_mapping(cfg), dit)
+
+
+def diffusers_generation_mapping(cfg: NexusDecoderConfig) -> Mapping:
+    """``transformer/`` (diffusers FLUX names) + ``adapter.*``."""
+    dit = diffusers_mapping(cfg.dit).with_prefix(DIFFUSERS_DIT, DIT_PREFIX)
+    return combine("nexus_diffusers_generation", adapter_mapping("adapter."), dit)
+
+
+def diffusers_editing_mapping(cfg: NexusDecoderConfig) -> Mapping:
+    """``transformer/`` (diffusers FLUX names) + ``embedding_merger.*``."""
+    dit = diffusers_mapping(cfg.dit).with_prefix(DIFFUSERS_DIT, DIT_PREFIX)
+    return combine("nexus_diffusers_editing", merger_mapping(cfg), dit)
