@@ -4,6 +4,10 @@ torch ``.bin`` pickles, and write sharded safetensors / torch ``.bin`` in the Hu
 Safetensors headers are parsed here (8-byte little-endian length + JSON) and each tensor is read with one positioned
 read, which supports bf16 / fp8 through ``ml_dtypes`` (``safetensors.numpy`` cannot load bf16) and lets a truncated
 shard be reported with the names of the tensors it lost before anything is converted.
+
+Every path may be a local path or an object-store URL (``gs://bucket/...``; see :mod:`nexus_jax.paths`): remote
+safetensors are read with ranged reads, remote ``.bin`` pickles are downloaded to a local temporary file first (torch
+memory-maps them), and outputs go through :func:`atomic_output_dir`.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+from etils.epath import Path
 
 from conversion.errors import ConversionError, MissingTensorsError, TruncatedFileError
+from nexus_jax.paths import as_path, copy_tree, fsync_dir, is_remote
 
 Shape = tuple[int, ...]
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # 5 GB, as transformers' save_pretrained
@@ -78,11 +83,20 @@ class TensorReader:
         self.close()
 
 
+def _open_rb(path: str | os.PathLike, buffering: int = -1):
+    """Binary read handle: the builtin ``open`` for local files, ``epath`` (seekable, ranged reads) for URLs."""
+    return as_path(path).open("rb") if is_remote(path) else open(path, "rb", buffering=buffering)
+
+
+def _size(path: str | os.PathLike) -> int:
+    return int(as_path(path).stat().length) if is_remote(path) else os.path.getsize(path)
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """(header without ``__metadata__``, byte offset of the data section). Checks that every tensor's bytes exist."""
     path = str(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = _size(path)
+    with _open_rb(path) as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise TruncatedFileError(path, [], size, 8)
@@ -136,7 +150,7 @@ class SafetensorsReader(TensorReader):
     def read(self, name: str) -> np.ndarray:
         path, offset, nbytes = self._loc[name]
         buf = np.empty(nbytes, np.uint8)  # not zero-filled: pages are touched once, by the read
-        with open(path, "rb", buffering=0) as f:
+        with _open_rb(path, buffering=0) as f:
             f.seek(offset)
             got = 0
             view = memoryview(buf)
@@ -189,8 +203,13 @@ class TorchBinReader(TensorReader):
         import torch
 
         self.where = str(path)
+        self._download = None
+        if is_remote(path):  # torch memory-maps local files only: fetch the pickle to a local temporary file
+            fd, self._download = tempfile.mkstemp(suffix=as_path(path).suffix, prefix="nexus-jax-download-")
+            with os.fdopen(fd, "wb") as out, _open_rb(path) as src:
+                shutil.copyfileobj(src, out, 64 * 2**20)
         try:
-            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+            state = torch.load(self._download or str(path), map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damaged files
             raise ConversionError(f"cannot read torch checkpoint {path} (truncated or not a state dict): {e}") from e
         for wrapper in ("state_dict", "model"):  # Lightning / LDM checkpoints; MAR's kl16.ckpt is {"model": sd}
@@ -208,6 +227,9 @@ class TorchBinReader(TensorReader):
 
     def close(self) -> None:
         self._state = {}
+        if self._download is not None:
+            os.unlink(self._download)
+            self._download = None
 
 
 class DictReader(TensorReader):
@@ -242,8 +264,8 @@ def skip_tensors(reader: TensorReader, prefixes: Sequence[str]) -> list[str]:
 
 def open_checkpoint(path: str | os.PathLike) -> TensorReader:
     """Open a safetensors file, a ``.bin``/``.pt`` pickle, or a directory (an index, one safetensors file, or a
-    ``pytorch_model.bin``). Shards named by an index must all exist and be complete."""
-    p = Path(path)
+    ``pytorch_model.bin``). Shards named by an index must all exist and be complete. ``path`` may be a URL."""
+    p = as_path(path)
     if not p.exists():
         raise ConversionError(f"checkpoint path {p} does not exist")
     if p.is_file():
@@ -312,7 +334,7 @@ class SafetensorsWriter:
         prefix: str = "model",
         metadata: dict[str, str] | None = None,
     ):
-        self.dir = Path(directory)
+        self.dir = as_path(directory)
         self.entries = [(n, tuple(int(d) for d in s), np.dtype(d)) for n, s, d in entries]
         self.prefix, self.metadata = prefix, {"format": "pt", **(metadata or {})}
         self.shards = plan_shards(self.entries, max_shard_bytes)
@@ -348,7 +370,7 @@ class SafetensorsWriter:
         k = self._shard_of[self._next]
         if k != self._shard:
             self._close_file()
-            self._fh = open(self.dir / self.files[k], "wb")
+            self._fh = (self.dir / self.files[k]).open("wb")
             self._fh.write(self._header(k))
             self._shard = k
         self._fh.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
@@ -375,10 +397,30 @@ class SafetensorsWriter:
 
 def write_torch_bin(path: str | os.PathLike, staged: SafetensorsReader) -> None:
     """``torch.save`` an OrderedDict of all tensors of ``staged`` (a safetensors file already written tensor by
-    tensor). Tensors are memory-mapped from the staged file, so only the pickler's pages are resident."""
+    tensor). Tensors are memory-mapped from the staged file, so only the pickler's pages are resident. With a URL
+    for ``path`` or staged files at URLs, the work happens in a local temporary directory (memory maps need local
+    files) and the pickle is uploaded."""
     import collections
 
     import torch
+
+    staged_files = sorted({loc[0] for loc in staged._loc.values()})
+    if is_remote(path) or any(is_remote(f) for f in staged_files):
+        with tempfile.TemporaryDirectory(prefix="nexus-jax-bin-") as d:
+            local = []
+            for i, f in enumerate(staged_files):
+                if is_remote(f):
+                    local.append(os.path.join(d, f"staged-{i}.safetensors"))
+                    with _open_rb(f) as src, open(local[-1], "wb") as out:
+                        shutil.copyfileobj(src, out, 64 * 2**20)
+                else:
+                    local.append(f)
+            out_local = os.path.join(d, "out.bin") if is_remote(path) else os.fspath(path)
+            write_torch_bin(out_local, SafetensorsReader(local, where=staged.where))
+            if is_remote(path):
+                with open(out_local, "rb") as src, as_path(path).open("wb") as out:
+                    shutil.copyfileobj(src, out, 64 * 2**20)
+        return
 
     state = collections.OrderedDict()
     for name in staged.shapes:
@@ -389,17 +431,31 @@ def write_torch_bin(path: str | os.PathLike, staged: SafetensorsReader) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    as_path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+COMPLETION_MARKERS = ("config.json",)  # uploaded last: a remote output directory is complete once they exist
 
 
 @contextlib.contextmanager
 def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to ``final`` on success, delete it on any error."""
-    final = Path(final)
+    """Yield a directory to write the output into; it appears at ``final`` only when the block succeeds.
+
+    Local ``final``: a temporary sibling directory renamed to ``final`` on success, deleted on any error.
+    URL ``final``: a local temporary directory whose files are uploaded to ``final`` on success, ``config.json``
+    last (object stores have no atomic directory rename, so ``config.json`` marks a complete output; an upload that
+    fails deletes what it wrote). Local staging is also what Orbax needs: its partial saves (the streaming writes of
+    :func:`conversion.orbax.save_streaming`) are refused on GCS by orbax 0.12 ("Snapshot is not supported for
+    CommitFileTemporaryPath"). ``overwrite`` replaces an existing ``final``."""
+    if is_remote(final):
+        with _remote_output_dir(as_path(final), overwrite) as out:
+            yield out
+        return
+    final = as_path(final)
     if final.exists() and not overwrite:
         raise ConversionError(f"output {final} already exists (pass --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = as_path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -408,6 +464,22 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def _remote_output_dir(final: Path, overwrite: bool) -> Iterator[Path]:
+    if final.exists() and not overwrite:
+        raise ConversionError(f"output {final} already exists (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix="nexus-jax-upload-") as d:
+        yield as_path(d)
+        if final.exists():
+            final.rmtree()
+        try:
+            copy_tree(d, final, last=COMPLETION_MARKERS)
+        except BaseException:
+            final.rmtree(missing_ok=True)
+            raise
 
 
 def iter_progress(items: Iterable[Any], total: int, desc: str, enabled: bool = True) -> Iterable[Any]:

@@ -8,6 +8,9 @@ Layout of a converted checkpoint directory::
 Tensors are saved in groups of at most ``group_bytes`` (a larger tensor alone), so peak host memory stays near the
 largest tensor plus one group. With a mesh, each tensor is placed with its target ``NamedSharding`` first, so the
 stored sharding metadata is the target mesh's and a restore on that mesh needs no resharding.
+
+``<out>`` may be a local path or a ``gs://`` URL: Orbax/TensorStore write and read the bucket directly (its native
+GCS driver), and ``config.json`` goes through ``etils.epath``.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from conversion.errors import ConversionError, MissingTensorsError
+from nexus_jax.paths import as_path, is_remote
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -91,7 +95,10 @@ def _fast_write_context():
 
 
 def fsync_tree(path: str | os.PathLike) -> None:
-    """fsync every file and directory under ``path`` (durability after unsynced writes)."""
+    """fsync every file and directory under ``path`` (durability after unsynced writes); a no-op for URLs (an object
+    is durable once its upload returned)."""
+    if is_remote(path):
+        return
     for root, _, files in os.walk(path):
         for name in files + ["."]:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
@@ -113,7 +120,7 @@ def save_streaming(
     (at most one save in flight). ``place(name, array)`` may return a sharded ``jax.Array`` (target mesh); by
     default host numpy is stored.
     """
-    path = Path(path).absolute()  # Orbax rejects relative destinations
+    path = _abs(path)  # Orbax rejects relative destinations
     count = 0
     with _fast_write_context() as ocp:
         pending = None
@@ -146,7 +153,7 @@ def save_streaming(
 
 def metadata(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     """Dotted path -> ShapeDtypeStruct of every stored tensor, read from the checkpoint metadata (no data)."""
-    meta = _ocp().metadata(Path(path).absolute()).metadata
+    meta = _ocp().metadata(_abs(path)).metadata
     return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in flatten(meta).items()}
 
 
@@ -178,7 +185,13 @@ def load(
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = names is not None
     with ctx:
-        return flatten(ocp.load(Path(path).absolute(), abstract))
+        return flatten(ocp.load(_abs(path), abstract))
+
+
+def _abs(path: str | os.PathLike) -> epath.Path:
+    """An ``epath.Path`` Orbax accepts: absolute local path, or the URL unchanged."""
+    p = as_path(path)
+    return p if is_remote(p) else p.absolute()
 
 
 class _NumpyLeaf:
@@ -194,12 +207,12 @@ class _NumpyLeaf:
 def write_config(directory: str | os.PathLike, family: str, config: dict[str, Any], **extra: Any) -> None:
     """``config.json`` beside the params: the family name, its config fields and provenance."""
     doc = {"format_version": FORMAT_VERSION, "family": family, "config": config, **extra}
-    (Path(directory) / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    (as_path(directory) / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` written by :func:`write_config`."""
-    p = Path(directory) / CONFIG_FILE
+    p = as_path(directory) / CONFIG_FILE
     if not p.exists():
         raise ConversionError(f"{directory} is not a converted checkpoint: {CONFIG_FILE} is missing")
     doc = json.loads(p.read_text())

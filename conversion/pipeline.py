@@ -126,7 +126,7 @@ def import_checkpoint(
         items = io.iter_progress(
             engine.execute(steps, reader.read, prefetch=True), n_out, f"import {family.name}", progress
         )
-        with io.atomic_output_dir(out, overwrite, in_place=True) as tmp:  # Orbax writes URLs itself
+        with io.atomic_output_dir(out, overwrite) as tmp:
             orbax_io.save_streaming(tmp / orbax_io.PARAMS_DIR, items, place, group_bytes)
             orbax_io.write_config(
                 tmp, family.name, family.config_to_json(cfg), source=str(source), scheme=scheme, table=table.name,
