@@ -85,6 +85,8 @@ def vae_from_diffusers(hf: dict[str, Any], shapes: dict | None = None) -> Any:
                                               "AttnUpDecoderBlock2D")]
     if bad or len(up) != n:
         raise ConversionError(f"AutoencoderKL block types {down} / {up} are not supported")
+    if hf.get("act_fn", "silu") != "silu":
+        raise ConversionError(f"AutoencoderKL act_fn {hf['act_fn']!r} is not supported (only silu)")
     quant = hf.get("use_quant_conv", True)
     if hf.get("use_post_quant_conv", True) != quant:
         raise ConversionError("AutoencoderKL with use_quant_conv != use_post_quant_conv is not supported")

@@ -58,6 +58,32 @@ def pipeline_root(tmp_path):
     return root
 
 
+# FLUX.1-dev's transformer/config.json and vae/config.json (diffusers 0.30 dev, as published)
+FLUX_DEV_TRANSFORMER = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.30.0.dev0",
+                        "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64,
+                        "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
+                        "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768}
+FLUX_DEV_VAE = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0.dev0", "act_fn": "silu",
+                "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+                "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None,
+                "latents_std": None, "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32,
+                "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False, "use_quant_conv": False}
+
+
+def test_flux_dev_configs_read_as_the_full_presets():
+    from conversion.diffusers_configs import flux_from_diffusers, flux_to_diffusers, vae_from_diffusers
+    from conversion.errors import ConversionError
+
+    assert flux_from_diffusers(FLUX_DEV_TRANSFORMER) == FluxDiTConfig.full()
+    assert vae_from_diffusers(FLUX_DEV_VAE) == FluxVAEConfig.full()
+    assert flux_from_diffusers(flux_to_diffusers(FLUX)) == FLUX
+    with pytest.raises(ConversionError, match="mlp_ratio"):
+        flux_to_diffusers(FluxDiTConfig.tiny(mlp_ratio=2.0))
+    with pytest.raises(ConversionError, match="act_fn"):
+        vae_from_diffusers({**FLUX_DEV_VAE, "act_fn": "gelu"})
+
+
 def test_flux_dit_pipeline_root_imports_with_hf_config_and_exports_for_from_pretrained(tmp_path):
     ref = torch_flux(FLUX)
     root = pipeline_root(tmp_path)
