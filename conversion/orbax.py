@@ -78,7 +78,8 @@ def _fast_write_context():
 
     ocp = _ocp()
     # Host arrays handed to Orbax here are fresh and never mutated, so its defensive deep copy is skipped.
-    ctx = ocp.Context(memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
+    ctx = ocp.Context()
+    ctx.memory.deepcopy_host_arrays = False  # dot notation: option objects in Context() are deprecated
     ctx.array.saving.use_compression = False
     ctx.array.saving.storage_options.chunk_byte_size = WRITE_CHUNK_BYTES
     names = [n for n in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT") if isinstance(getattr(tsu, n, None), dict)]
