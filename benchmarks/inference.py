@@ -1,6 +1,7 @@
 """Batch-inference generation throughput: JAX runner vs a PyTorch pipeline built from the same tiny components.
 
     python benchmarks/inference.py [--steps 8] [--size 64] [--iters 2]
+    python benchmarks/inference.py --smoke    # 2 steps, 32x32, batch 1, 1 iteration: checks it runs and agrees
 
 One generation request = AR slot prediction (one parallel forward over the 81 slots of a tiny Nexus-Gen V2 model)
 + generation adapter + flow-matching sampling with true CFG (2 DiT passes per step) + VAE decode. Both sides hold
@@ -115,7 +116,7 @@ def torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty) -> np.ndar
     x = torch.from_numpy(np.array(pack_latents(jnp.asarray(noise))))
     img_ids = torch.from_numpy(np.array(image_ids(hl, wl)))
     pooled = torch.from_numpy(empty.pooled)[None].expand(b, -1)
-    neg = torch.from_numpy(empty.context)[None].expand(b, -1, -1)
+    neg = torch.from_numpy(empty.t5)[None].expand(b, -1, -1)  # EmptyPrompt.t5: T5("") [16, context_dim]
     g = torch.full((b,), s.guidance)
     sig = schedule_sigmas(s, s.height, s.width)
     dit = parts["dit"]
@@ -140,7 +141,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--smoke", action="store_true", help="2 steps, 32x32, batch 1, 1 iteration (a quick run check)")
     args = p.parse_args()
+    batch_sizes = (1, 4, 8)
+    if args.smoke:
+        args.steps, args.size, args.iters, batch_sizes = 2, 32, 1, (1,)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     ar_cfg, dec_cfg, vae_cfg, runner, parts, empty = build(args.steps, args.size)
@@ -149,7 +154,7 @@ def main() -> None:
                                                       "messages": [{"role": "user", "content": pr}]}), i),
                             ar_cfg, tok.encode, 1) for i, pr in enumerate(PROMPTS)]
     report = {}
-    for bs in (1, 4, 8):
+    for bs in batch_sizes:
         batch = group_batches(reqs[:bs], bs, length_multiple=256)
         assert len(batch) == 1, "the prompts must fall in one length bucket"
         nb = collate(batch[0], ar_cfg)
