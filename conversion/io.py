@@ -456,6 +456,7 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
         raise ConversionError(f"output {final} already exists (pass --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = as_path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    set_default_mode(tmp, directory=True)  # mkdtemp creates 0700; give it the mode a plain mkdir would
     try:
         yield tmp
     except BaseException:

@@ -22,6 +22,8 @@ import tempfile
 
 from etils import epath
 
+from nexus_jax.fileperms import set_default_mode
+
 REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")  # the URL schemes epath routes to a remote backend
 PathLike = str | os.PathLike
 
@@ -67,6 +69,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
     parent = os.path.dirname(os.path.abspath(local))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(local)}.tmp-", dir=parent)
+    set_default_mode(fd)  # mkstemp creates 0600; give the file the mode a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

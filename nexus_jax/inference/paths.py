@@ -101,6 +101,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    set_default_mode(fd)  # mkstemp creates 0600; give the file the mode a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
