@@ -26,6 +26,7 @@ import numpy as np
 from etils.epath import Path
 
 from conversion.errors import ConversionError, MissingTensorsError, TruncatedFileError
+from nexus_jax.fileperms import set_default_mode
 from nexus_jax.paths import as_path, copy_tree, fsync_dir, is_remote
 
 Shape = tuple[int, ...]

@@ -12,6 +12,8 @@ import os
 import posixpath
 import tempfile
 
+from nexus_jax.fileperms import set_default_mode
+
 
 def is_url(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
