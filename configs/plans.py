@@ -3,6 +3,8 @@
 Full-size presets follow the Nexus-Gen recipes (../shared/reference/nexus-gen.md sections 4.1-4.3: global batch 128,
 4096-token AR sequences, 512x512 decoder images, 50-step sampling with CFG 3); ``tiny_*`` presets are for tests
 (compiled for v5p:2x2x1). ``mesh`` is (data, fsdp, tensor); one entry may be -1 (takes the remaining devices).
+Whether a config can run on a slice (mesh size, batch vs hosts and data x fsdp, model dims vs mesh axes) is checked
+by :func:`launch.checks.check_plan` before ``plan`` compiles or ``launch`` prints anything.
 """
 
 from __future__ import annotations
