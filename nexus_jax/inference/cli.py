@@ -171,6 +171,8 @@ def run(args: argparse.Namespace, group: Group) -> int:
 
     out = OutputDir(args.output, group.index, group.count)
     ids, pending = plan(lines, out)
+    if group.is_main:
+        out.remove_stale_temps()  # nobody writes before the plan is agreed
     # every process must see the same journals before any writes: agreeing on the plan is also that barrier
     digest = hashlib.sha256(json.dumps([len(lines), pending]).encode()).hexdigest()[:16]
     group.agree("plan", digest)

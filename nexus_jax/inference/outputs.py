@@ -99,6 +99,19 @@ class OutputDir:
     def image_path(self, request_id: str) -> str:
         return paths.join(self.root, IMAGES_DIR, f"{request_id}.png")
 
+    def remove_stale_temps(self) -> int:
+        """Delete ``images/.tmp-*`` left by a killed run (call before any process of this run writes)."""
+        images = paths.join(self.root, IMAGES_DIR)
+        if paths.is_url(images):
+            return 0  # object stores write whole objects: nothing half-written is left behind
+        stale = [n for n in paths.listdir(images) if n.startswith(".tmp-")]
+        for n in stale:
+            try:
+                os.unlink(os.path.join(images, n))
+            except FileNotFoundError:
+                pass
+        return len(stale)
+
     def _valid(self, rec: dict[str, Any]) -> bool:
         """An ``ok`` record whose image (if any) is on disk with the recorded hash."""
         if rec.get("status") != "ok":
