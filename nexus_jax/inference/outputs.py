@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from nexus_jax.inference import paths
 from nexus_jax.inference.paths import atomic_write_bytes  # noqa: F401 - re-exported (older imports)
@@ -215,39 +216,51 @@ def read_jsonl_tolerant(path: str) -> list[dict[str, Any]]:
     return out
 
 
-class Progress:
-    """A one-line progress bar on ``stream``: done/total, requests/s and ETA (redrawn at most every 0.2 s)."""
+class _RequestBar(tqdm):
+    """tqdm whose ``bar_format`` may use ``{failed}`` (requests that ended in an error record)."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 28, enabled: bool = True):
-        self.total, self.done, self.failed = total, 0, 0
+    failed = 0
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        return {**super().format_dict, "failed": self.failed}
+
+
+BAR_FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} requests ({failed} failed) "
+              "[{elapsed}, ETA {remaining}, {rate_fmt}]")
+
+
+class Progress:
+    """A tqdm bar on ``stream``: done/total requests, failures, requests/s and ETA (redrawn at most every 0.2 s).
+
+    ``initial`` requests finished by an earlier run (resume) count in done/total but not in the rate or ETA: tqdm
+    measures the rate from the position it started at."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 28, enabled: bool = True,
+                 initial: int = 0):
+        self.total, self.done, self.failed, self.initial = total, initial, 0, initial
         self.stream = stream or sys.stderr
         self.width, self.enabled = width, enabled
         self.start = time.perf_counter()
-        self._last = 0.0
+        self._format = BAR_FORMAT.replace("{bar}", f"{{bar:{width}}}")
+        self._bar = _RequestBar(total=total, initial=initial, file=self.stream, disable=not enabled, mininterval=0.2,
+                                unit="req", desc="infer", bar_format=self._format)
 
     def rate(self) -> float:
+        """Requests per second of this run (resumed requests excluded)."""
         elapsed = time.perf_counter() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def line(self) -> str:
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(frac * self.width)
-        rate = self.rate()
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_s = "--:--" if eta != eta else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
-        return (f"[{bar:<{self.width}}] {self.done}/{self.total} requests ({self.failed} failed) "
-                f"{rate:.2f} req/s ETA {eta_s}")
+        """The bar as text (also when disabled)."""
+        return tqdm.format_meter(self.done, self.total, time.perf_counter() - self.start, prefix="infer", unit="req",
+                                 bar_format=self._format, initial=self.initial, failed=self.failed)
 
     def update(self, n: int = 1, failed: int = 0) -> None:
         self.done += n
         self.failed += failed
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.2 or self.done >= self.total):
-            self._last = now
-            self.stream.write("\r" + self.line())
-            self.stream.flush()
+        self._bar.failed = self.failed
+        self._bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + self.line() + "\n")
-            self.stream.flush()
+        self._bar.close()
