@@ -189,7 +189,8 @@ def run(args: argparse.Namespace, group: Group) -> int:
             return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
 
     ds = request_dataset(lines, paths.parent(args.input), prepare, indices=share)
-    progress = Progress(len(share), enabled=not args.no_progress)
+    done_before = len(lines) - len(pending) if group.count == 1 else 0  # shown, not counted in the rate
+    progress = Progress(len(share) + done_before, enabled=not args.no_progress, initial=done_before)
     job = (unipic_infer.UniPicJob if unipic else InferenceJob)(runner, ckpt, out, progress)
     job.max_new_tokens = args.max_new_tokens
     batcher = Batcher(batch_size, args.length_multiple)
