@@ -46,8 +46,6 @@ def as_path(path: PathLike) -> epath.Path:
         scheme = text.split("://", 1)[0]
         raise ValueError(f"unsupported URL scheme {scheme}:// in {text!r}; use a local path or one of "
                          f"{', '.join(REMOTE_PREFIXES)}")
-    if not text:
-        raise ValueError("empty path")
     return epath.Path(text)
 
 
@@ -132,3 +130,21 @@ def list_files(directory: PathLike) -> list[str]:
             else:
                 out.append(os.fspath(child.relative_to(base)))
     return sorted(out)
+
+
+def path_arg(text: str) -> str:
+    """``argparse`` type of path options: the text unchanged if it is a local path or a supported URL; an
+    unsupported ``scheme://`` is a usage error (exit 2) instead of a local folder named after the scheme."""
+    import argparse
+
+    try:
+        as_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def dir_arg(text: str) -> epath.Path:
+    """``argparse`` type of an output directory option (``--run-dir``): :func:`path_arg`, as an ``epath.Path``
+    (``str()`` of a URL gives the URL back; ``pathlib.Path(...)`` of it would not)."""
+    return as_path(path_arg(text))

@@ -9,6 +9,7 @@ Every example has the same shapes, so batches are plain stacks.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from nexus_jax.data.pipeline import Example
 from nexus_jax.data.records import RecordError, resolve_image
+from nexus_jax.paths import as_path, is_remote
 from nexus_jax.processing.image_processor import load_image
 
 
@@ -33,7 +35,7 @@ def center_crop_pixels(image: Image.Image, size: int) -> np.ndarray:
 
 def _load_embed(path: Path, rows: int, dim: int, what: str) -> np.ndarray:
     try:
-        arr = np.load(path)
+        arr = np.load(io.BytesIO(as_path(path).read_bytes()) if is_remote(path) else path)  # path may be gs://
     except (OSError, ValueError) as e:
         raise RecordError(f"cannot read {what} {path}: {e}") from e
     if arr.shape != (rows, dim):

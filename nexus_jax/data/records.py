@@ -10,15 +10,21 @@ One JSON object per line::
 in a user turn is an *input* image (ViT features enter the sequence); one in an assistant turn is an *output*
 image (its 81 slots are regressed). Task: understanding (no output image), generation (output image, no input
 image), editing (input and output images).
+
+JSONL files and image roots may be local paths or object-store URLs (``gs://bucket/...``, see :mod:`nexus_jax.paths`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
+
+from etils import epath
+
+from nexus_jax.paths import as_path
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -103,22 +109,23 @@ def parse_record(obj: dict[str, Any] | str | bytes) -> Record:
     return Record(tuple(messages), tuple(images), str(obj.get("id", "")), str(obj.get("source", "")))
 
 
-def read_jsonl(path: str | Path) -> list[str]:
-    """Raw lines (unparsed, so a broken line is skipped later by the pipeline, not here)."""
-    with open(path, encoding="utf-8") as f:
+def read_jsonl(path: str | os.PathLike) -> list[str]:
+    """Raw lines (unparsed, so a broken line is skipped later by the pipeline, not here). ``path`` may be a URL."""
+    with as_path(path).open("r", encoding="utf-8") as f:
         return [line for line in (ln.strip() for ln in f) if line]
 
 
-def iter_records(path: str | Path) -> Iterator[Record]:
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
     """Parse every line of a JSONL file (raises on the first bad record; the pipeline skips instead)."""
     for line in read_jsonl(path):
         yield parse_record(line)
 
 
-def resolve_image(path: str, image_root: str | Path | None) -> Path:
-    """Absolute image path: relative paths are taken under ``image_root``."""
-    p = Path(path)
-    return p if p.is_absolute() or not image_root else Path(image_root) / p
+def resolve_image(path: str, image_root: str | os.PathLike | None) -> epath.Path:
+    """The image file of a record entry: a relative ``path`` is taken under ``image_root``; absolute paths and URLs
+    are kept. ``image_root`` may be a URL (``gs://bucket/images`` + ``a/b.png`` -> ``gs://bucket/images/a/b.png``)."""
+    p = as_path(path)
+    return p if p.is_absolute() or not image_root else as_path(image_root) / path
 
 
 def decode_stored_example(example: dict[str, Any]) -> tuple[str, list[bytes]]:

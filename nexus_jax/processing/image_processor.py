@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from configs.qwen2_5_vl import IMAGE_MEAN, IMAGE_STD
+from nexus_jax.paths import as_path, is_remote
 
 MAX_ASPECT_RATIO = 200
 
@@ -55,6 +56,8 @@ def load_image(image: ImageLike) -> Image.Image:
         source = io.BytesIO(image) if isinstance(image, bytes) else image
         name = "<bytes>" if isinstance(image, bytes) else os.fspath(image)
         try:
+            if not isinstance(source, io.BytesIO) and is_remote(source):  # gs:// etc.: fetch the bytes via epath
+                source = io.BytesIO(as_path(source).read_bytes())
             with Image.open(source) as img:
                 img.load()
                 return img.copy()
