@@ -14,16 +14,20 @@ import logging
 import sys
 
 from configs.training import PRESETS, REMAT_CHOICES, TrainConfig
+from nexus_jax.paths import dir_arg, join, path_arg
 from nexus_jax.sharding import MeshConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-jax train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    p.add_argument("--data", required=True, help="records: a JSONL file or an array_record dataset directory")
-    p.add_argument("--eval-data", default="", help="held-out records for periodic eval")
-    p.add_argument("--image-root", default="", help="directory relative image paths are resolved against")
-    p.add_argument("--run-dir", required=True, help="checkpoints/, steps.jsonl and TensorBoard logs go here")
+    p.add_argument("--data", required=True, type=path_arg,
+                   help="records: a JSONL file or an array_record dataset directory (local or gs://)")
+    p.add_argument("--eval-data", default="", type=path_arg, help="held-out records for periodic eval")
+    p.add_argument("--image-root", default="", type=path_arg,
+                   help="directory (or gs:// URL) relative image paths are resolved against")
+    p.add_argument("--run-dir", required=True, type=dir_arg,
+                   help="checkpoints/, steps.jsonl and TensorBoard logs go here (local or gs://)")
     p.add_argument("--steps", type=int, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, help="global batch per optimiser step")
     p.add_argument("--grad-accum", type=int)
@@ -65,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              batch_size=pick(args.batch_size, cfg.loop.batch_size), seed=pick(args.seed, cfg.loop.seed),
              eval_every=pick(args.eval_every, cfg.loop.eval_every), log_every=pick(args.log_every, cfg.loop.log_every),
              compute_dtype=pick(args.compute_dtype, cfg.loop.compute_dtype), remat=pick(args.remat, cfg.loop.remat),
-             log_dir=f"{args.run_dir}/tb" if args.tensorboard else cfg.loop.log_dir)
+             log_dir=str(join(args.run_dir, "tb")) if args.tensorboard else cfg.loop.log_dir)
     mesh = cfg.mesh
     if args.mesh:
         try:
