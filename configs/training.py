@@ -7,7 +7,10 @@ presets are for tests and CPU smoke runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from configs.qwen2_5 import REMAT_POLICIES
 from nexus_jax.sharding import MeshConfig
@@ -24,7 +27,8 @@ class OptimConfig:
 
     ``trainable`` / ``frozen`` are regular expressions matched against a parameter's ``/``-joined path
     (e.g. ``model/layers/0/self_attn/q_proj/kernel``); a parameter trains when it matches some ``trainable``
-    pattern and no ``frozen`` pattern.
+    pattern and no ``frozen`` pattern. ``nexus-jax train`` sets ``decay_steps`` to the run's total steps unless it
+    is given explicitly (``--set optim.decay_steps=N``), so ``--steps`` longer than the preset keeps a live schedule.
     """
 
     learning_rate: float = 1e-5
@@ -208,3 +212,82 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny_generation_decoder": TINY_GENERATION_DECODER,
     "tiny_editing_decoder": TINY_EDITING_DECODER,
 }
+
+
+# --- dotted overrides (``nexus-jax train --set optim.decay_steps=500``) -------------------------------------------
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_value(text: str, tp: Any, where: str) -> Any:
+    """``text`` as a value of type ``tp`` (int, float, bool, str, Literal, X | None, tuple[X, ...])."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in ("none", "null"):
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _parse_value(text, a, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: cannot read {text!r} as {tp}" + (" or None" if type(None) in args else ""))
+    if origin is Literal:
+        if text not in [str(a) for a in args]:
+            raise ValueError(f"{where}: {text!r} is not one of {list(args)}")
+        return next(a for a in args if str(a) == text)
+    if origin is tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        item_tp = args[0] if args else str
+        return tuple(_parse_value(t, item_tp, where) for t in items)
+    if tp is bool:
+        low = text.strip().lower()
+        if low not in _TRUE + _FALSE:
+            raise ValueError(f"{where}: {text!r} is not a boolean (true/false)")
+        return low in _TRUE
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ValueError(f"{where}: {text!r} is not {'an integer' if tp is int else 'a number'}") from None
+    if tp is str:
+        return text
+    raise ValueError(f"{where}: fields of type {tp} cannot be set from the command line")
+
+
+def _set_path(node: Any, path: list[str], text: str, full: str) -> Any:
+    """``node`` (a frozen dataclass) with the field at ``path`` set from ``text`` (validated by __post_init__)."""
+    names = [f.name for f in dataclasses.fields(node)]
+    if path[0] not in names:
+        raise ValueError(f"--set {full}: {type(node).__name__} has no field {path[0]!r}; fields: {names}")
+    hints = typing.get_type_hints(type(node))
+    value = getattr(node, path[0])
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if len(path) == 1:
+            sub = [f.name for f in dataclasses.fields(value)]
+            raise ValueError(f"--set {full}: {path[0]!r} is a section; set one of its fields {sub}")
+        new = _set_path(value, path[1:], text, full)
+    elif len(path) > 1:
+        raise ValueError(f"--set {full}: {path[0]!r} is a {type(value).__name__} value, not a section")
+    else:
+        new = _parse_value(text, hints[path[0]], f"--set {full}")
+    try:
+        return dataclasses.replace(node, **{path[0]: new})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--set {full}: {e}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """``cfg`` with each ``section.field=value`` override applied in order (typed by the field's annotation).
+
+    Raises ValueError naming an unknown field, a malformed override or a value the field rejects.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected section.field=value, e.g. optim.decay_steps=500")
+        cfg = _set_path(cfg, key.strip().split("."), text, item)
+    return cfg
+
+
+def override_keys(overrides: Sequence[str]) -> set[str]:
+    """The dotted field names of ``overrides`` (``{"optim.decay_steps"}``)."""
+    return {item.partition("=")[0].strip() for item in overrides}

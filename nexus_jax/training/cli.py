@@ -1,8 +1,11 @@
 """``nexus-jax train``: run the AR or a decoder trainer from a preset plus command-line overrides.
 
     nexus-jax train --preset tiny_ar --data records.jsonl --run-dir runs/ar [--steps 40] [--resume latest-valid]
+        [--init-from CONVERTED_DIR] [--set optim.decay_steps=500 --set loop.log_every=5 ...]
 
 Presets are in :mod:`configs.training` (``ar_stage1..3``, ``generation_decoder``, ``editing_decoder``, ``tiny_*``).
+``--init-from`` starts from a converted checkpoint (``nexus-jax convert import`` output; a resumed train checkpoint
+wins over it); the learning-rate decay spans the run's total steps unless ``--set optim.decay_steps=N`` is given.
 Exit codes: 0 done, 2 bad arguments, 3 checkpoint error (e.g. ``--resume latest`` on a damaged checkpoint).
 """
 
@@ -13,7 +16,7 @@ import dataclasses
 import logging
 import sys
 
-from configs.training import PRESETS, REMAT_CHOICES, TrainConfig
+from configs.training import PRESETS, REMAT_CHOICES, TrainConfig, apply_overrides, override_keys
 from nexus_jax.paths import dir_arg, join, path_arg
 from nexus_jax.sharding import MeshConfig
 
@@ -45,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
     p.add_argument("--remat", choices=REMAT_CHOICES, help="rematerialise each decoder layer / DiT block (default none)")
     p.add_argument("--tokenizer", default="", help="HF tokenizer directory (full-size AR); tiny presets use bytes")
+    p.add_argument("--init-from", default="", metavar="CONVERTED_DIR",
+                   help="start from a converted checkpoint (`nexus-jax convert import` output: ar/ or "
+                        "generation_decoder|edit_decoder/ + vae/ + empty_prompt.safetensors); model config read there")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any TrainConfig field, e.g. optim.decay_steps=500 or loop.log_every=5 (repeatable)")
     p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
     return p
 
@@ -77,7 +85,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except ValueError:
             raise ValueError(f"--mesh must be three integers data,fsdp,tensor, got {args.mesh!r}") from None
         mesh = MeshConfig(d, f, t)
-    return r(cfg, optim=optim, checkpoint=ckpt, data=data, loop=loop, mesh=mesh)
+    cfg = apply_overrides(r(cfg, optim=optim, checkpoint=ckpt, data=data, loop=loop, mesh=mesh), args.overrides)
+    if "optim.decay_steps" not in override_keys(args.overrides):  # the schedule spans the whole run
+        cfg = r(cfg, optim=r(cfg.optim, decay_steps=cfg.loop.total_steps))
+    return cfg
 
 
 def _text_encoder(cfg: TrainConfig, tokenizer_dir: str):
@@ -93,15 +104,21 @@ def _text_encoder(cfg: TrainConfig, tokenizer_dir: str):
     return lambda text: tok.encode(text, add_special_tokens=False)
 
 
-def make_task(cfg: TrainConfig, tokenizer_dir: str = ""):
-    """The :class:`~nexus_jax.training.loop.TrainTask` of ``cfg.task``."""
+def make_task(cfg: TrainConfig, tokenizer_dir: str = "", setup=None):
+    """The :class:`~nexus_jax.training.loop.TrainTask` of ``cfg.task`` (models per ``setup``, a
+    :class:`~nexus_jax.training.init_from.ModelSetup`; default: the preset's, randomly initialised)."""
+    from nexus_jax.training.init_from import model_setup
+
+    setup = setup or model_setup(cfg)
     if cfg.task == "ar":
         from nexus_jax.training.ar_loop import ar_task
 
-        return ar_task(cfg, _text_encoder(cfg, tokenizer_dir))
-    from nexus_jax.training.decoder_loop import decoder_parts, decoder_task
+        task = ar_task(cfg, _text_encoder(cfg, tokenizer_dir), model_cfg=setup.model_cfg)
+    else:
+        from nexus_jax.training.decoder_loop import decoder_task
 
-    return decoder_task(cfg, decoder_parts(cfg.task, cfg.model_preset, cfg.loop.remat))
+        task = decoder_task(cfg, setup.model_cfg, pooled=setup.pooled)
+    return dataclasses.replace(task, init_params=setup.init_params) if setup.init_params else task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    import jax
+
     from nexus_jax.training.checkpoint import CheckpointError
+    from nexus_jax.training.init_from import model_setup, write_run_info
     from nexus_jax.training.loop import train
 
     try:
         cfg = config_from_args(args)
-        task = make_task(cfg, args.tokenizer)
+        setup = model_setup(cfg, args.init_from)
+        task = make_task(cfg, args.tokenizer, setup)
+        if jax.process_index() == 0:
+            write_run_info(args.run_dir, cfg, setup, args.preset, args.tokenizer)
         result = train(cfg, task, args.run_dir, step_delay_s=args.step_delay)
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)

@@ -46,6 +46,8 @@ class TrainTask:
     frozen: tuple[str, ...] = ()
     batch_axes: Callable[[str, int], tuple[str | None, ...]] = state_lib.batch_major
     micro_batched: bool = False
+    # abstract {"params", "frozen"} (ShapeDtypeStructs with shardings) -> loaded ones, e.g. converted weights
+    init_params: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass
@@ -167,6 +169,8 @@ def train(
     optim = dataclasses.replace(cfg.optim, frozen=cfg.optim.frozen + task.frozen)
     graphdef, state, abstract = state_lib.init_train_state(task.model_ctor, optim, mesh, rules, cfg.loop.seed)
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+    if task.init_params is not None:  # start from given weights (a resumed checkpoint below still wins)
+        state = {**state, **task.init_params({k: abstract[k] for k in ("params", "frozen")})}
 
     ckpt_dir = Path(cfg.checkpoint.directory)
     ckpt_dir = ckpt_dir if ckpt_dir.is_absolute() else run_dir / ckpt_dir
