@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path  # local paths and gs:// URLs alike
 
 from conversion import io
 from conversion.errors import ConversionError

@@ -96,7 +96,7 @@ def flux_src(tmp_path_factory):
     return sd, d
 
 
-def test_import_to_url_reads_back_like_local_and_exports_from_url(flux_src, bucket, in_tmp_cwd):
+def test_import_to_url_reads_back_like_local_and_exports_from_url(flux_src, bucket, in_tmp_cwd, capsys):
     from conversion import io as cio
     from conversion import pipeline
     from conversion.cli import main as convert
@@ -116,6 +116,9 @@ def test_import_to_url_reads_back_like_local_and_exports_from_url(flux_src, buck
     # gs:// -> gs:// export (safetensors shards), then a gs:// source read back tensor by tensor
     pipeline.export_checkpoint(f"{url}/ckpt", f"{url}/exported", progress=False, max_shard_bytes=50_000)
     assert (local / "exported" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    capsys.readouterr()
+    assert convert(["detect", f"{url}/exported"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"scheme": "diffusers_flux_transformer", "tensors": len(sd)}
     with cio.open_checkpoint(f"{url}/exported") as r:
         assert sorted(r.shapes) == sorted(sd)
         for k, v in sd.items():

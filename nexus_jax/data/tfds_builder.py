@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from nexus_jax.data.records import read_jsonl, resolve_image
+from nexus_jax.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def array_record_source(data_dir: str | Path, split: str = "train"):
 
     ``data_dir`` may be the directory given to the build or the dataset version directory itself.
     """
-    d = Path(data_dir)
+    d = as_path(data_dir)  # a gs:// URL stays one (TFDS opens it through epath)
     if (d / "dataset_info.json").is_file():  # the version directory
         builder = tfds.builder_from_directory(str(d))
     else:
