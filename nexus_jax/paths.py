@@ -60,8 +60,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
     parent directory. Returns the path written."""
     p = as_path(path)
     if is_remote(p):
-        p.parent.mkdir(parents=True, exist_ok=True)  # no-op on GCS (no directories); needed by some fsspec stores
-        p.write_bytes(data)
+        p.write_bytes(data)  # object stores need no parent "directories"
         return p
     local = os.fspath(p)
     parent = os.path.dirname(os.path.abspath(local))
@@ -81,6 +80,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
             pass
         raise
     fsync_dir(parent)
+    return p
+
+
+def ensure_dir(path: PathLike) -> epath.Path:
+    """Create a local directory (and parents); nothing for a URL: object stores have no directories, and gcsfs's
+    ``makedirs`` may even create a missing *bucket* (a typo in a bucket name must fail, not make a bucket)."""
+    p = as_path(path)
+    if not is_remote(p):
+        p.mkdir(parents=True, exist_ok=True)
     return p
 
 
@@ -109,7 +117,7 @@ def copy_tree(src: PathLike, dst: PathLike, last: tuple[str, ...] = ()) -> list[
     rels.sort(key=lambda r: (r in last, r))
     for rel in rels:
         target = dst_p / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(target.parent)
         with (src_p / rel).open("rb") as fin, target.open("wb") as fout:
             while block := fin.read(64 * 2**20):
                 fout.write(block)

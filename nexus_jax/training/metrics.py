@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nexus_jax.paths import as_path, atomic_write_bytes, is_remote
+from nexus_jax.paths import as_path, atomic_write_bytes, ensure_dir, is_remote
 
 STEP_LOG = "steps.jsonl"
 
@@ -94,8 +94,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | os.PathLike, log_every: int = 10, tensorboard_dir: str | os.PathLike = "",
                  stream=None):
-        self.run_dir = as_path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = ensure_dir(run_dir)
         self.log_every = max(1, log_every)
         self.stream = stream or sys.stdout
         log = self.run_dir / STEP_LOG

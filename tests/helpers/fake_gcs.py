@@ -32,7 +32,7 @@ class FakeGCSFileSystem(LocalFileSystem):
     root = ""  # set by install()
 
     def __init__(self, *args, finalize_on_close: bool = False, **kwargs):  # gcsfs's kwarg, passed by epath
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, auto_mkdir=True, **kwargs)  # like GCS: writing a/b/c needs no "directory" a/b
 
     @classmethod
     def _strip_protocol(cls, path):
