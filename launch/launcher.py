@@ -31,7 +31,7 @@ from configs.plans import PlanConfig, get_plan
 from launch.checks import check_plan, parse_mesh, stored_fit, stored_reports
 from launch.topology import Topology, parse_topology
 
-INSTALL = "cd ~/nexus-jax && python3 -m pip install -q -e '.[tpu]'"
+INSTALL = "cd ~/nexus-jax && python3 -m pip install -q -e '.[tpu,gcs]'"
 
 
 def job_command(plan: PlanConfig, data: str | None, run_dir: str | None, extra: Sequence[str]) -> list[str]:

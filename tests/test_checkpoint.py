@@ -105,7 +105,7 @@ def _saved(tmp_path, steps=(1, 2), keep_last=3):
 
 
 def _largest_file(step_dir: Path) -> Path:
-    files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST]
+    files = [p for p in Path(step_dir).rglob("*") if p.is_file() and p.name != MANIFEST]
     return max(files, key=lambda p: p.stat().st_size)
 
 

@@ -240,3 +240,32 @@ def test_train_cli_keeps_url_run_dir(bucket, in_tmp_cwd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--preset", "tiny_ar", "--data", "r.jsonl", "--run-dir", "memory://x"])
     assert e.value.code == 2 and "unsupported URL scheme memory://" in capsys.readouterr().err
+
+
+def test_training_run_dir_on_url_checkpoints_and_resumes(bucket, in_tmp_cwd):
+    """A decoder training run with a gs:// run dir: Orbax checkpoints, manifests, steps.jsonl land in the bucket;
+    a second run resumes from the bucket's checkpoint with the uninterrupted run's losses."""
+    import dataclasses
+
+    from configs.training import PRESETS
+    from nexus_jax.data.synthetic import write_decoder_dataset
+    from nexus_jax.training.decoder_loop import decoder_parts, decoder_task
+    from nexus_jax.training.loop import train
+    from nexus_jax.training.metrics import read_step_log
+
+    url, local = bucket
+    parts = decoder_parts("generation_decoder", "tiny")
+    data = write_decoder_dataset(in_tmp_cwd / "data", 8, (parts.embed_rows, parts.embed_dim), None, seed=2)
+    base = PRESETS["tiny_generation_decoder"]
+    r = dataclasses.replace
+    cfg = r(base, data=r(base.data, path=str(data)),
+            loop=r(base.loop, total_steps=2, batch_size=8, log_every=1),
+            checkpoint=r(base.checkpoint, every_steps=1, async_save=False))
+    full = train(r(cfg, loop=r(cfg.loop, total_steps=3)), decoder_task(cfg, parts), f"{url}/full")
+    first = train(cfg, decoder_task(cfg, parts), f"{url}/run")
+    assert first.final_step == 2 and (local / "run" / "checkpoints" / "2" / "nexus_manifest.json").is_file()
+    resumed = train(r(cfg, loop=r(cfg.loop, total_steps=3)), decoder_task(cfg, parts), f"{url}/run")
+    assert resumed.resumed_from == 2 and resumed.final_step == 3
+    assert resumed.losses[3] == full.losses[3]
+    rows = read_step_log(f"{url}/run/steps.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]

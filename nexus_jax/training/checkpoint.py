@@ -22,11 +22,13 @@ import logging
 import os
 import threading
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from nexus_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +39,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint step is missing, incomplete, truncated or corrupt."""
 
 
-def _crc32(path: Path) -> int:
+def _crc32(path: epath.Path) -> int:
     crc = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
     return crc
 
 
-def write_manifest(step_dir: Path, checksum: bool = True) -> None:
+def write_manifest(step_dir: epath.Path, checksum: bool = True) -> None:
     """List every file under ``step_dir`` with size (and CRC32), written atomically as the completion marker."""
+    step_dir = paths.as_path(step_dir)
     files = {}
-    for p in sorted(step_dir.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST):
-            rel = p.relative_to(step_dir).as_posix()
-            files[rel] = {"size": p.stat().st_size, **({"crc32": _crc32(p)} if checksum else {})}
-    tmp = step_dir / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
+    for rel in paths.list_files(step_dir):
+        p = step_dir / rel
+        if not p.name.startswith(MANIFEST):
+            files[rel.replace(os.sep, "/")] = {"size": p.stat().length, **({"crc32": _crc32(p)} if checksum else {})}
+    paths.atomic_write_text(step_dir / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
-def verify_step_dir(step_dir: Path) -> None:
+def verify_step_dir(step_dir: epath.Path) -> None:
     """Raise :class:`CheckpointError` naming the problem if ``step_dir`` is not a complete, intact checkpoint."""
+    step_dir = paths.as_path(step_dir)
     manifest = step_dir / MANIFEST
     if not step_dir.is_dir():
         raise CheckpointError(f"checkpoint {step_dir} does not exist")
@@ -74,7 +74,7 @@ def verify_step_dir(step_dir: Path) -> None:
         p = step_dir / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint {step_dir}: file {rel} is missing")
-        size = p.stat().st_size
+        size = p.stat().length
         if size != meta["size"]:
             raise CheckpointError(
                 f"checkpoint {step_dir}: file {rel} is truncated or altered: {size} bytes, expected {meta['size']}"
@@ -90,7 +90,7 @@ class Checkpointer:
                  checksum: bool = True):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.directory = Path(directory).absolute()
+        self.directory = paths.as_path(directory if paths.is_remote(directory) else os.path.abspath(directory))
         self.checksum = checksum
         self.async_save = async_save
         self._manifest_thread: threading.Thread | None = None
@@ -146,7 +146,7 @@ class Checkpointer:
         self._manager.close()
 
     # -- inspecting -----------------------------------------------------------------------------------------------
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def all_steps(self) -> list[int]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from configs.training import TrainConfig
-from nexus_jax import sharding
+from nexus_jax import paths, sharding
 from nexus_jax.data.pipeline import Batch, BatchIterator
 from nexus_jax.training import state as state_lib
 from nexus_jax.training.checkpoint import Checkpointer
@@ -156,14 +156,14 @@ def _global_batch(batch: Batch, shardings: dict[str, Any], axes=None) -> dict[st
 def train(
     cfg: TrainConfig,
     task: TrainTask,
-    run_dir: str | Path,
+    run_dir: str | os.PathLike,
     *,
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding.Rules = sharding.TRAIN_RULES,
     step_delay_s: float = 0.0,
 ) -> TrainResult:
     """Run ``cfg.loop.total_steps`` optimiser steps (resuming per ``cfg.checkpoint.resume``)."""
-    run_dir = Path(run_dir)
+    run_dir = paths.as_path(run_dir)  # local path or gs:// URL
     batches = task.make_batches(cfg.data.seed)  # first: a bad data path fails before any compilation
     mesh = mesh or cfg.mesh.build()
     optim = dataclasses.replace(cfg.optim, frozen=cfg.optim.frozen + task.frozen)
@@ -172,8 +172,8 @@ def train(
     if task.init_params is not None:  # start from given weights (a resumed checkpoint below still wins)
         state = {**state, **task.init_params({k: abstract[k] for k in ("params", "frozen")})}
 
-    ckpt_dir = Path(cfg.checkpoint.directory)
-    ckpt_dir = ckpt_dir if ckpt_dir.is_absolute() else run_dir / ckpt_dir
+    ckpt_dir = cfg.checkpoint.directory
+    ckpt_dir = paths.as_path(ckpt_dir) if paths.is_remote(ckpt_dir) or os.path.isabs(ckpt_dir) else run_dir / ckpt_dir
     ckpt = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     resumed = ckpt.resolve(cfg.checkpoint.resume)
     if resumed is not None:

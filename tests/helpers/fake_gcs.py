@@ -196,6 +196,11 @@ def install() -> Path:
     backend._FileSystemSpecBackend._get_filesystem.cache_clear()
     if gpath._is_tf_installed():  # epath would use TensorFlow's gfile (real GCS) instead of fsspec
         raise RuntimeError("fake GCS needs EPATH_USE_TF=0 when TensorFlow is installed")
+    # Orbax asks the bucket's metadata (google-cloud-storage, real network) whether it has a hierarchical
+    # namespace before listing steps; the fake's buckets are flat.
+    from orbax.checkpoint._src.path import gcs_utils
+
+    gcs_utils.is_hierarchical_namespace_enabled = lambda path: False
     server = FakeGCSServer(root)
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
     os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "fake-token"
