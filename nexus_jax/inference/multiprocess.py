@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 PREFIX = "nexus_jax/infer"
+_groups_made = 0  # every process makes its groups in the same order: the n-th one gets key namespace n
 DEFAULT_WAIT_S = 7 * 24 * 3600.0  # waiting on slower peers is normal; dead peers are caught by the heartbeat
 
 
@@ -32,10 +33,12 @@ class PeerFailed(RuntimeError):
 class Group:
     """The processes of this job (``process_index`` of ``process_count``); ``client`` is JAX's distributed client."""
 
-    def __init__(self, process_index: int = 0, process_count: int = 1, client: Any = None, poll_s: float = 0.2):
+    def __init__(self, process_index: int = 0, process_count: int = 1, client: Any = None, poll_s: float = 0.2,
+                 namespace: str = PREFIX):
         if process_count > 1 and client is None:
             raise ValueError(f"{process_count} processes need the JAX distributed client (jax.distributed.initialize)")
         self.index, self.count, self.client, self.poll_s = process_index, process_count, client, poll_s
+        self.namespace = namespace
 
     @classmethod
     def from_jax(cls) -> Group:
@@ -45,7 +48,10 @@ class Group:
             return cls()
         from jax._src import distributed  # the key-value store has no public API yet
 
-        return cls(jax.process_index(), jax.process_count(), distributed.global_state.client)
+        global _groups_made
+        _groups_made += 1  # a second infer in the same job must not meet the first one's keys
+        return cls(jax.process_index(), jax.process_count(), distributed.global_state.client,
+                   namespace=f"{PREFIX}/{_groups_made}")
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +64,7 @@ class Group:
     def _get(self, directory: str) -> dict[int, str]:
         """Process index -> value of the keys set under ``directory``."""
         out = {}
-        for key, value in self.client.key_value_dir_get(f"{PREFIX}/{directory}/"):
+        for key, value in self.client.key_value_dir_get(f"{self.namespace}/{directory}/"):
             out[int(key.rsplit("/", 1)[-1])] = value
         return out
 
@@ -72,7 +78,7 @@ class Group:
         """Publish ``value`` under ``name``, wait until all processes did, return their values (index order)."""
         if self.count == 1:
             return [value]
-        self.client.key_value_set(f"{PREFIX}/{name}/{self.index}", value)
+        self.client.key_value_set(f"{self.namespace}/{name}/{self.index}", value)
         start = time.monotonic()
         while True:
             self._check_failures()
@@ -97,7 +103,7 @@ class Group:
         if self.count == 1:
             return
         try:
-            self.client.key_value_set(f"{PREFIX}/failed/{self.index}", error[:2000])
+            self.client.key_value_set(f"{self.namespace}/failed/{self.index}", error[:2000])
         except Exception:  # noqa: BLE001 - the service may be gone already
             pass
 
