@@ -113,6 +113,23 @@ def test_two_processes_split_the_requests_and_merge_to_the_single_process_output
         assert (merged["ok"], merged["missing"], len(merged["journals"])) == (4, 0, 2)
 
 
+def test_an_error_in_one_process_stops_the_others_with_its_message(converted, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # process 1 only: its plan step raises
+        "from nexus_jax.inference import cli\n\n"
+        "def broken(*a, **k):\n    raise ValueError('injected: cannot read the journals')\n\n"
+        "cli.plan = broken\n")
+    requests = small_requests(tmp_path / "req.jsonl")
+    run = run_infer(converted, requests, tmp_path / "out", 2, expect_ok=False, grace_s=60,
+                    extra_env=[{}, {"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}])
+    p0, p1 = run.results
+    assert (p1.returncode, p0.returncode, p0.killed) == (2, 1, False), run.summary()
+    assert "injected: cannot read the journals" in p1.log(), run.summary()
+    assert "infer: error: process 1 of 2 failed: ValueError: injected: cannot read the journals" in p0.log()
+    assert not list((tmp_path / "out").glob("journal*")) and not (tmp_path / "out" / "results.jsonl").exists()
+
+
 @pytest.mark.slow  # reference + killed run + two resumes over the example requests (~3-4 min on 2 busy cores)
 def test_killed_process_stops_the_others_and_reruns_with_any_process_count_complete_the_rest(converted, tmp_path):
     ref = tmp_path / "ref"

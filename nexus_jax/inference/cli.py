@@ -25,7 +25,7 @@ import numpy as np
 
 from nexus_jax.inference import paths
 from nexus_jax.inference.batching import Batch, Batcher, collate, collate_references
-from nexus_jax.inference.multiprocess import Group, local_mesh
+from nexus_jax.inference.multiprocess import Group, PeerFailed, local_mesh
 from nexus_jax.inference.outputs import OutputDir, Progress
 from nexus_jax.inference.reader import Done, iterate, prepare_request, request_dataset
 from nexus_jax.inference.requests import Failure, read_lines, request_id
@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         group.fail(f"{type(e).__name__}: {e}")
         print(f"infer: error: {e}", file=sys.stderr)
         return 2
+    except PeerFailed as e:  # another process's error, already reported there
+        print(f"infer: error: {e}", file=sys.stderr)
+        return 1
     except BaseException as e:
         group.fail(f"{type(e).__name__}: {e}")
         raise
