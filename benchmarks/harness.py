@@ -17,6 +17,8 @@ What limits XLA's CPU threads (measured on the 2-core machine with a jitted 1024
 per OS thread): the process's CPU affinity (XLA sizes its intra-op pool from the schedulable CPUs) and the
 ``PJRT_NPROC`` environment variable. ``--xla_cpu_multi_thread_eigen=false``, ``OMP_NUM_THREADS`` and
 ``--xla_force_host_platform_device_count=1`` do not: with 2 schedulable cores the work still spreads over 2 threads.
+``--xla_force_host_platform_device_count=8`` (as the tests set) spreads even one pinned core's work over 8 threads,
+so :func:`pin` removes that flag.
 ``python benchmarks/harness.py --check-threads N`` repeats that measurement.
 """
 
@@ -50,6 +52,9 @@ def pin(cores: list[int], threads: int) -> None:
     os.sched_setaffinity(0, cores)
     for var in _THREAD_ENV:
         os.environ[var] = str(threads)
+    # Fake host devices (tests' conftest sets 8) each get a thread of their own: benchmarks run on one device.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -128,8 +133,10 @@ def _load_arrays(path: str) -> dict:
 
 
 def main(doc: str, add_args: Callable[[argparse.ArgumentParser], None], measure: Callable, combine: Callable,
-         sides: tuple[str, ...] = SIDES, argv: list[str] | None = None) -> dict | None:
-    """Parse the arguments; in a child run ``measure`` for its side, in the parent run every side and ``combine``."""
+         sides: tuple[str, ...] = SIDES, argv: list[str] | None = None,
+         on_result: Callable[[dict, argparse.Namespace], None] | None = None) -> dict | None:
+    """Parse the arguments; in a child run ``measure`` for its side, in the parent run every side and ``combine``
+    (then ``on_result(result, args)``, e.g. to store it, before the last line is printed)."""
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=doc.splitlines()[0], epilog="\n".join(doc.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +166,8 @@ def main(doc: str, add_args: Callable[[argparse.ArgumentParser], None], measure:
     out.update(load=load, busy=is_busy(load, len(cores)), threads=args.threads, cores=cores)
     if out["busy"]:
         print(f"BUSY MACHINE: 1-minute load {load} exceeds {len(cores)} pinned cores + 0.5; do not quote these figures")
+    if on_result is not None:
+        on_result(out, args)
     print(json.dumps(out))
     return out
 
@@ -181,12 +190,14 @@ def _drop_values(argv: list[str]) -> list[str]:
 
 def _child(args: argparse.Namespace, measure: Callable) -> dict:
     import numpy as np
-    import torch
 
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    torch = sys.modules.get("torch")  # imported by the benchmark when it has a torch side
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+        torch.set_grad_enabled(False)
     metrics, arrays = measure(args.side, args)
-    metrics = dict(metrics, affinity=sorted(os.sched_getaffinity(0)), torch_threads=torch.get_num_threads())
+    metrics = dict(metrics, affinity=sorted(os.sched_getaffinity(0)),
+                   torch_threads=torch.get_num_threads() if torch is not None else None)
     if arrays:
         path = os.path.join(args.out_dir, f"{args.side}.npz")
         tmp = path + ".tmp.npz"
