@@ -3,29 +3,25 @@
 forward: tokens/s of one full forward (logits for every position) over a [batch, prompt_len] prompt.
 decode:  tokens/s of greedy KV-cache generation after a short prompt, prefill excluded on both sides:
          time(prompt + N new) - time(prompt + 1 new).
-JAX and torch repetitions are interleaved so both see the same machine load; medians are reported. Besides wall-clock
-throughput (the headline ratios), throughput per CPU-second of the process is reported: on a shared, oversubscribed
-machine it is the steadier figure (it does not count time spent descheduled). The last line printed is a JSON object
-with forward_ratio and decode_ratio (JAX throughput / torch throughput, wall clock).
+Each side runs in its own child process pinned to the same cores with the same ``--threads``
+(benchmarks/harness.py); medians are reported. Besides wall-clock throughput (the headline ratios), throughput per
+CPU-second of the process is reported. The last line printed is a JSON object with forward_ratio and decode_ratio
+(JAX throughput / torch throughput, wall clock) plus ``load``, ``busy``, ``threads``, ``cores``.
 
     python benchmarks/text_decoder.py [--layers 8 --hidden 512 --prompt-len 512 --new-tokens 32 --repeats 3 --threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--threads" in sys.argv and sys.argv[sys.argv.index("--threads") + 1] == "1":  # must precede importing jax
-    from benchmarks.timing import pin_xla_to_one_thread
+from benchmarks import harness  # noqa: E402
 
-    pin_xla_to_one_thread()
+harness.setup()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -45,99 +41,82 @@ def timed(fn: Callable[[], object]) -> np.ndarray:
     return np.array([time.perf_counter() - wall, time.process_time() - cpu])
 
 
-def interleaved(jax_fn, torch_fn, repeats: int) -> tuple[np.ndarray, np.ndarray]:
-    """Median [wall, cpu] seconds of each function over interleaved repetitions."""
-    tj, tt = [], []
-    for _ in range(repeats):
-        tj.append(jax_fn())
-        tt.append(torch_fn())
-    return np.median(tj, axis=0), np.median(tt, axis=0)
+def median(fn: Callable[[], np.ndarray], repeats: int) -> np.ndarray:
+    """Median [wall, cpu] seconds of ``fn()`` over ``repeats`` calls."""
+    return np.median([fn() for _ in range(repeats)], axis=0)
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> tuple[float, float]:
-    """(JAX, torch) fp32 n x n matmul GFLOP/s (best wall time): the CPU dot ceiling of this machine right now."""
+def matmul_gflops(side: str, n: int = 1024, repeats: int = 5) -> float:
+    """fp32 n x n matmul GFLOP/s of ``side`` (best wall time): the CPU dot ceiling of this machine right now."""
     a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    ja, ta = jnp.asarray(a), torch.tensor(a)
-    jdot = jax.jit(lambda x: x @ x)
-    jdot(ja).block_until_ready()
-    torch.mm(ta, ta)
-    tj = min(timed(lambda: jdot(ja).block_until_ready())[0] for _ in range(repeats))
-    tt = min(timed(lambda: torch.mm(ta, ta))[0] for _ in range(repeats))
-    return 2 * n**3 / 1e9 / tj, 2 * n**3 / 1e9 / tt
+    if side == "jax":
+        ja = jnp.asarray(a)
+        jdot = jax.jit(lambda x: x @ x)
+        jdot(ja).block_until_ready()
+        t = min(timed(lambda: jdot(ja).block_until_ready())[0] for _ in range(repeats))
+    else:
+        ta = torch.tensor(a)
+        torch.mm(ta, ta)
+        t = min(timed(lambda: torch.mm(ta, ta))[0] for _ in range(repeats))
+    return 2 * n**3 / 1e9 / t
 
 
-def bench_forward(model, hf, cfg, args, rng) -> dict[str, float]:
+def _config(args):
+    head_dim = args.hidden // 8
+    hw = (head_dim // 2 - head_dim // 8) // 2  # M-RoPE split in Qwen2.5-VL proportions (16, 24, 24 of 64)
+    section = (head_dim // 2 - 2 * hw, hw, hw) if args.rope == "mrope" else None
+    return bench(num_layers=args.layers, hidden_size=args.hidden, head_dim=head_dim, mrope_section=section)
+
+
+def measure_forward(side, model, hf, cfg, args, rng) -> tuple[dict, np.ndarray]:
+    """One side's full forward: [wall, cpu] seconds, matmul GFLOP/s, FLOPs per token; logits of the last position."""
     ids = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len))
-    jids, tids = jnp.asarray(ids, jnp.int32), torch.tensor(ids)
     pos = np.broadcast_to(np.arange(args.prompt_len), ids.shape)
     if cfg.mrope_section is not None:
         pos = np.broadcast_to(pos[None], (3, *ids.shape))
-    jpos, tpos = jnp.asarray(pos), torch.tensor(np.ascontiguousarray(pos))  # explicit: no position logic timed
-    graphdef, state = nnx.split(model)
+    if side == "jax":
+        jids, jpos = jnp.asarray(ids, jnp.int32), jnp.asarray(pos)  # explicit positions: no position logic timed
+        graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def jax_forward(state, ids, pos):
-        return nnx.merge(graphdef, state)(ids, positions=pos).logits
+        @jax.jit
+        def jax_forward(state, ids, pos):
+            return nnx.merge(graphdef, state)(ids, positions=pos).logits
 
-    jax_forward(state, jids, jpos).block_until_ready()
-    hf(input_ids=tids, position_ids=tpos)
-    tj, tt = interleaved(
-        lambda: timed(lambda: jax_forward(state, jids, jpos).block_until_ready()),
-        lambda: timed(lambda: hf(input_ids=tids, position_ids=tpos)),
-        args.repeats,
-    )
-    n_tok = args.batch * args.prompt_len
-    flops_per_token = 2 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    flops_per_token -= 2 * cfg.vocab_size * cfg.hidden_size  # the embedding lookup is not a matmul
+        def run():
+            return jax_forward(state, jids, jpos).block_until_ready()
+    else:
+        tids, tpos = torch.tensor(ids), torch.tensor(np.ascontiguousarray(pos))
+
+        def run():
+            return hf(input_ids=tids, position_ids=tpos).logits
+
+    out = np.asarray(run())[:, -1]
+    t = median(lambda: timed(run), args.repeats)
+    n_params = sum(p.numel() for p in hf.parameters()) if side == "torch" else sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    flops_per_token = 2 * n_params - 2 * cfg.vocab_size * cfg.hidden_size  # the embedding lookup is not a matmul
     flops_per_token += 4 * args.prompt_len / 2 * cfg.num_layers * cfg.q_size  # causal attention scores + values
-    jax_gf, torch_gf = matmul_gflops()
-    fwd_jax, fwd_torch = n_tok / tj, n_tok / tt  # [wall, cpu] tokens/s
-    ceiling_fraction = fwd_jax[0] * flops_per_token / 1e9 / jax_gf
-    print(f"forward [{args.batch}x{args.prompt_len}]: jax {fwd_jax[0]:,.0f} tok/s, torch {fwd_torch[0]:,.0f} tok/s, "
-          f"ratio {fwd_jax[0] / fwd_torch[0]:.3f} (per CPU-second: ratio {fwd_jax[1] / fwd_torch[1]:.3f})")
-    gf_jax, gf_torch = fwd_jax[0] * flops_per_token / 1e9, fwd_torch[0] * flops_per_token / 1e9
-    print(f"  model GFLOP/s: jax {gf_jax:.1f}, torch {gf_torch:.1f}; 1024^2 matmul: jax {jax_gf:.1f}, "
-          f"torch {torch_gf:.1f} GFLOP/s (ceiling ratio {jax_gf / torch_gf:.3f})")
-    print(f"  jax forward runs at {ceiling_fraction:.1%} of the jax matmul ceiling; forward ratio / ceiling ratio = "
-          f"{(fwd_jax[0] / fwd_torch[0]) / (jax_gf / torch_gf):.3f}")
-    return {
-        "forward_ratio": fwd_jax[0] / fwd_torch[0],
-        "forward_cpu_ratio": fwd_jax[1] / fwd_torch[1],
-        "forward_tok_s_jax": fwd_jax[0],
-        "forward_tok_s_torch": fwd_torch[0],
-        "matmul_ceiling_ratio": jax_gf / torch_gf,
-        "forward_fraction_of_jax_matmul_ceiling": ceiling_fraction,
-    }
+    return {"forward": t.tolist(), "matmul_gflops": matmul_gflops(side), "flops_per_token": flops_per_token}, out
 
 
-def bench_decode(model, hf, cfg, args, rng, batch: int) -> dict[str, float]:
+def measure_decode(side, model, hf, cfg, args, rng, batch: int) -> list[float]:
+    """[wall, cpu] seconds of (prompt + N new tokens) - (prompt + 1 new token), median over repeats."""
     prompt = rng.integers(0, cfg.vocab_size, (batch, args.decode_prompt_len))
     tprompt = torch.tensor(prompt)
     capacity = args.decode_prompt_len + args.new_tokens
 
-    def run_jax(n):
-        cfg_n = GenerationConfig(max_new_tokens=n, cache_capacity=capacity)
-        return timed(lambda: generate(model, prompt, config=cfg_n).tokens.block_until_ready())
-
-    def run_torch(n):
+    def run(n):
+        if side == "jax":
+            cfg_n = GenerationConfig(max_new_tokens=n, cache_capacity=capacity)
+            return timed(lambda: generate(model, prompt, config=cfg_n).tokens.block_until_ready())
         return timed(lambda: hf.generate(tprompt, max_new_tokens=n, min_new_tokens=n, do_sample=False))
 
     for n in (1, args.new_tokens):  # compile / warm up
-        run_jax(n)
-        run_torch(n)
-    tj, tt = interleaved(
-        lambda: run_jax(args.new_tokens) - run_jax(1), lambda: run_torch(args.new_tokens) - run_torch(1), args.repeats
-    )
-    steps = batch * (args.new_tokens - 1)
-    dec_jax, dec_torch = steps / tj, steps / tt
-    print(f"decode batch {batch}: jax {dec_jax[0]:,.1f} tok/s, torch {dec_torch[0]:,.1f} tok/s, "
-          f"ratio {dec_jax[0] / dec_torch[0]:.3f} (per CPU-second: ratio {dec_jax[1] / dec_torch[1]:.3f})")
-    return {"ratio": dec_jax[0] / dec_torch[0], "cpu_ratio": dec_jax[1] / dec_torch[1],
-            "tok_s_jax": dec_jax[0], "tok_s_torch": dec_torch[0]}
+        run(n)
+    return median(lambda: run(args.new_tokens) - run(1), args.repeats).tolist()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=512)
@@ -146,48 +125,71 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads; 1 also makes XLA single-threaded")
     p.add_argument("--rope", choices=["1d", "mrope"], default="1d",
                    help="1d: transformers Qwen2ForCausalLM (leanest torch path, default); mrope: Qwen2.5-VL text model")
-    args = p.parse_args(argv)
 
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    head_dim = args.hidden // 8
-    hw = (head_dim // 2 - head_dim // 8) // 2  # M-RoPE split in Qwen2.5-VL proportions (16, 24, 24 of 64)
-    section = (head_dim // 2 - 2 * hw, hw, hw) if args.rope == "mrope" else None
-    cfg = bench(num_layers=args.layers, hidden_size=args.hidden, head_dim=head_dim, mrope_section=section)
+
+def _smoke(args) -> None:
+    if args.smoke:
+        args.layers, args.hidden, args.prompt_len, args.new_tokens, args.decode_batches, args.repeats = (
+            1, 128, 16, 3, [1], 1)
+
+
+def measure(side: str, args) -> tuple[dict, dict]:
+    _smoke(args)
+    cfg = _config(args)
     hf, model = reference_pair(cfg, seed=0, std=0.02)
     rng = np.random.default_rng(0)
-    load_before = os.getloadavg()[0]
-    print(f"config: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, "
-          f"mlp {cfg.intermediate_size}, vocab {cfg.vocab_size}; jax {jax.__version__} ({jax.devices()[0].platform}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {load_before:.1f} "
-          f"on {os.cpu_count()} cores; reference {type(hf).__name__}")
+    fwd, logits = measure_forward(side, model, hf, cfg, args, rng)
+    dec = {str(b): measure_decode(side, model, hf, cfg, args, rng, b) for b in args.decode_batches}
+    return fwd | {"decode": dec, "reference": type(hf).__name__}, {"last_logits": logits}
 
-    fwd = bench_forward(model, hf, cfg, args, rng)
-    dec = {b: bench_decode(model, hf, cfg, args, rng, b) for b in args.decode_batches}
+
+def combine(res: dict, arrays: dict, args) -> dict:
+    _smoke(args)
+    cfg = _config(args)
+    j, t = res["jax"], res["torch"]
+    n_tok = args.batch * args.prompt_len
+    fwd_jax, fwd_torch = n_tok / np.array(j["forward"]), n_tok / np.array(t["forward"])  # [wall, cpu] tokens/s
+    jax_gf, torch_gf = j["matmul_gflops"], t["matmul_gflops"]
+    fpt = j["flops_per_token"]
+    ceiling_fraction = fwd_jax[0] * fpt / 1e9 / jax_gf
+    err = float(np.abs(arrays["jax"]["last_logits"] - arrays["torch"]["last_logits"]).max())
+    print(f"config: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, "
+          f"mlp {cfg.intermediate_size}, vocab {cfg.vocab_size}; {args.threads} thread(s) per side; "
+          f"reference {t['reference']}")
+    print(f"forward [{args.batch}x{args.prompt_len}]: jax {fwd_jax[0]:,.0f} tok/s, torch {fwd_torch[0]:,.0f} tok/s, "
+          f"ratio {fwd_jax[0] / fwd_torch[0]:.3f} (per CPU-second: ratio {fwd_jax[1] / fwd_torch[1]:.3f}); "
+          f"last-position logits max abs err {err:.2e}")
+    print(f"  model GFLOP/s: jax {fwd_jax[0] * fpt / 1e9:.1f}, torch {fwd_torch[0] * fpt / 1e9:.1f}; 1024^2 matmul: "
+          f"jax {jax_gf:.1f}, torch {torch_gf:.1f} GFLOP/s (ceiling ratio {jax_gf / torch_gf:.3f})")
+    print(f"  jax forward runs at {ceiling_fraction:.1%} of the jax matmul ceiling; forward ratio / ceiling ratio = "
+          f"{(fwd_jax[0] / fwd_torch[0]) / (jax_gf / torch_gf):.3f}")
+    dec = {}
+    for b in args.decode_batches:
+        steps = b * (args.new_tokens - 1)
+        dj, dt = steps / np.array(j["decode"][str(b)]), steps / np.array(t["decode"][str(b)])
+        dec[b] = {"ratio": dj[0] / dt[0], "cpu_ratio": dj[1] / dt[1], "tok_s_jax": dj[0], "tok_s_torch": dt[0]}
+        print(f"decode batch {b}: jax {dj[0]:,.1f} tok/s, torch {dt[0]:,.1f} tok/s, "
+              f"ratio {dj[0] / dt[0]:.3f} (per CPU-second: ratio {dj[1] / dt[1]:.3f})")
     first = args.decode_batches[0]
-    result = {
-        "forward_ratio": round(fwd["forward_ratio"], 4),
+    return {
+        "forward_ratio": round(fwd_jax[0] / fwd_torch[0], 4),
         "decode_ratio": round(dec[first]["ratio"], 4),
         "decode_batch": first,
         "decode_ratio_by_batch": {str(b): round(d["ratio"], 4) for b, d in dec.items()},
-        "forward_cpu_ratio": round(fwd["forward_cpu_ratio"], 4),
+        "forward_cpu_ratio": round(fwd_jax[1] / fwd_torch[1], 4),
         "decode_cpu_ratio_by_batch": {str(b): round(d["cpu_ratio"], 4) for b, d in dec.items()},
-        "forward_tok_s": {"jax": round(fwd["forward_tok_s_jax"], 1), "torch": round(fwd["forward_tok_s_torch"], 1)},
+        "forward_tok_s": {"jax": round(fwd_jax[0], 1), "torch": round(fwd_torch[0], 1)},
         "decode_tok_s": {str(b): {"jax": round(d["tok_s_jax"], 1), "torch": round(d["tok_s_torch"], 1)}
                          for b, d in dec.items()},
-        "matmul_ceiling_ratio": round(fwd["matmul_ceiling_ratio"], 4),
-        "forward_fraction_of_jax_matmul_ceiling": round(fwd["forward_fraction_of_jax_matmul_ceiling"], 4),
-        "reference": type(hf).__name__,
-        "threads": torch.get_num_threads(),
-        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "matmul_ceiling_ratio": round(jax_gf / torch_gf, 4),
+        "forward_fraction_of_jax_matmul_ceiling": round(ceiling_fraction, 4),
+        "forward_last_logits_max_abs_err": err,
+        "reference": t["reference"],
+        "load_average": [round(os.getloadavg()[0], 1)],
     }
-    print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.main(__doc__, add_args, measure, combine)
