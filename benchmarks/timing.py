@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -22,8 +21,3 @@ def median_seconds(fn: Callable[[], object], iters: int) -> tuple[float, float]:
         cpu.append(time.process_time() - c0)
     return float(np.median(wall)), float(np.median(cpu))
 
-
-def pin_xla_to_one_thread() -> None:
-    """Turn off XLA's multi-threaded Eigen kernels (call before jax is imported). XLA may still run independent
-    ops concurrently, so compare per-CPU-second figures too."""
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
