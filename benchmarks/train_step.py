@@ -4,21 +4,25 @@ pipeline's throughput.
 
 ``ratio`` = JAX steps/s / torch steps/s. ``loader_headroom`` = records/s the Grain loader delivers (JSONL + PNG decode,
 preprocessing, tokenisation, collation) / records/s the JAX train step consumes. The first-step losses of both sides
-are printed as a sanity check that they compute the same thing. The last line is JSON.
+are printed as a sanity check that they compute the same thing. Each side runs in its own child process pinned to
+the same cores with the same ``--threads`` (benchmarks/harness.py; the loader is timed in the JAX child, on those
+cores). The last line is JSON (plus ``load``, ``busy``, ``threads``, ``cores``).
 
-    python benchmarks/train_step.py [--batch 4] [--steps 10] [--records 64]
+    python benchmarks/train_step.py [--batch 4] [--steps 10] [--records 64] [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import harness  # noqa: E402
+
+harness.setup()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -101,14 +105,32 @@ def torch_step_fn(hf, head, prefill, cfg, optim: OptimConfig, examples, batch):
     return step
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(ap) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--loader-threads", type=int, default=4, help="Grain prefetch threads of the loader")
-    args = ap.parse_args(argv)
 
+
+def _smoke(args) -> None:
+    if args.smoke:
+        args.steps, args.records = 1, 8
+
+
+def best(fn, n: int) -> float:
+    """Best single-step wall time over ``n`` steps (robust to other processes on a shared machine)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(side: str, args) -> tuple[dict, dict]:
+    """One side's train step: first-step loss, best step seconds (JAX side: also the loader's records/s)."""
+    _smoke(args)
+    torch.set_grad_enabled(True)
     cfg = nexus_gen.tiny()
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, decay_steps=1000, schedule="constant", weight_decay=0.0,
                         clip_norm=1.0, frozen=VIT_FROZEN)
@@ -125,8 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
         examples.append(ex)
     batch = collate(examples)
     batch.pop("record_id")
-
     hf, head, prefill, twin = torch_pair(cfg)
+    out = {"seq_len": int(batch["input_ids"].shape[-1])}
+    if side == "torch":
+        tstep = torch_step_fn(hf, head, prefill, cfg, optim, examples, batch)
+        out["loss0"] = tstep()
+        best(tstep, 1)
+        out["step_s"] = best(tstep, args.steps)
+        return out, {}
+
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = sharding.TRAIN_RULES
     graphdef, state, abstract = state_lib.init_from_module(twin, optim, mesh, rules, 0)
@@ -136,33 +165,16 @@ def main(argv: list[str] | None = None) -> dict:
         state_lib.make_train_step(graphdef, loss_fn, optim, "float32", micro_batched=True),
         jax.tree.map(lambda a: a.sharding, abstract), batch_sh)
     dev_batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-    tstep = torch_step_fn(hf, head, prefill, cfg, optim, examples, batch)
-
     state, m = jstep(state, dev_batch)
-    jax_loss0 = float(m["loss"])
-    torch_loss0 = tstep()
-    diff = abs(jax_loss0 - torch_loss0)
-    print(f"first-step loss: JAX {jax_loss0:.6f}  torch {torch_loss0:.6f}  (abs diff {diff:.2e})")
+    out["loss0"] = float(m["loss"])
 
     def jax_once() -> None:
         nonlocal state
         state, mm = jstep(state, dev_batch)
         jax.block_until_ready(mm["loss"])
 
-    def best(fn, n: int) -> float:
-        """Best single-step wall time over ``n`` steps (robust to other processes on a shared machine)."""
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     best(jax_once, 1)
-    best(tstep, 1)
-    jax_s = best(jax_once, args.steps)
-    torch_s = best(tstep, args.steps)
-
+    out["step_s"] = best(jax_once, args.steps)
     ds = build_dataset(JsonlSource(path), encoder, seed=0, num_epochs=None)
     it = BatchIterator(ds, args.batch, collate, num_threads=data.num_threads, prefetch=data.prefetch)
     next(it)
@@ -170,9 +182,20 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(it)
-    loader_rps = n_batches * args.batch / (time.perf_counter() - t0)
+    out["loader_records_per_s"] = n_batches * args.batch / (time.perf_counter() - t0)
+    return out, {}
+
+
+def combine(res: dict, arrays: dict, args) -> dict:
+    _smoke(args)
+    j, t = res["jax"], res["torch"]
+    jax_s, torch_s, loader_rps = j["step_s"], t["step_s"], j["loader_records_per_s"]
     step_rps = args.batch / jax_s
-    result = {
+    diff = abs(j["loss0"] - t["loss0"])
+    print(f"first-step loss: JAX {j['loss0']:.6f}  torch {t['loss0']:.6f}  (abs diff {diff:.2e})")
+    print(f"JAX {jax_s * 1e3:.1f} ms/step, torch {torch_s * 1e3:.1f} ms/step; loader {loader_rps:.1f} rec/s vs step "
+          f"{step_rps:.1f} rec/s")
+    return {
         "ratio": round(torch_s / jax_s, 3),  # = JAX steps/s / torch steps/s
         "loader_headroom": round(loader_rps / step_rps, 3),
         "jax_step_s": round(jax_s, 5),
@@ -180,17 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
         "loader_records_per_s": round(loader_rps, 1),
         "step_records_per_s": round(step_rps, 1),
         "batch": args.batch,
-        "seq_len": int(batch["input_ids"].shape[-1]),
-        "first_step_loss": {"jax": jax_loss0, "torch": torch_loss0},
-        "torch_threads": torch.get_num_threads(),
+        "seq_len": j["seq_len"],
+        "first_step_loss": {"jax": j["loss0"], "torch": t["loss0"]},
+        "torch_threads": t["torch_threads"],
         "loader_threads": args.loader_threads,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].platform}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, cpu",
     }
-    print(f"JAX {jax_s * 1e3:.1f} ms/step, torch {torch_s * 1e3:.1f} ms/step; loader {loader_rps:.1f} rec/s vs step "
-          f"{step_rps:.1f} rec/s")
-    print(json.dumps(result))
-    return result
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(__doc__, add_args, measure, combine)
