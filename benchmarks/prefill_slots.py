@@ -5,26 +5,32 @@ Both paths start from the same prompt KV cache (the state of a decoding loop whe
 tokens in one forward, the sequential path is the reference implementation's loop (one jitted single-token step per
 slot). ``ratio`` = sequential / parallel time of that slot phase (target >= 5 at N = 81). Also reported: the prompt
 prefill time and the end-to-end ratio (prompt prefill + N steps vs one cache-free pass over prompt + slots, i.e.
-:func:`fill_slots`). The last line is JSON.
+:func:`fill_slots`). JAX only: it runs in one child process pinned by benchmarks/harness.py (``--threads``
+cores). The last line is JSON (plus ``load``, ``busy``, ``threads``, ``cores``).
 
-    python benchmarks/prefill_slots.py [--batch 1] [--slots-grid 18] [--repeats 5] [--tiny]
+    python benchmarks/prefill_slots.py [--batch 1] [--slots-grid 18] [--repeats 5] [--tiny] [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import platform
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import harness  # noqa: E402
 
-from configs import nexus_gen
-from nexus_jax.models.nexus_ar import NexusGenAR
-from nexus_jax.nexus import prefill as P
-from nexus_jax.nexus.tiny import ByteTokenizer
+harness.setup()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import nexus_gen  # noqa: E402
+from nexus_jax.models.nexus_ar import NexusGenAR  # noqa: E402
+from nexus_jax.nexus import prefill as P  # noqa: E402
+from nexus_jax.nexus.tiny import ByteTokenizer  # noqa: E402
 
 PROMPT = (
     "A watercolor painting of a quiet harbor town at sunrise, fishing boats moored along a stone pier, gulls "
@@ -44,14 +50,17 @@ def _best_time(fn, make_input, repeats: int) -> float:
     return best
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(ap) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--slots-grid", type=int, default=18, help="patch grid side of an output image (18 -> 81 slots)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tiny", action="store_true", help="tiny model (smoke run) instead of the hidden-512 bench size")
-    args = ap.parse_args(argv)
+    ap.add_argument("--tiny", action="store_true", help="tiny model instead of the hidden-512 bench size")
 
+
+def measure(side: str, args) -> tuple[dict, dict]:
+    """The whole benchmark (JAX only), in the pinned child."""
+    if args.smoke:
+        args.tiny, args.repeats = True, 1
     grid = (1, args.slots_grid, args.slots_grid)
     cfg = (nexus_gen.tiny if args.tiny else nexus_gen.bench)("v2", slot_grid_thw=grid,
                                                              num_slots=args.slots_grid**2 // 4)
@@ -97,9 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  whole request, one pass over prompt + slots (no cache): {t_full * 1e3:9.2f} ms")
     print(f"  slot-phase speed-up {result['ratio']:.2f}x; end to end (prompt + steps vs one pass) "
           f"{result['end_to_end_ratio']:.2f}x; max abs difference {err:.2e}")
-    print(json.dumps(result))
-    return result
+    return result, {}
+
+
+def combine(res: dict, arrays: dict, args) -> dict:
+    return {k: v for k, v in res["jax"].items() if k not in ("affinity", "torch_threads")}
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(__doc__, add_args, measure, combine, sides=("jax",))
