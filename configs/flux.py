@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from configs.qwen2_5 import REMAT_POLICIES
+from configs.qwen2_5 import ATTENTION_IMPLS, REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class FluxDiTConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = None  # compute dtype; None = follow inputs/params
     remat: str = "none"  # per block: "none" | "full" | "dots" | "dots_no_batch" (as configs/qwen2_5.py)
+    attention_impl: str = "auto"  # one of configs.qwen2_5.ATTENTION_IMPLS (auto = splash on TPU, else jax_nn)
 
     def __post_init__(self) -> None:
         if sum(self.rope_axes_dim) != self.head_dim:
@@ -43,6 +44,8 @@ class FluxDiTConfig:
             raise ValueError(f"every rope axis dim must be even, got {self.rope_axes_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.in_channels % 4:
             raise ValueError(f"in_channels {self.in_channels} must be 4 x latent channels (2x2 packing)")
 

@@ -9,6 +9,9 @@ import jax.numpy as jnp
 # remat policy names of every config (nexus_jax.layers.REMAT_POLICIES plus "none"), per decoder layer / block
 REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots", "dots_no_batch")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# attention implementations of every config (nexus_jax.layers.resolve_attention_impl; docs/attention.md):
+# "auto" = Pallas splash kernel on TPU, jax.nn.dot_product_attention elsewhere; "xla" = the einsum reference.
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "jax_nn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +20,9 @@ class Qwen2TextConfig:
 
     ``mrope_section`` (t, h, w) splits the ``head_dim // 2`` rotary frequencies between the three M-RoPE position
     streams (Qwen2.5-VL); ``None`` means plain 1-D RoPE. ``param_dtype`` is the storage dtype, ``dtype`` the compute
-    dtype. ``remat`` is one of :data:`REMAT_POLICIES` (per decoder layer).
+    dtype. ``remat`` is one of :data:`REMAT_POLICIES` (per decoder layer). ``attention_impl`` is one of
+    :data:`ATTENTION_IMPLS` (splash serves cache-free calls; KV-cache calls and "auto" off TPU use the
+    einsum ``grouped_query_attention``).
     """
 
     vocab_size: int = 152064
@@ -35,6 +40,7 @@ class Qwen2TextConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -55,6 +61,8 @@ class Qwen2TextConfig:
                 )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")

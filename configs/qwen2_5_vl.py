@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from configs.qwen2_5 import ATTENTION_IMPLS
+
 # Qwen2.5-VL special token ids (Qwen2 tokenizer).
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
@@ -37,8 +39,11 @@ class Qwen25VisionConfig:
     out_hidden_size: int = 3584
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    attention_impl: str = "auto"  # one of configs.qwen2_5.ATTENTION_IMPLS (auto = splash on TPU, else jax_nn)
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:

@@ -6,11 +6,15 @@ dtype, ``dtype`` the compute dtype (None = same as the inputs' promotion with th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from configs.qwen2_5 import ATTENTION_IMPLS
 
 Axes = tuple[str | None, ...]
 
@@ -161,18 +165,46 @@ def apply_rotary_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> ja
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: jax.Array | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-    """Grouped-query attention with an fp32 softmax.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """Structured self-attention mask: query i sees key j iff ``segment_ids[b, i] == segment_ids[b, j]`` (and j <= i
+    when ``causal``). segment_ids [B, L] int. Every row sees at least itself. The splash kernel takes this form (it
+    cannot take a dense mask); the other implementations expand it with :meth:`dense`."""
+
+    segment_ids: jax.Array
+    causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def dense(self) -> jax.Array:
+        """[B, 1, L, L] bool (True = attend)."""
+        seg = self.segment_ids
+        mask = (seg[:, :, None] == seg[:, None, :])[:, None]
+        if self.causal:
+            length = seg.shape[1]
+            mask = mask & jnp.tril(jnp.ones((length, length), bool))
+        return mask
+
+
+def resolve_attention_impl(impl: str, mask: object = None) -> str:
+    """The concrete implementation for a config value (one of ``ATTENTION_IMPLS``).
+
+    "auto" = "splash" on TPU when the mask is None or a :class:`SegmentMask`, else "jax_nn". "xla" is this module's
+    einsum reference, "jax_nn" is ``jax.nn.dot_product_attention`` (XLA lowering), "splash" the Pallas TPU kernel
+    (interpreted, i.e. slow but exact, off TPU).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    on_tpu = jax.default_backend() == "tpu"
+    return "splash" if on_tpu and (mask is None or isinstance(mask, SegmentMask)) else "jax_nn"
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                  scale: float | None = None) -> jax.Array:
+    """The reference: grouped-query einsum attention with an fp32 softmax; fully masked rows return zeros.
 
     q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] with Hq % Hkv == 0; mask broadcastable to [B, Hq, Lq, Lk] (True = attend).
-    Returns [B, Lq, Hq, D] in q's dtype. Rows with no allowed key return zeros.
     """
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
@@ -190,3 +222,100 @@ def dot_product_attention(
         probs = jnp.where(m, probs, 0.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
     return out.reshape(b, lq, hq, d)
+
+
+def jax_nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                     scale: float | None = None) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (GQA native, XLA lowering). Shapes as :func:`xla_attention`; a fully masked
+    row averages all values (as Qwen2's ``grouped_query_attention``), it is not zeroed."""
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
+
+
+# Splash kernel tile (query and key blocks). Sequences are padded to a multiple of it (padding tokens get their own
+# segment, so they never mix with real ones) and the output is cut back.
+SPLASH_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
+    blk = SPLASH_BLOCK
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to reuse across traces (lru_cache)
+        kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    return kernel, sk.SegmentIds
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None,
+                     scale: float | None = None, interpret: bool | None = None) -> jax.Array:
+    """Pallas splash attention (``jax.experimental.pallas.ops.tpu``), self-attention only (Lq == Lk).
+
+    q [B, L, Hq, D]; k, v [B, L, Hkv, D] (GQA native); mask None (full) or a :class:`SegmentMask` (causal and / or
+    segments; a dense mask cannot be given). L is padded to a multiple of :data:`SPLASH_BLOCK`. ``interpret``
+    (default: not on TPU) runs the kernel in the Pallas interpreter; False forces the Mosaic TPU kernel (AOT
+    compiles for a TPU topology from a CPU host). Returns [B, L, Hq, D].
+    """
+    if mask is not None and not isinstance(mask, SegmentMask):
+        raise ValueError("splash attention takes mask=None or a layers.SegmentMask, not a dense mask array")
+    b, length, hq, d = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"splash attention is self-attention only: {length} queries but {k.shape[1]} keys")
+    if hq % k.shape[2]:
+        raise ValueError(f"query heads {hq} not divisible by kv heads {k.shape[2]}")
+    padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+    extra = padded - length
+    seg = None if mask is None else mask.segment_ids.astype(jnp.int32)
+    if extra:
+        real = jnp.zeros((b, length), jnp.int32) if seg is None else seg
+        seg = jnp.concatenate([real, jnp.full((b, extra), jnp.iinfo(jnp.int32).min, jnp.int32)], axis=1)
+    kernel, segment_ids_cls = _splash_kernel(padded, hq, bool(mask is not None and mask.causal),
+                                             jax.default_backend() != "tpu" if interpret is None else interpret)
+    scale = d**-0.5 if scale is None else scale
+
+    def heads_first(x):  # [B, L, H, D] -> [B, H, padded, D]
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    qh = heads_first((q.astype(jnp.float32) * scale).astype(q.dtype))
+    if seg is None:
+        out = jax.vmap(kernel)(qh, heads_first(k), heads_first(v))
+    else:
+        out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=segment_ids_cls(q=s, kv=s)))(
+            qh, heads_first(k), heads_first(v), seg)
+    return out.transpose(0, 2, 1, 3)[:, :length]
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | SegmentMask | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Grouped-query attention with an fp32 softmax, by implementation ``impl`` (see :func:`resolve_attention_impl`).
+
+    q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] with Hq % Hkv == 0; mask broadcastable to [B, Hq, Lq, Lk] (True = attend)
+    or a :class:`SegmentMask`. Returns [B, Lq, Hq, D] in q's dtype. Rows with no allowed key return zeros.
+    """
+    impl = resolve_attention_impl(impl, mask)
+    if impl == "splash":
+        return splash_attention(q, k, v, mask, scale)
+    if isinstance(mask, SegmentMask):
+        mask = mask.dense()
+    if impl == "xla":
+        return xla_attention(q, k, v, mask, scale)
+    out = jax_nn_attention(q, k, v, mask, scale)
+    if mask is not None:  # zero the rows with no visible key, as xla_attention does
+        mask = jnp.asarray(mask, bool)
+        seen = jnp.any(mask.reshape((1,) * (4 - mask.ndim) + mask.shape), axis=-1)  # [B?, H?, Lq]
+        out = jnp.where(jnp.swapaxes(seen, 1, 2)[..., None], out, 0).astype(out.dtype)
+    return out

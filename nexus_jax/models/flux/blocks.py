@@ -69,9 +69,12 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return apply_rotary_interleaved(x, cos, sin)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE on q, k then full (unmasked) attention. q, k, v [B, L, H, hd] -> [B, L, H*hd]."""
-    out = dot_product_attention(_rope(q, cos, sin), _rope(k, cos, sin), v)
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array, impl: str = "auto"
+            ) -> jax.Array:
+    """RoPE on q, k then full (unmasked) attention by ``impl`` (FluxDiTConfig.attention_impl).
+
+    q, k, v [B, L, H, hd] -> [B, L, H*hd]."""
+    out = dot_product_attention(_rope(q, cos, sin), _rope(k, cos, sin), v, impl=impl)
     b, l, h, d = out.shape
     return constrain(out.reshape(b, l, h * d), ACT)
 
@@ -81,7 +84,7 @@ class JointAttention(nnx.Module):
 
     def __init__(self, cfg: FluxDiTConfig, *, rngs: nnx.Rngs):
         d, kw = cfg.hidden_size, dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.attention_impl = cfg.head_dim, cfg.attention_impl
         self.a_to_qkv = Linear(d, 3 * d, axes=("embed", "heads"), **kw)
         self.b_to_qkv = Linear(d, 3 * d, axes=("embed", "heads"), **kw)
         nkw = dict(eps=cfg.eps, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -97,7 +100,7 @@ class JointAttention(nnx.Module):
         q = jnp.concatenate([self.norm_q_b(qb), self.norm_q_a(qa)], axis=1)
         k = jnp.concatenate([self.norm_k_b(kb), self.norm_k_a(ka)], axis=1)
         v = jnp.concatenate([vb, va], axis=1)
-        out = _attend(q, k, v, cos, sin)
+        out = _attend(q, k, v, cos, sin, self.attention_impl)
         lt = txt.shape[1]
         return self.a_to_out(out[:, lt:]), self.b_to_out(out[:, :lt])
 
@@ -135,6 +138,7 @@ class SingleStreamBlock(nnx.Module):
     def __init__(self, cfg: FluxDiTConfig, *, rngs: nnx.Rngs):
         d, kw = cfg.hidden_size, dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
         self.eps, self.head_dim, self.hidden = cfg.eps, cfg.head_dim, d
+        self.attention_impl = cfg.attention_impl
         self.norm = AdaLNModulation(d, 3, cfg=cfg, rngs=rngs)
         self.to_qkv_mlp = Linear(d, 3 * d + cfg.mlp_dim, axes=("embed", "mlp"), **kw)
         nkw = dict(eps=cfg.eps, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -148,6 +152,6 @@ class SingleStreamBlock(nnx.Module):
         d = self.hidden
         q, k, v = (split_heads(h[..., i * d : (i + 1) * d], self.head_dim) for i in range(3))
         mlp = constrain(jax.nn.gelu(h[..., 3 * d :], approximate=True), ("batch", "length", "act_mlp"))
-        attn = _attend(self.norm_q_a(q), self.norm_k_a(k), v, cos, sin)
+        attn = _attend(self.norm_q_a(q), self.norm_k_a(k), v, cos, sin, self.attention_impl)
         out = self.proj_out(jnp.concatenate([attn, mlp], axis=-1))
         return constrain(x + gate[:, None] * out, ACT)

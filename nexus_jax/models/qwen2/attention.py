@@ -43,16 +43,17 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
 
 
-def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int
-                             ) -> jax.Array:
+def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int,
+                             attend=grouped_query_attention) -> jax.Array:
     """:func:`grouped_query_attention` for a *causal* mask, in query chunks of ``chunk`` rows.
 
     Query chunk ``[s, e)`` attends to keys ``[0, e)`` only (later keys are masked by causality), so the scores
     computed shrink to about half of the dense ``L x L``; each chunk runs under ``jax.checkpoint``, so only one chunk's
     fp32 scores ``[B, Hkv, G * chunk, e]`` are live at a time, in the forward and in the backward pass. The chunks are a
     Python loop (a loop-free program). q [B, L, Hq, D]; k, v [B, L, Hkv, D]; mask [B, 1 or Hq, L, L] (True = attend;
-    it must hide every key after its query) or None (plain causal). Returns [B, L, Hq, D]; equal to the dense call on
-    every row with at least one visible key (fully masked padding rows average fewer values).
+    it must hide every key after its query) or None (plain causal). ``attend(q, k, v, mask)`` computes one chunk
+    (default :func:`grouped_query_attention`). Returns [B, L, Hq, D]; equal to the dense call on every row with at
+    least one visible key (fully masked padding rows average fewer values).
     """
     length = q.shape[1]
     if k.shape[1] != length:
@@ -61,7 +62,7 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if mask is None:
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    part = jax.checkpoint(grouped_query_attention)
+    part = jax.checkpoint(attend)
     outs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
@@ -74,6 +75,7 @@ class Qwen2Attention(nnx.Module):
 
     def __init__(self, config: Qwen2TextConfig, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.attention_impl = config.attention_impl
         common = {"param_dtype": config.jnp_param_dtype, "dtype": config.jnp_dtype, "rngs": rngs}
         hidden = config.hidden_size
         self.q_proj = layers.Linear(hidden, config.q_size, axes=("embed", "heads"), use_bias=True, **common)
@@ -86,7 +88,7 @@ class Qwen2Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array | None = None,
+        mask: jax.Array | layers.SegmentMask | None = None,
         cache: LayerKVCache | None = None,
         cache_index: jax.Array | int = 0,
         query_chunk: int = 0,
@@ -95,7 +97,10 @@ class Qwen2Attention(nnx.Module):
 
         Without a cache Lk = L. With a cache, k / v are written at slots ``cache_index ..`` and the queries attend
         over all S cache slots (the mask must then cover [.., L, S]). ``query_chunk`` > 0 (no cache, causal ``mask``
-        only): :func:`causal_chunked_attention` when L > query_chunk. Returns ([B, L, hidden], updated cache).
+        only): :func:`causal_chunked_attention` when L > query_chunk. ``config.attention_impl`` picks the kernel
+        (layers.resolve_attention_impl); a :class:`layers.SegmentMask` (cache-free only) goes to that kernel whole
+        (no query chunks); a dense mask goes to jax.nn for "jax_nn", else to :func:`grouped_query_attention`.
+        Returns ([B, L, hidden], updated cache).
         """
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
@@ -108,9 +113,17 @@ class Qwen2Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v, cache_index)
             k, v = cache.key.astype(q.dtype), cache.value.astype(q.dtype)
-        if query_chunk and cache is None and l > query_chunk:
-            out = causal_chunked_attention(q, k, v, mask, query_chunk)
+        impl = layers.resolve_attention_impl(self.attention_impl, mask)
+        if isinstance(mask, layers.SegmentMask):
+            if cache is not None:
+                raise ValueError("a SegmentMask is for cache-free calls; KV-cache calls take a dense mask")
+            out = layers.dot_product_attention(q, k, v, mask=mask, impl=impl)
         else:
-            out = grouped_query_attention(q, k, v, mask)
+            # "auto" off TPU keeps grouped_query_attention: faster than jax.nn on CPU at 9/3 and 28/4 heads
+            attend = layers.jax_nn_attention if self.attention_impl == "jax_nn" else grouped_query_attention
+            if query_chunk and cache is None and l > query_chunk:
+                out = causal_chunked_attention(q, k, v, mask, query_chunk, attend)
+            else:
+                out = attend(q, k, v, mask)
         out = sharding.constrain(out, HEADS_AXES).reshape(b, l, self.num_heads * self.head_dim)
         return self.o_proj(out), cache

@@ -97,7 +97,12 @@ class Qwen2Model(nnx.Module):
             raise ValueError(f"positions shape {positions.shape} does not end in (batch, length) = {(b, length)}")
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
-        if cache is None:
+        if cache is None and layers.resolve_attention_impl(cfg.attention_impl) == "splash":
+            # the kernel's structured form; padding tokens form their own segment (their rows differ from the dense
+            # mask's, whose padding queries see earlier real keys; padding rows are never read)
+            tokens = jnp.ones((b, length), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            mask = layers.SegmentMask(tokens, causal=True)
+        elif cache is None:
             mask = masks.causal_padding_mask(attention_mask, length, b)
         else:
             if length > cache.capacity:

@@ -60,6 +60,7 @@ class VisionAttention(nnx.Module):
     def __init__(self, config: Qwen25VisionConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
         d = config.hidden_size
         self.num_heads, self.head_dim, self.dtype = config.num_heads, config.head_dim, dtype
+        self.attention_impl = config.attention_impl
         self.qkv = FusedQKV(d, param_dtype=param_dtype, rngs=rngs)
         self.proj = layers.Linear(d, d, axes=("heads", "embed"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
@@ -79,8 +80,8 @@ class VisionAttention(nnx.Module):
     def dense(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
         """Attention within each segment id (dense [N, N] mask). x [N, hidden], segments [N] -> [N, hidden]."""
         q, k, v = self.qkv_heads(x, cos, sin)
-        mask = (segments[:, None] == segments[None, :])[None, None]
-        out = layers.dot_product_attention(q[None], k[None], v[None], mask=mask)[0]
+        mask = layers.SegmentMask(segments[None].astype(jnp.int32))
+        out = layers.dot_product_attention(q[None], k[None], v[None], mask=mask, impl=self.attention_impl)[0]
         return self.proj(out.reshape(x.shape[0], -1))
 
     def __call__(
@@ -91,9 +92,17 @@ class VisionAttention(nnx.Module):
         x [N, hidden] -> [N, hidden]; token n reads its output from flat slot scatter[n] of [G * S].
         """
         q, k, v = self.qkv_heads(x, cos, sin)
+        if layers.resolve_attention_impl(self.attention_impl) == "splash":
+            # the kernel over the packed sequence with one segment id per group (groups are contiguous runs, so
+            # off-diagonal blocks are skipped); padding tokens (in no group) get segment -1
+            groups = jnp.broadcast_to(jnp.arange(gather.shape[0], dtype=jnp.int32)[:, None], gather.shape)
+            seg = jnp.full((x.shape[0],), -1, jnp.int32).at[jnp.where(valid, gather, x.shape[0])].set(
+                groups, mode="drop")
+            out = layers.splash_attention(q[None], k[None], v[None], layers.SegmentMask(seg[None]))[0]
+            return self.proj(out.reshape(x.shape[0], -1))
         q, k, v = (jnp.take(t, gather, axis=0) for t in (q, k, v))  # [Wn, S, H, D]
         mask = valid[:, None, None, :]
-        out = layers.dot_product_attention(q, k, v, mask=mask)
+        out = layers.dot_product_attention(q, k, v, mask=mask, impl=self.attention_impl)
         out = jnp.take(out.reshape(-1, self.num_heads, self.head_dim), scatter, axis=0)
         return self.proj(out.reshape(x.shape[0], -1))
 
