@@ -11,20 +11,23 @@ the same weights (fp32) and start from the same noise:
 - torch: transformers ``Qwen2_5_VLForConditionalGeneration`` text model + vision_head + prefill embeddings, a torch
   adapter, diffusers ``FluxTransformer2DModel`` in a Python Euler loop with CFG, diffusers ``AutoencoderKL`` decode.
 Host-side preprocessing (tokenising, padding, positions) is shared and not timed. The pixel outputs are compared
-(max abs error printed). Batch sizes 1, 4 and 8, one run; last line JSON ``ratio_b1/b4/b8`` (JAX / torch req/s,
-wall clock) plus ``cpu_ratio_b*`` (torch / JAX process CPU seconds per batch: steadier on a shared machine).
+(max abs error printed). Each side runs in its own child process pinned to the same cores with the same
+``--threads`` (benchmarks/harness.py). Batch sizes 1, 4 and 8, one run; last line JSON ``ratio_b1/b4/b8`` (JAX /
+torch req/s, wall clock) plus ``cpu_ratio_b*`` (torch / JAX process CPU seconds per batch), ``max_abs_err_b*``,
+``load``, ``busy``, ``threads``, ``cores``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import harness  # noqa: E402
 
-import jax  # noqa: E402
+harness.setup()
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -135,48 +138,57 @@ def torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty) -> np.ndar
 timed = median_seconds  # (wall, CPU) seconds per call
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--smoke", action="store_true", help="2 steps, 32x32, batch 1, 1 iteration (a quick run check)")
-    args = p.parse_args()
-    batch_sizes = (1, 4, 8)
+
+
+def _batch_sizes(args) -> tuple[int, ...]:
     if args.smoke:
-        args.steps, args.size, args.iters, batch_sizes = 2, 32, 1, (1,)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+        args.steps, args.size, args.iters = 2, 32, 1
+        return (1,)
+    return (1, 4, 8)
+
+
+def measure(side: str, args) -> tuple[dict, dict]:
+    """One side's generation requests per batch size: (wall, CPU) seconds per batch; pixels per batch size."""
+    batch_sizes = _batch_sizes(args)
     ar_cfg, dec_cfg, vae_cfg, runner, parts, empty = build(args.steps, args.size)
     tok = ByteTokenizer()
     reqs = [prepare_request(parse_request(json.dumps({"id": f"r{i}", "task": "generation", "seed": i,
                                                       "messages": [{"role": "user", "content": pr}]}), i),
                             ar_cfg, tok.encode, 1) for i, pr in enumerate(PROMPTS)]
-    report = {}
+    times, pixels = {}, {}
     for bs in batch_sizes:
         batch = group_batches(reqs[:bs], bs, length_multiple=256)
         assert len(batch) == 1, "the prompts must fall in one length bucket"
         nb = collate(batch[0], ar_cfg)
         seeds = np.asarray([r.request.seed for r in batch[0].rows()], np.uint32)
-        jax_px = runner.images("generation", nb, seeds)  # compile
-        t_jax = timed(lambda nb=nb, seeds=seeds: runner.images("generation", nb, seeds), args.iters)
-        torch_px = torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty)
-        t_torch = timed(lambda nb=nb, seeds=seeds: torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty),
-                        args.iters)
-        err = float(np.max(np.abs(jax_px - torch_px)))
-        (w_jax, c_jax), (w_torch, c_torch) = t_jax, t_torch
+        if side == "jax":
+            def fn(nb=nb, seeds=seeds):
+                return runner.images("generation", nb, seeds)
+        else:
+            def fn(nb=nb, seeds=seeds):
+                return torch_generate(parts, nb, seeds, ar_cfg, dec_cfg, vae_cfg, empty)
+        pixels[f"b{bs}"] = np.asarray(fn())  # JAX: compile
+        times[str(bs)] = list(timed(fn, args.iters))
+    return {"times": times}, pixels
+
+
+def combine(res: dict, arrays: dict, args) -> dict:
+    report = {}
+    for bs in _batch_sizes(args):
+        (w_jax, c_jax), (w_torch, c_torch) = res["jax"]["times"][str(bs)], res["torch"]["times"][str(bs)]
+        err = float(np.max(np.abs(arrays["jax"][f"b{bs}"] - arrays["torch"][f"b{bs}"])))
         report[bs] = dict(jax_rps=bs / w_jax, torch_rps=bs / w_torch, cpu_ratio=c_torch / c_jax, max_abs_err=err)
         print(f"batch {bs}: JAX {bs / w_jax:.3f} req/s, torch {bs / w_torch:.3f} req/s, wall ratio "
-              f"{w_torch / w_jax:.2f}, CPU-seconds ratio {c_torch / c_jax:.2f}, max |JAX - torch| pixels {err:.2e}",
-              flush=True)
-    print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}, "
-          f"{args.steps} steps, {args.size}x{args.size}, CFG 3.0, 81 slots")
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(json.dumps({f"ratio_b{b}": round(r["jax_rps"] / r["torch_rps"], 3) for b, r in report.items()}
-                     | {f"cpu_ratio_b{b}": round(r["cpu_ratio"], 3) for b, r in report.items()}
-                     | {f"max_abs_err_b{b}": r["max_abs_err"] for b, r in report.items()}))
+              f"{w_torch / w_jax:.2f}, CPU-seconds ratio {c_torch / c_jax:.2f}, max |JAX - torch| pixels {err:.2e}")
+    print(f"{args.threads} thread(s) per side, {args.steps} steps, {args.size}x{args.size}, CFG 3.0, 81 slots")
+    return ({f"ratio_b{b}": round(r["jax_rps"] / r["torch_rps"], 3) for b, r in report.items()}
+            | {f"cpu_ratio_b{b}": round(r["cpu_ratio"], 3) for b, r in report.items()}
+            | {f"max_abs_err_b{b}": r["max_abs_err"] for b, r in report.items()})
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(__doc__, add_args, measure, combine)
