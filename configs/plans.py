@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from configs import nexus_gen
+from configs import nexus_gen, unipic
 from configs.flux import FluxDiTConfig
 from configs.nexus_decoders import MergerConfig
 from configs.qwen2_5 import REMAT_POLICIES
 
-WorkloadKind = Literal["matmul_train", "ar_train", "decoder_train", "decoder_sample"]
+WorkloadKind = Literal["matmul_train", "ar_train", "decoder_train", "decoder_sample", "unipic_train"]
 REMAT_CHOICES = REMAT_POLICIES  # the --remat choices
 
 
@@ -46,7 +46,7 @@ class PlanConfig:
 
     name: str
     workload: WorkloadKind
-    model: Any  # MatmulConfig | NexusGenConfig | FluxDiTConfig
+    model: Any  # MatmulConfig | NexusGenConfig | FluxDiTConfig | UniPicConfig
     topology: str
     mesh: tuple[int, int, int] = (1, -1, 1)
     remat: str = "full"
@@ -151,6 +151,21 @@ GENERATION_SAMPLE = _add(PlanConfig(
     param_dtype="bfloat16",
     description="batch inference: 8 images at 512x512, 50 Euler steps, CFG 3 (negative: 512 T5 tokens), bf16",
     job=("infer", "--mesh", "2,1,4"),  # the inference CLI's default mesh is data-only
+))
+UNIPIC_TRAIN = _add(PlanConfig(
+    name="unipic_train",
+    workload="unipic_train",
+    model=unipic.full(),
+    topology="v6e:2x4",
+    mesh=(1, -1, 1),
+    remat="full",
+    global_batch=16,
+    seq_len=128,  # prompt tokens (the LLM runs over 128 + 64 buffers + 4096 image slots)
+    image_size=1024,
+    description="UniPic-1 (1.5B LLM + MAR-Huge + head, 2.5B trained; KL-16 VAE frozen) text-to-image step at "
+                "1024x1024 (4096 image tokens), 16 images per step, fp32 master weights, bf16 compute",
+    job=("train", "--preset", "unipic_t2i", "--mesh", "1,-1,1", "--batch-size", "16", "--grad-accum", "1",
+         "--compute-dtype", "bfloat16"),
 ))
 # --- tiny (tests) -----------------------------------------------------------------------------------------------
 TINY_MATMUL = _add(PlanConfig(

@@ -135,10 +135,27 @@ class FlowLossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UniPicLossConfig:
+    """UniPic-1 training (nexus_jax.training.unipic_loop): task weights as upstream (image2text 0.01, text2image 1,
+    image_edit 1; only the preset's task is present) and the prompt dropout of generation / editing rows (the row's
+    prompt replaced by "Generate an image." / "Edit this image.")."""
+
+    prompt_dropout: float = 0.1
+    image2text_weight: float = 0.01
+    text2image_weight: float = 1.0
+    image_edit_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"unipic_loss.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training job: which loop, which model preset, and all the sub-configs."""
 
-    task: Literal["ar", "generation_decoder", "editing_decoder"] = "ar"
+    task: Literal["ar", "generation_decoder", "editing_decoder", "unipic_t2i", "unipic_edit",
+                  "unipic_understanding"] = "ar"
     model_preset: str = "tiny"
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -147,6 +164,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     ar_loss: ARLossConfig = ARLossConfig()
     flow_loss: FlowLossConfig = FlowLossConfig()
+    unipic_loss: UniPicLossConfig = UniPicLossConfig()
 
 
 # --- Nexus-Gen presets -------------------------------------------------------------------------------------------
@@ -202,6 +220,33 @@ TINY_GENERATION_DECODER = TrainConfig(
 )
 TINY_EDITING_DECODER = dataclasses.replace(TINY_GENERATION_DECODER, task="editing_decoder")
 
+# --- UniPic-1 presets (../shared/reference/unipic.md 4.2, stage 3/4 settings: AdamW (0.9, 0.95), eps 1e-15, wd 0.02,
+# clip 1.0, cosine, global batch 512; generation / editing at 1024 px, understanding at 512 px). One task per preset;
+# the KL-16 VAE is frozen (the task adds it); `--set optim.frozen=...` freezes more (stage 2: the LLM).
+_UNIPIC_OPTIM = OptimConfig(learning_rate=1e-5, warmup_steps=200, decay_steps=20_000, b2=0.95, eps=1e-15,
+                            weight_decay=0.02, clip_norm=1.0, grad_accum=32)
+UNIPIC_T2I = TrainConfig(
+    task="unipic_t2i",
+    model_preset="unipic_1_5b",
+    optim=_UNIPIC_OPTIM,
+    data=DataConfig(image_size=1024, length_buckets=(128, 256, 512)),
+    loop=LoopConfig(total_steps=20_000, batch_size=512),
+)
+UNIPIC_EDIT = dataclasses.replace(  # 4160 <image> slots (64 x 64 tokens + 64 buffers) + the instruction
+    UNIPIC_T2I, task="unipic_edit", data=DataConfig(image_size=1024, length_buckets=(4352, 4608, 5120)))
+UNIPIC_UNDERSTANDING = dataclasses.replace(  # 1088 <image> slots at 512 px + question + answer
+    UNIPIC_T2I, task="unipic_understanding", data=DataConfig(image_size=512, length_buckets=(1280, 1536, 2048, 4096)))
+TINY_UNIPIC_T2I = TrainConfig(
+    task="unipic_t2i",
+    model_preset="tiny",
+    optim=OptimConfig(learning_rate=3e-3, warmup_steps=2, decay_steps=40, weight_decay=0.0, clip_norm=1.0),
+    checkpoint=CheckpointConfig(every_steps=10, keep_last=3, async_save=True),
+    data=DataConfig(image_size=64, length_buckets=(64, 128, 256), num_threads=1, prefetch=8),
+    loop=LoopConfig(total_steps=40, batch_size=4, log_every=5, compute_dtype="float32"),
+)
+TINY_UNIPIC_EDIT = dataclasses.replace(TINY_UNIPIC_T2I, task="unipic_edit")
+TINY_UNIPIC_UNDERSTANDING = dataclasses.replace(TINY_UNIPIC_T2I, task="unipic_understanding")
+
 PRESETS: dict[str, TrainConfig] = {
     "ar_stage1": AR_STAGE1,
     "ar_stage2": AR_STAGE2,
@@ -211,6 +256,12 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny_ar": TINY_AR,
     "tiny_generation_decoder": TINY_GENERATION_DECODER,
     "tiny_editing_decoder": TINY_EDITING_DECODER,
+    "unipic_t2i": UNIPIC_T2I,
+    "unipic_edit": UNIPIC_EDIT,
+    "unipic_understanding": UNIPIC_UNDERSTANDING,
+    "tiny_unipic_t2i": TINY_UNIPIC_T2I,
+    "tiny_unipic_edit": TINY_UNIPIC_EDIT,
+    "tiny_unipic_understanding": TINY_UNIPIC_UNDERSTANDING,
 }
 
 

@@ -86,6 +86,10 @@ def sharded_dims(plan: Any) -> list[tuple[str, int, str]]:
         out += [("dim", m.dim, "fsdp"), ("dim", m.dim, "tensor")]
     elif plan.workload == "ar_train":
         qwen("text ", m.vl.text)
+    elif plan.workload == "unipic_train":
+        qwen("LLM ", m.text)
+        out += [("MAR num_heads", m.mar.num_heads, "tensor"), ("MAR mlp width", m.mar.mlp_dim, "tensor"),
+                ("MAR width", m.mar.width, "fsdp")]
     else:  # FLUX DiT (decoder_train, decoder_sample)
         out += [("DiT num_heads", m.num_heads, "tensor"), ("DiT mlp width", m.mlp_dim, "tensor")]
         if training:

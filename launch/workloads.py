@@ -242,11 +242,84 @@ def decoder_sample_workload(plan: PlanConfig, remat: str) -> Workload:
                     model_flops, b, rules, cost_multiplier=plan.num_steps, notes=notes)
 
 
+# --- UniPic-1 text-to-image training ---------------------------------------------------------------------------
+def unipic_train_flops(cfg: Any, batch: int, prompt_len: int, image_tokens: int) -> float:
+    """One text-to-image train step (3 x forward, static shapes as compiled): the LLM over prompt + buffers + image
+    slots (no lm_head), the MAR encoder and decoder over buffers + image slots (bidirectional), proj_in / proj_out,
+    and the diffusion head on ``diffusion_batch_mul`` copies of every image token. The frozen VAE encode is left out."""
+    text, mar, head = cfg.text, cfg.mar, cfg.head
+    slots = mar.buffer_size + image_tokens
+    seq = prompt_len + slots
+    llm = flops.qwen_matmul_params(text) - text.hidden_size * text.vocab_size
+    proj = 2 * (mar.width * text.hidden_size + text.hidden_size * text.hidden_size)
+    dense = 6.0 * batch * (seq * llm + slots * proj)
+    causal = 3.0 * 2.0 * seq * text.q_size * text.num_layers * batch * seq
+    c = mar.width
+    block = 4 * c * c + 2 * c * mar.mlp_dim
+    blocks = mar.encoder_depth + mar.decoder_depth
+    dense += 6.0 * batch * slots * (blocks * block + 2 * c * c)  # + z_proj / decoder_embed / head-input projections
+    bidir = 3.0 * 4.0 * slots * c * blocks * batch * slots
+    w = head.width
+    per_row = head.depth * (3 * w * w + 2 * w * w) + head.z_channels * w + 2 * w * w + w * head.out_channels
+    rows = cfg.diffusion.diffusion_batch_mul * batch * image_tokens
+    return dense + causal + bidir + 6.0 * rows * per_row
+
+
+def unipic_train_workload(plan: PlanConfig, remat: str) -> Workload:
+    """UniPic-1 text-to-image train step: the trainer's own model and loss (nexus_jax.training.unipic_loop) with
+    the KL-16 VAE frozen and run in the step; depth knobs: LLM layers, MAR encoder / decoder blocks, head blocks."""
+    from configs.training import UniPicLossConfig
+    from nexus_jax.training.unipic_loop import VAE_FROZEN, UniPicTrainModel, make_unipic_loss
+
+    cfg0 = plan.model
+    b, r, s = plan.global_batch, plan.image_size, plan.seq_len
+    n = (r // cfg0.vae_stride) ** 2
+    i32, f32 = jnp.int32, jnp.float32
+    batch = {
+        "pixels": ((b, r, r, 3), f32, ("batch", None, None, None)),
+        "input_ids": ((b, s), i32, ("batch", "length")),
+        "attention_mask": ((b, s), i32, ("batch", "length")),
+        "null_ids": ((b, s), i32, ("batch", "length")),
+        "null_mask": ((b, s), i32, ("batch", "length")),
+        "weight": ((b,), f32, ("batch",)),
+    }
+    loss = make_unipic_loss("unipic_t2i", UniPicLossConfig())
+    pdt = jnp.dtype(plan.param_dtype)
+
+    def build(mesh: Mesh, overrides: Overrides | None) -> Program:
+        o = dict(overrides or {})
+        text = cfg0.text.replace(remat=remat, param_dtype=plan.param_dtype,
+                                 num_layers=o.get("llm_layers", cfg0.text.num_layers))
+        mar = dataclasses.replace(cfg0.mar, remat=remat, param_dtype=pdt,
+                                  encoder_depth=o.get("mar_blocks", cfg0.mar.encoder_depth),
+                                  decoder_depth=o.get("mar_blocks", cfg0.mar.decoder_depth))
+        head = dataclasses.replace(cfg0.head, depth=o.get("head_blocks", cfg0.head.depth))
+        cfg = cfg0.replace(text=text, mar=mar, head=head, resolution=r)
+        return train_program(lambda: UniPicTrainModel(cfg, rngs=nnx.Rngs(0)), loss, batch,
+                             _optim(frozen=VAE_FROZEN), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
+
+    if cfg0.mar.encoder_depth != cfg0.mar.decoder_depth:
+        raise ValueError("unipic_train extrapolates MAR encoder and decoder depth together; they must be equal")
+    notes = {
+        "loss": "nexus_jax.unipic.loss text2image (hybrid IDDPM loss of the head on the masked tokens, "
+                "diffusion_batch_mul copies), prompt dropout 0.1",
+        "model": "nexus_jax.training.unipic_loop.UniPicTrainModel (UniPic trained, KL-16 VAE frozen, run in the step)",
+        "static_shapes": "MAR encoder and LLM run on all buffer + image slots (masked tokens excluded as keys), so "
+                         "model FLOPs count every slot; torch drops the ~70-100% masked tokens in the encoder",
+        "model_flops": "launch.workloads.unipic_train_flops (VAE encode not counted)",
+    }
+    return Workload("unipic_train", build, {"llm_layers": cfg0.text.num_layers, "mar_blocks": cfg0.mar.encoder_depth,
+                                            "head_blocks": cfg0.head.depth},
+                    unipic_train_flops(cfg0, b, s, n), b * (s + cfg0.mar.buffer_size + n), sharding.TRAIN_RULES,
+                    notes=notes)
+
+
 BUILDERS: dict[str, Callable[[PlanConfig, str], Workload]] = {
     "matmul_train": matmul_workload,
     "ar_train": ar_workload,
     "decoder_train": decoder_train_workload,
     "decoder_sample": decoder_sample_workload,
+    "unipic_train": unipic_train_workload,
 }
 
 

@@ -3,7 +3,8 @@
     nexus-jax train --preset tiny_ar --data records.jsonl --run-dir runs/ar [--steps 40] [--resume latest-valid]
         [--init-from CONVERTED_DIR] [--set optim.decay_steps=500 --set loop.log_every=5 ...]
 
-Presets are in :mod:`configs.training` (``ar_stage1..3``, ``generation_decoder``, ``editing_decoder``, ``tiny_*``).
+Presets are in :mod:`configs.training` (``ar_stage1..3``, ``generation_decoder``, ``editing_decoder``, ``unipic_t2i``,
+``unipic_edit``, ``unipic_understanding``, ``tiny_*``).
 ``--init-from`` starts from a converted checkpoint (``nexus-jax convert import`` output; a resumed train checkpoint
 wins over it); the learning-rate decay spans the run's total steps unless ``--set optim.decay_steps=N`` is given.
 Exit codes: 0 done, 2 bad arguments, 3 checkpoint error (e.g. ``--resume latest`` on a damaged checkpoint).
@@ -114,6 +115,10 @@ def make_task(cfg: TrainConfig, tokenizer_dir: str = "", setup=None):
         from nexus_jax.training.ar_loop import ar_task
 
         task = ar_task(cfg, _text_encoder(cfg, tokenizer_dir), model_cfg=setup.model_cfg)
+    elif cfg.task.startswith("unipic"):
+        from nexus_jax.training.unipic_loop import unipic_task
+
+        task = unipic_task(cfg, _text_encoder(cfg, tokenizer_dir), model_cfg=setup.model_cfg)
     else:
         from nexus_jax.training.decoder_loop import decoder_task
 

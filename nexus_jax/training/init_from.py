@@ -202,6 +202,8 @@ def model_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSet
         return ModelSetup(found, {AR_DIR: ("nexus_ar", found)},
                           lambda abstract: load_into(abstract, {"": ar_dir / "params"}, where=where),
                           init_from=str(Path(init_from).absolute()))
+    if cfg.task.startswith("unipic"):
+        return _unipic_setup(cfg, init_from)
     from nexus_jax.training.decoder_loop import DecoderParts, decoder_parts
 
     parts = decoder_parts(cfg.task, cfg.model_preset, cfg.loop.remat)
@@ -220,6 +222,17 @@ def model_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSet
     return ModelSetup(new, {sub: (family, dec), VAE_DIR: ("vae", vae)},
                       lambda abstract: load_into(abstract, sources, {"pooled": pooled}, where=str(root)),
                       pooled=pooled, init_from=str(root.absolute()))
+
+
+def _unipic_setup(cfg: TrainConfig, init_from: str | os.PathLike) -> ModelSetup:
+    """UniPic runs: the model preset; ``--init-from`` is not wired up for UniPic yet."""
+    from nexus_jax.training.unipic_loop import model_config, unipic_components
+
+    if init_from:
+        raise ValueError(f"--init-from {init_from}: starting a UniPic run from a converted checkpoint is not "
+                         "supported yet")
+    model_cfg = model_config(cfg.model_preset, cfg.loop.remat)
+    return ModelSetup(model_cfg, unipic_components(model_cfg))
 
 
 def _no_remat(dec: Any) -> Any:
