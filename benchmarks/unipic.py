@@ -1,29 +1,29 @@
 """UniPic-1 generation: one masked-AR iteration (MAR encoder + LLM bridge, MAR decoder, diffusion-head sampling of that
 step's tokens with CFG), JAX vs the torch reference loop of tests/helpers/unipic_torch.py, same weights (fp32).
 
-    python benchmarks/unipic.py [--iters 3] [--head-steps 100] [--single-thread]
+    python benchmarks/unipic.py [--iters 3] [--head-steps 100] [--threads 1] [--smoke]
 
 Small-but-not-tiny config (below): LLM 512 wide x 4 layers (8 q / 2 kv heads), MAR 512 wide 4 + 4 blocks (8 heads),
 16x16 tokens (256 px) + 16 buffers, head 512 wide x 3 blocks, 2 images (CFG batch 4), 16 iterations; the timed step
 is the middle one. JAX runs the jitted static-shape iteration (warm; MAR encoder on all tokens with masked keys,
 LLM on the visible tokens gathered into a bucket of 128 slots); torch runs upstream's token-dropping step with
 a DynamicCache prefix (cropped after the step). ``ratio`` = torch seconds / JAX seconds (wall clock; > 1 means JAX is
-faster); per-part timings too. The last line is JSON; it is also stored in benchmarks/results/unipic.json under
-``single_thread`` or ``threads_<n>``.
+faster); per-part timings too. Each side runs in its own child process pinned to the same cores with the same
+``--threads`` (benchmarks/harness.py; the old ``--single-thread`` is ``--threads 1``). The last line is JSON (plus
+``load``, ``busy``, ``threads``, ``cores``); it is also stored in benchmarks/results/unipic.json under
+``single_thread`` or ``threads_<n>`` (not with ``--smoke`` or ``--no-write``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--single-thread" in sys.argv:  # must precede the jax import: one XLA CPU thread, one torch thread
-    from benchmarks.timing import pin_xla_to_one_thread
+from benchmarks import harness  # noqa: E402
 
-    pin_xla_to_one_thread()
+harness.setup()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -67,19 +67,25 @@ def write_result(result: dict, key: str) -> None:
             old = json.load(f)
     old[key] = result
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    with open(RESULTS + ".tmp", "w") as f:
         json.dump(old, f, indent=1)
+    os.replace(RESULTS + ".tmp", RESULTS)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(parser) -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--head-steps", type=int, default=100, help="diffusion-head sampling steps (UniPic: 100)")
-    parser.add_argument("--single-thread", action="store_true", help="1 XLA thread and 1 torch thread")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/unipic.json")
-    args = parser.parse_args()
-    if args.single_thread:
-        torch.set_num_threads(1)
+
+
+def _smoke(args) -> None:
+    if args.smoke:
+        args.iters, args.head_steps, args.no_write = 1, 2, True
+
+
+def measure(side: str, args) -> tuple[dict, dict]:
+    """One side's iteration and parts: (wall, CPU) seconds each; encoder+bridge, decoder and iteration outputs."""
+    _smoke(args)
     cfg = bench_config(args.head_steps)
     sampling = cfg.sampling
     n, nb, c = cfg.seq_len, cfg.mar.buffer_size, cfg.mar.token_embed_dim
@@ -106,6 +112,11 @@ def main() -> None:
     s = int(args.head_steps)
     init = rng.standard_normal((G, max_pred, c)).astype(np.float32)
     steps = rng.standard_normal((s, G, max_pred, c)).astype(np.float32)
+    z_np = rng.standard_normal((2 * G * max_pred, cfg.mar.width)).astype(np.float32)
+    keep = np.concatenate([np.ones((2 * G, nb), bool), np.concatenate([mask, mask]) == 0], axis=1)
+    if side == "torch":
+        return _measure_torch(args, cfg, tu, diffusion, ids, ctx_mask, cond_tokens, mask, orders, init, steps, z_np,
+                              step, count)
 
     # ---- JAX: the whole jitted iteration, plus its parts jitted alone
     graphdef, state = nnx.split(model)
@@ -133,7 +144,7 @@ def main() -> None:
     def decoder(state, x_enc, m):
         return nnx.merge(graphdef, state).mar.forward_mae_decoder(x_enc, m)
 
-    z_rows = jnp.asarray(rng.standard_normal((2 * G * max_pred, cfg.mar.width)), jnp.float32)
+    z_rows = jnp.asarray(z_np)
 
     @jax.jit
     def head(state, z):
@@ -153,7 +164,17 @@ def main() -> None:
         fn()  # compile + warm
         jax_t[name] = median_seconds(fn, args.iters)
 
-    # ---- torch: upstream's step (token dropping, DynamicCache prefix cropped after the bridge)
+    x_enc_np = np.asarray(x_enc)
+    arrays = {"x_enc": x_enc_np[keep].reshape(2 * G, -1, x_enc_np.shape[-1]),
+              "z": np.asarray(decoder(state, x_enc, j_mask)), "tokens": np.asarray(jax_iteration())[:G]}
+    return {k: list(v) for k, v in jax_t.items()}, arrays
+
+
+def _measure_torch(args, cfg, tu, diffusion, ids, ctx_mask, cond_tokens, mask, orders, init, steps, z_rows, step,
+                   count) -> tuple[dict, dict]:
+    """The torch side: upstream's iteration and its parts, timed; its outputs for the cross-side comparison."""
+    sampling, nb, c, s = cfg.sampling, cfg.mar.buffer_size, cfg.mar.token_embed_dim, int(args.head_steps)
+    # upstream's step (token dropping, DynamicCache prefix cropped after the bridge)
     t_ctx = torch.tensor(ctx_mask)
     with torch.no_grad():
         kv = unipic_torch.prefill(tu.llm.model, tu.llm.model.embed_tokens(torch.tensor(ids)))
@@ -191,24 +212,37 @@ def main() -> None:
         fn()
         torch_t[name] = median_seconds(fn, args.iters)
 
-    keep = np.concatenate([np.ones((2 * G, nb), bool), np.concatenate([mask, mask]) == 0], axis=1)
-    enc_err = float(np.abs(np.asarray(x_enc)[keep].reshape(t_x_enc.shape) - t_x_enc.numpy()).max())
-    z_err = float(np.abs(np.asarray(decoder(state, x_enc, j_mask)) - parts_torch["decoder"]().numpy()).max())
-    got = np.asarray(jax_iteration())[:G]
-    want = torch_iteration()[0].numpy()
-    err = float(np.abs(got - want).max())
-    scale = float(np.abs(want).max())
+    arrays = {"x_enc": t_x_enc.numpy(), "z": parts_torch["decoder"]().numpy(), "tokens": torch_iteration()[0].numpy()}
+    return {k: list(v) for k, v in torch_t.items()}, arrays
+
+
+def combine(res: dict, arrays: dict, args) -> dict:
+    _smoke(args)
+    cfg = bench_config(args.head_steps)
+    sampling = cfg.sampling
+    n, nb = cfg.seq_len, cfg.mar.buffer_size
+    tables, max_pred = jsample.step_tables(n, sampling)
+    capacity = jsample.segment_capacities(n, sampling)[sampling.num_iter // 2]
+    step = sampling.num_iter // 2
+    count = int(maskgit.mask_schedule(n, sampling.num_iter).num_pred[step])
+    s, lengths = int(args.head_steps), [57, 41, 24, 24]
+    jax_t = {k: v for k, v in res["jax"].items() if k not in ("affinity", "torch_threads")}
+    torch_t = {k: v for k, v in res["torch"].items() if k not in ("affinity", "torch_threads")}
+    aj, at = arrays["jax"], arrays["torch"]
+    enc_err = float(np.abs(aj["x_enc"] - at["x_enc"]).max())
+    z_err = float(np.abs(aj["z"] - at["z"]).max())
+    err = float(np.abs(aj["tokens"] - at["tokens"]).max())
+    scale = float(np.abs(at["tokens"]).max())
+    enc_scale, z_scale = float(np.abs(at["x_enc"]).max()), float(np.abs(at["z"]).max())
     ratio = torch_t["iteration"][0] / jax_t["iteration"][0]
-    print(f"device {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
     print(f"LLM {cfg.text.hidden_size}x{cfg.text.num_layers}, MAR {cfg.mar.width} {cfg.mar.encoder_depth}+"
           f"{cfg.mar.decoder_depth} blocks, {n}+{nb} tokens, head {cfg.head.width}x{cfg.head.depth} x {s} steps, "
           f"CFG batch {2 * G}, step {step}/{sampling.num_iter}: {count} tokens predicted (padded to {max_pred}), "
           f"{n - int(np.asarray(tables.remaining)[step])} visible (LLM segment {capacity} + {nb})")
-    for name in parts_jax:
+    for name in jax_t:
         (jw, jc), (tw, tc) = jax_t[name], torch_t[name]
         print(f"{name:15s} JAX {jw * 1e3:9.1f} ms (cpu {jc * 1e3:9.1f})  torch {tw * 1e3:9.1f} ms (cpu {tc * 1e3:9.1f})"
               f"  ratio {tw / jw:.3f}")
-    enc_scale, z_scale = float(np.abs(t_x_enc.numpy()).max()), float(np.abs(parts_torch["decoder"]().numpy()).max())
     print(f"max abs err: encoder + bridge {enc_err:.2e} (max |x| {enc_scale:.1f}), decoder z {z_err:.2e} (max |z| "
           f"{z_scale:.1f}), iteration tokens {err:.2e} "
           f"(max |token| {scale:.1f}; random heads amplify eps errors by up to 1/sqrt(alpha_bar_T) ~ 200)")
@@ -219,19 +253,23 @@ def main() -> None:
         **{f"torch_{k}_ms": round(v[0] * 1e3, 2) for k, v in torch_t.items()},
         **{f"{k}_ratio": round(torch_t[k][0] / jax_t[k][0], 3) for k in jax_t},
         iteration_max_abs_err=err, max_abs_token=scale, encoder_bridge_max_abs_err=enc_err, decoder_max_abs_err=z_err,
+        encoder_bridge_max_abs=enc_scale, decoder_max_abs=z_scale,
         config=dict(llm_hidden=cfg.text.hidden_size, llm_layers=cfg.text.num_layers, heads=cfg.text.num_heads,
                     kv_heads=cfg.text.num_kv_heads, mar_width=cfg.mar.width, mar_blocks=cfg.mar.encoder_depth,
                     tokens=n, buffers=nb, head_width=cfg.head.width, head_depth=cfg.head.depth, head_steps=s,
                     cfg_batch=2 * G, prompt_lengths=lengths, step=step, num_iter=sampling.num_iter,
                     predicted=count, padded_to=max_pred, visible_buckets=sampling.visible_buckets,
                     llm_segment_image_slots=capacity),
-        iters=args.iters, single_thread=args.single_thread, torch_threads=torch.get_num_threads(),
-        jax_device=jax.devices()[0].platform, load_avg=round(os.getloadavg()[0], 1),
+        iters=args.iters, single_thread=args.threads == 1, torch_threads=res["torch"]["torch_threads"],
+        jax_device="cpu", load_avg=round(os.getloadavg()[0], 1),
     )
+    return result
+
+
+def store(result: dict, args) -> None:
     if not args.no_write:
-        write_result(result, "single_thread" if args.single_thread else f"threads_{torch.get_num_threads()}")
-    print(json.dumps(result))
+        write_result(result, "single_thread" if args.threads == 1 else f"threads_{args.threads}")
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(__doc__, add_args, measure, combine, on_result=store)
