@@ -148,7 +148,7 @@ def _reference_loss(argv: list[str], model: nnx.Module, run: Path) -> float:
 
 
 @pytest.mark.slow
-def test_ar_finetune_from_run_export_matches_transformers(converted, tmp_path):
+def test_ar_finetune_from_run_export_matches_transformers(converted, tmp_path, capsys):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from nexus_jax.data.synthetic import write_ar_dataset
@@ -165,8 +165,12 @@ def test_ar_finetune_from_run_export_matches_transformers(converted, tmp_path):
                            tmp_path / "rand")
     print(f"AR step-1 loss: init-from {losses[1]:.6f}, converted weights {ref:.6f}, random init {rand:.6f}")
     assert abs(losses[1] - ref) <= 1e-5 * abs(ref) and abs(losses[1] - rand) > 1e-3
+    capsys.readouterr()
+    assert train_main([*argv[:argv.index("--steps") + 1], "4", *argv[argv.index("--steps") + 2:]]) == 0
+    assert "done: step 4 (resumed from 3)" in capsys.readouterr().out  # the train checkpoint wins over --init-from
+    assert abs(_steps(tmp_path / "run")[4] - losses[3]) > 0  # continued training, not restarted
 
-    assert convert(["from-run", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert convert(["from-run", str(tmp_path / "run") + "/3", str(tmp_path / "out")]) == 0
     ck = loading.load(tmp_path / "out")  # what `nexus-jax infer` loads: trained ar/ + the base's decoders / vae
     assert ck.generation is not None and ck.vae is not None
     trained, start = load_arrays(tmp_path / "out" / "ar"), load_arrays(converted / "ar")
@@ -182,11 +186,18 @@ def test_ar_finetune_from_run_export_matches_transformers(converted, tmp_path):
         model, jnp.asarray(ids), positions, jnp.asarray(mask))
     import torch
 
+    from conversion import io
+
+    with io.open_checkpoint(tmp_path / "hf") as r:  # the fine-tuned vision_head, as Nexus-Gen's torch code applies it
+        head = torch.from_numpy(np.asarray(r.read("vision_head.weight"), np.float32))
     with torch.no_grad():
-        t = hf.float()(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+        t = hf.float()(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                       output_hidden_states=True)
+        t_embeds = (t.hidden_states[-1] @ head.T).numpy()
     err = np.abs(np.asarray(out.logits)[mask] - t.logits.numpy()[mask]).max()
-    print(f"AR from-run -> export -> transformers: logits max abs err {err:.2e}")
-    assert err <= 1e-4 and np.abs(t.logits.numpy()).max() > 0.1
+    embed_err = np.abs(np.asarray(out.image_embeds)[mask] - t_embeds[mask]).max()
+    print(f"AR from-run -> export -> transformers: logits max abs err {err:.2e}, vision_head {embed_err:.2e}")
+    assert err <= 1e-4 and embed_err <= 1e-4 and np.abs(t.logits.numpy()).max() > 0.1
 
 
 @pytest.mark.slow
@@ -195,7 +206,6 @@ def test_decoder_finetune_from_run_export_matches_torch(converted, tmp_path):
 
     from nexus_jax.data.synthetic import write_decoder_dataset
     from nexus_jax.models.nexus_decoders import apply_adapter
-    from nexus_jax.models.vae import FluxVAE  # noqa: F401 - the reference model's VAE class
     from nexus_jax.training.decoder_loop import DecoderTrainModel
 
     cfg = config_from_args(build_parser().parse_args(_args("tiny_generation_decoder", "x", tmp_path)))
@@ -235,6 +245,20 @@ def test_decoder_finetune_from_run_export_matches_torch(converted, tmp_path):
         want = ref_adapter(torch.from_numpy(x)).numpy()
     err = np.abs(got - want).max()
     print(f"decoder from-run -> export .bin -> torch adapter: max abs err {err:.2e}")
+    assert err <= 1e-4 and np.abs(want).max() > 0.1
+    # the fine-tuned DiT in diffusers layout: FluxTransformer2DModel.from_pretrained gives the JAX DiT's outputs
+    from diffusers import FluxTransformer2DModel
+
+    from tests.test_conversion_diffusion import flux_inputs
+    from tests.test_diffusers_export import flux_forward
+
+    assert convert(["export", str(tmp_path / "out" / "generation_decoder"), str(tmp_path / "diffusers"), "--scheme",
+                    "nexus_diffusers_generation", "--no-progress"]) == 0
+    flux = FluxTransformer2DModel.from_pretrained(str(tmp_path / "diffusers" / "transformer")).eval()
+    x = flux_inputs(parts.decoder.dit, 2, 4, 6, 7)
+    want = np.asarray(nnx.jit(lambda m, a: m.dit(**a))(dec, {k: jnp.asarray(v) for k, v in x.items()}))
+    err = float(np.abs(flux_forward(flux, x) - want).max())
+    print(f"decoder from-run -> export diffusers -> FluxTransformer2DModel: max abs err {err:.2e}")
     assert err <= 1e-4 and np.abs(want).max() > 0.1
     assert convert(["import", str(tmp_path / "bin" / "generation_decoder.bin"), str(tmp_path / "back"),
                     "--family", "generation_decoder", "--config", str(tmp_path / "out" / "generation_decoder" /
