@@ -107,6 +107,7 @@ def combine(res: dict, arrays: dict, args) -> dict:
         "image_hw": [args.height, args.width],
         "patches": j["patches"],
         "iters": args.iters,
+        "torch_s_per_batch_by_threads": {str(args.threads): torch_s},
         "cpu_count": os.cpu_count(),
         "jax_s_per_batch": jax_s,
         "torch_s_per_batch": torch_s,
