@@ -1,10 +1,12 @@
-"""Free-form text-then-image generation (``Runner.text_then_image``), the reference ``_sample`` state machine batched.
+"""Free-form chat answers with several images (``Runner.text_then_image``), the reference ``_sample`` state machine
+batched.
 
-A tiny random V2 model. Its "<|vision_start|>" id is set to a byte token that greedy decoding emits at different
-steps in two rows of a left-padded batch (one prompt of 500+ tokens), so both paths run in one batch: rows that stop
-there fill their N slots from the decode's KV cache, and this must equal one uncached causal forward over
-prompt + generated text + <|vision_start|> + slots (float32, 1e-5). The text before the stop token equals plain greedy
-decoding; <|vision_end|> is never generated.
+A tiny random V2 model. Its "<|vision_start|>" id is set to a byte token that greedy decoding emits (the random model
+never emits the real one): the first byte, in id order, of the plain greedy answers for which a left-padded batch (one
+prompt of 500+ tokens) with an image limit of 2 has rows opening 0, 1 and 2 images. After an image, decoding goes
+on after <|vision_end|>. Each image must equal one uncached forward over prompt + text + <|vision_start|> + N slots
++ <|vision_end|> + text + ... with ``get_rope_index`` positions (float32, 1e-5), every generated token must be that
+forward's greedy choice, and the (2, 2, 2)-sharded run must equal the unsharded one.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from nexus_jax.inference.runner import EmptyPrompt, ImageDecoder, Runner
 from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.models.nexus_decoders import GenerationDecoder
 from nexus_jax.models.vae import FluxVAE
-from nexus_jax.nexus.prefill import slot_phase_inputs
 from nexus_jax.nexus.tiny import ByteTokenizer
+from nexus_jax.processing.rope_index import get_rope_index
 from nexus_jax.sharding import make_mesh
 
 MAX_NEW = 12
+LIMIT = 2  # images per answer
 PROMPTS = ("draw " + "a quiet harbour at dawn with fishing boats, " * 12, "a fox", "cat?", "a small red boat")
 
 
@@ -72,99 +75,147 @@ def setup():
     assert nb.input_ids.shape[1] >= 500 and not nb.attention_mask.all()  # long prompt, left padding
     tokens, counts = build(cfg).understand(nb)
     assert (counts == MAX_NEW).all(), "the greedy baseline should run the full length"
-    # A byte id first emitted at different steps >= 1 in two or more rows, and never at step 0 (deterministic:
-    # fixed weights). Rows without it run to max_new_tokens with no image.
-    first = [{int(t): j for j, t in reversed(list(enumerate(row)))} for row in tokens]
-
-    def usable(t: int) -> bool:
-        steps = [f[t] for f in first if t in f]
-        return t < 256 and min(steps) >= 1 and len(set(steps)) >= 2
-
-    choice = next((t for t in sorted({t for f in first for t in f}) if usable(t)), None)
-    assert choice is not None, f"no byte token first emitted at different steps: {tokens.tolist()}"
-    return cfg, nb, tokens, choice, batch
+    # Byte ids the greedy answers emit, never at step 0, in id order (deterministic: fixed weights); the first one
+    # whose two-image answers have rows with 0, 1 and 2 images becomes <|vision_start|>.
+    candidates = sorted({int(t) for row in tokens for t in row[1:] if t < 256} - {int(t) for t in tokens[:, 0]})
+    for t in candidates:
+        out = build(with_tokens(cfg, vision_start=t)).text_then_image(nb, LIMIT)
+        if {0, 1, 2} <= set(out.num_images.tolist()):
+            return cfg, nb, tokens, t, batch, out
+    raise AssertionError(f"no byte token opens 0, 1 and 2 images in different rows: {tokens.tolist()}")
 
 
-def reference_embeds(ar: NexusGenAR, nb, row: int, text: np.ndarray) -> np.ndarray:
-    """Uncached forward over the row's real prompt tokens + ``text`` + <|vision_start|> + N - 1 slots -> [N, hidden]."""
-    cfg = ar.config
+def reference_forward(ar: NexusGenAR, nb, row: int, segments, bans_after: int | None = None):
+    """One uncached forward over the row's real prompt + segments[0] + image + segments[1] + ... (positions from
+    ``get_rope_index`` on the whole sequence, as in training). Returns (image embeddings [num_images, N, hidden],
+    whether every generated token is the forward's greedy choice: <|vision_end|> never, <|vision_start|> not after
+    ``bans_after`` images)."""
+    cfg, tok = ar.config, ar.config.tokens
+    n = cfg.num_slots
     real = nb.attention_mask[row].astype(bool)
-    ids_p, pos_p = nb.input_ids[row, real], nb.positions[:, row, real]
-    start = int(pos_p.max()) + 1
-    pos_t = np.broadcast_to(start + np.arange(len(text)), (3, len(text)))
-    ids_s, pos_s, slots_s = slot_phase_inputs(cfg, np.asarray([start + len(text)]))
-    ids = np.concatenate([ids_p, text, ids_s[0]])
-    pos = np.concatenate([pos_p, pos_t, pos_s[:, 0]], axis=1)
-    slots = np.concatenate([np.full(len(ids_p) + len(text), -1), slots_s[0]])
-    out = ar(jnp.asarray(ids[None], jnp.int32), positions=jnp.asarray(pos[:, None], jnp.int32),
-             slot_index=jnp.asarray(slots[None], jnp.int32), with_logits=False)
-    return np.asarray(out.image_embeds[0, -cfg.num_slots:])
+    ids, slots, starts, generated = list(nb.input_ids[row, real]), [-1] * int(real.sum()), [], []
+    for j, seg in enumerate(segments):
+        generated += [(len(ids) + i, j) for i in range(len(seg))]
+        ids += seg.tolist()
+        slots += [-1] * len(seg)
+        if j < len(segments) - 1:
+            generated.append((len(ids), j))
+            starts.append(len(ids))
+            ids += [tok.vision_start] + [tok.image_pad] * n + [tok.vision_end]
+            slots += [-1, *range(n), -1]
+    grids = np.asarray([cfg.slot_grid_thw] * len(starts)).reshape(-1, 3)
+    pos, _ = get_rope_index(np.asarray([ids]), grids, image_token_id=tok.image_pad,
+                            spatial_merge_size=cfg.vl.vision.spatial_merge_size)
+    out = ar(jnp.asarray([ids], jnp.int32), positions=jnp.asarray(pos, jnp.int32),
+             slot_index=jnp.asarray([slots], jnp.int32))
+    logits = np.array(out.logits[0], np.float32)
+    logits[:, tok.vision_end] = -np.inf
+    greedy_ok = True
+    for i, images_before in generated:
+        row_logits = logits[i - 1].copy()
+        if bans_after is not None and images_before >= bans_after:
+            row_logits[tok.vision_start] = -np.inf
+        greedy_ok &= int(np.argmax(row_logits)) == ids[i]
+    embeds = np.stack([np.asarray(out.image_embeds[0, s : s + n]) for s in starts]) if starts else None
+    return embeds, greedy_ok
 
 
-def test_text_then_image_matches_uncached_forward(setup):
-    cfg, nb, greedy, t, _ = setup
+def check_against_uncached(runner: Runner, nb, out, limits) -> float:
+    """Every row of ``out`` against :func:`reference_forward`; returns the largest embedding error."""
+    errors = [0.0]
+    for r in range(nb.input_ids.shape[0]):
+        k = int(out.num_images[r])
+        assert len(out.segments[r]) == k + 1 and k <= limits[r]
+        assert not np.asarray(out.image_embeds[r, k:]).any()  # no image j >= k: zeros
+        want, greedy_ok = reference_forward(runner.ar, nb, r, out.segments[r], int(limits[r]))
+        assert greedy_ok, f"row {r}: a generated token is not the uncached forward's greedy choice"
+        if k:
+            errors.append(float(np.abs(np.asarray(out.image_embeds[r, :k]) - want).max()))
+    return max(errors)
+
+
+def test_several_images_match_uncached_forward(setup):
+    cfg, nb, greedy, t, _, out = setup
     runner = build(with_tokens(cfg, vision_start=t))
-    out = runner.text_then_image(nb)
     n, hidden = cfg.num_slots, cfg.vl.text.hidden_size
-    assert out.image_embeds.shape == (len(PROMPTS), n, hidden)
-    errors = []
-    for r, row in enumerate(greedy):
-        hits = np.flatnonzero(row == t)
-        if hits.size == 0:  # never reaches the stop token: all text, no image, zero embeddings
-            assert not out.has_image[r] and out.num_text[r] == MAX_NEW
-            np.testing.assert_array_equal(out.tokens[r], row)
-            assert not np.asarray(out.image_embeds[r]).any()
-            continue
-        k = int(hits[0])
-        assert out.has_image[r] and out.num_text[r] == k
-        np.testing.assert_array_equal(out.tokens[r, : k + 1], row[: k + 1])  # same text, then the stop token
-        assert (out.tokens[r, k + 1 :] == cfg.tokens.endoftext).all()
-        want = reference_embeds(runner.ar, nb, r, row[:k])
-        errors.append(float(np.abs(np.asarray(out.image_embeds[r]) - want).max()))
-    assert len(set(out.num_text[out.has_image].tolist())) >= 2  # image rows stopped at different steps
-    print(f"free-form slot fill vs uncached forward: max abs err {max(errors):.2e}")
-    assert max(errors) <= 1e-5
+    assert out.image_embeds.shape == (len(PROMPTS), LIMIT, n, hidden)
+    for r, row in enumerate(greedy):  # the text before the first <|vision_start|> is plain greedy decoding
+        first = out.segments[r][0]
+        np.testing.assert_array_equal(first, row[: len(first)])
+        if out.num_images[r] == 0:
+            assert len(first) == MAX_NEW and t not in row
+    assert any(len(s[-1]) for s, k in zip(out.segments, out.num_images) if k)  # text after an image
+    err = check_against_uncached(runner, nb, out, [LIMIT] * len(PROMPTS))
+    print(f"free-form images {out.num_images.tolist()} (segments {[[len(x) for x in s] for s in out.segments]}) vs "
+          f"uncached forward: max abs err {err:.2e}")
+    assert err <= 1e-5
+
+
+def test_per_row_image_limits(setup):
+    """A row at its limit never opens another image (it writes text instead); limit 0 = text only."""
+    cfg, nb, _, t, _, ref = setup
+    runner = build(with_tokens(cfg, vision_start=t))
+    two, one = int(np.flatnonzero(ref.num_images == 2)[0]), int(np.flatnonzero(ref.num_images == 1)[0])
+    limits = np.full(len(PROMPTS), LIMIT)
+    limits[two], limits[one] = 1, 0
+    out = runner.text_then_image(nb, limits)
+    assert out.num_images[two] == 1 and out.num_images[one] == 0
+    assert t not in out.text_tokens(two) and t not in out.text_tokens(one)
+    err = check_against_uncached(runner, nb, out, limits)
+    print(f"free-form per-row limits {limits.tolist()} -> images {out.num_images.tolist()}: max abs err {err:.2e}")
+    assert err <= 1e-5
+    with pytest.raises(ValueError, match="max_images must be >= 0"):
+        runner.text_then_image(nb, -1)
 
 
 def test_sharded_equals_unsharded(setup):
-    """(data, fsdp, tensor) = (2, 2, 2) over 8 devices: same tokens, image rows and embeddings (1e-5)."""
-    cfg, nb, _, t, _ = setup
-    cfg = with_tokens(cfg, vision_start=t)
-    ref = build(cfg).text_then_image(nb)
-    runner = build(cfg, mesh=make_mesh(2, 2, 2))
+    """(data, fsdp, tensor) = (2, 2, 2) over 8 devices: same text, image counts and embeddings (1e-5)."""
+    cfg, nb, _, t, _, ref = setup
+    runner = build(with_tokens(cfg, vision_start=t), mesh=make_mesh(2, 2, 2))
     assert len(runner.ar.language_model.model.layers[0].mlp.gate_proj.kernel.sharding.device_set) == 8
-    out = runner.text_then_image(nb)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.has_image, ref.has_image)
+    out = runner.text_then_image(nb, LIMIT)
+    np.testing.assert_array_equal(out.num_images, ref.num_images)
+    for a, b in zip(out.segments, ref.segments):
+        assert [x.tolist() for x in a] == [x.tolist() for x in b]
     err = float(np.abs(np.asarray(out.image_embeds) - np.asarray(ref.image_embeds)).max())
-    print(f"free-form sharded vs unsharded: max abs err {err:.2e}")
+    print(f"free-form sharded vs unsharded ({ref.num_images.tolist()} images): max abs err {err:.2e}")
     assert err <= 1e-5
 
 
 def test_vision_end_is_never_generated(setup):
-    cfg, nb, greedy, _, _ = setup
+    cfg, nb, greedy, _, _, _ = setup
     banned = int(greedy[0, 0])  # what greedy decoding picks first in row 0 (with <|vision_start|> unchanged)
     out = build(with_tokens(cfg, vision_end=banned)).text_then_image(nb)
-    assert out.tokens[0, 0] != banned
-    produced = out.tokens[np.arange(out.tokens.shape[1])[None] < out.num_text[:, None]]
-    assert banned not in produced
+    assert out.segments[0][0][0] != banned
+    assert all(banned not in out.text_tokens(r) for r in range(len(PROMPTS)))
 
 
-def test_chat_job_records_text_and_renders_opened_images(setup, tmp_path):
-    """The batch CLI's ``chat`` task: text for every row; a PNG (generation decoder, the request's seed) for rows
-    that opened an image, the same pixels as decoding the free-form embeddings directly."""
-    cfg, _, _, t, batch = setup
+@pytest.mark.slow
+def test_chat_job_writes_one_png_per_image(setup, tmp_path):
+    """The batch CLI's ``chat`` task with "max_images": 2: the record's text and segments; one PNG per image (the
+    generation decoder, image j with seed + j), the same pixels as decoding the free-form embeddings directly; the
+    first image keeps the single-image fields; a record with a missing second PNG is not complete (resume)."""
+    cfg, _, _, t, batch, free = setup
     runner = build(with_tokens(cfg, vision_start=t), with_decoder=True)
-    chat_batch = dataclasses.replace(batch, task="chat")
+    rows = tuple(dataclasses.replace(p, request=dataclasses.replace(p.request, task="chat", max_images=LIMIT))
+                 for p in batch.items)
+    chat_batch = dataclasses.replace(batch, task="chat", items=rows)
     ckpt = type("Ckpt", (), {"ar": runner.ar, "codec": ByteTokenizer()})()
     job = InferenceJob(runner, ckpt, OutputDir(str(tmp_path)), Progress(1, enabled=False))
-    results = job.compute(chat_batch)
-    free = runner.text_then_image(collate(chat_batch, runner.ar.config))
+    job.run(chat_batch)
+    records = OutputDir(str(tmp_path)).records
     seeds = np.asarray([p.request.seed for p in chat_batch.rows()], np.uint32)
-    pixels = runner.decode_images("generation", free.image_embeds, seeds)
-    assert [("image" in r) for r in results] == free.has_image.tolist() and free.has_image.any()
-    for i, res in enumerate(results):
-        assert res["text"] == ByteTokenizer().decode(free.tokens[i, : free.num_text[i]].tolist())
-        if free.has_image[i]:
-            png = np.asarray(Image.open(tmp_path / res["image"]))
-            np.testing.assert_array_equal(png, to_uint8(pixels[i]))
+    pixels = [runner.decode_images("generation", free.image_embeds[:, j], seeds + np.uint32(j)) for j in range(LIMIT)]
+    for i, p in enumerate(rows):
+        rec, k = records[p.request.id], int(free.num_images[i])
+        assert rec["status"] == "ok", rec
+        assert rec["segments"] == [ByteTokenizer().decode(s.tolist()) for s in free.segments[i]]
+        assert rec["text"] == ByteTokenizer().decode(free.text_tokens(i).tolist())
+        assert len(rec.get("images") or []) == k and rec.get("image") == (rec["images"][0] if k else None)
+        for j, name in enumerate(rec.get("images") or []):
+            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / name)), to_uint8(pixels[j][i]))
+    two = rows[int(np.flatnonzero(free.num_images == 2)[0])].request.id
+    assert records[two]["images"] == [f"images/{two}.png", f"images/{two}.more/1.png"]
+    assert OutputDir(str(tmp_path)).is_complete(two)
+    (tmp_path / records[two]["images"][1]).unlink()
+    assert not OutputDir(str(tmp_path)).is_complete(two)

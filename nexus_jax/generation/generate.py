@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nexus_jax.generation.sampling import sample_next, suppress_tokens
+from nexus_jax.generation.sampling import sample_next, suppress_per_row, suppress_tokens
 from nexus_jax.models.qwen2.cache import KVCache, init_cache_for
 from nexus_jax.models.qwen2.model import Qwen2ForCausalLM, check_token_ids
 
@@ -122,17 +122,28 @@ def decode(
     pad_token_id: int,
     suppress_token_ids: tuple[int, ...] = (),
     return_cache: bool = False,
+    active: jax.Array | None = None,
+    limit: jax.Array | None = None,
+    row_suppress: jax.Array | None = None,
 ):
     """Feed ``first_token`` and decode until every row hit EOS or ``max_new_tokens`` tokens exist.
 
     ``suppress_token_ids`` are never sampled (their logits are -inf); ``return_cache`` also returns the final cache
-    (finished rows' entries after their stop token are invalid), e.g. to continue a row in image mode."""
+    (finished rows' entries after their stop token are invalid), e.g. to continue a row in image mode.
+    Optional per-row controls (to resume a decode in rounds): ``active`` [B] bool (inactive rows are finished from
+    the start: no tokens, count 0, nothing valid written to the cache); ``limit`` [B] int: a row finishes once it has
+    ``limit`` tokens (default ``max_new_tokens``); ``row_suppress`` [B, K] int: ids never sampled in that row (-1 =
+    none; the first token is the caller's)."""
     model = nnx.merge(graphdef, state)
     b = first_token.shape[0]
     eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
+    active = jnp.ones((b,), bool) if active is None else active.astype(bool)
+    first_token = jnp.where(active, first_token, pad_token_id)
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first_token)
-    done = jnp.isin(first_token, eos)
-    count = jnp.ones((b,), jnp.int32)
+    count = active.astype(jnp.int32)
+    done = ~active | jnp.isin(first_token, eos)
+    if limit is not None:
+        done = done | (count >= limit)
 
     def cond(carry):
         step, _, _, _, done, _, _ = carry
@@ -145,11 +156,14 @@ def decode(
             last[:, None], positions=(position + step - 1)[:, None], attention_mask=~done[:, None], cache=cache,
             only_last_logits=True,
         )
-        nxt = sample_next(suppress_tokens(out.logits[:, 0], suppress_token_ids), sub, temperature, top_p)
+        logits = suppress_per_row(suppress_tokens(out.logits[:, 0], suppress_token_ids), row_suppress)
+        nxt = sample_next(logits, sub, temperature, top_p)
         nxt = jnp.where(done, pad_token_id, nxt)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
         count = count + (~done).astype(jnp.int32)
         done = done | jnp.isin(nxt, eos)
+        if limit is not None:
+            done = done | (count >= limit)
         return step + 1, tokens, out.cache, nxt, done, count, key
 
     carry = (jnp.ones((), jnp.int32), tokens, cache, first_token, done, count, key)

@@ -13,6 +13,16 @@ def suppress_tokens(logits: jax.Array, token_ids: tuple[int, ...]) -> jax.Array:
     return logits.at[:, jnp.asarray(token_ids, jnp.int32)].set(-jnp.inf)
 
 
+def suppress_per_row(logits: jax.Array, token_ids: jax.Array | None) -> jax.Array:
+    """logits [B, V] with ``logits[b, token_ids[b, k]]`` set to -inf; ``token_ids`` [B, K] int, -1 = none; unchanged
+    for None. For bans that differ per row (e.g. ``<|vision_start|>`` once a row has used its image budget)."""
+    if token_ids is None:
+        return logits
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    banned = (vocab[None, None, :] == token_ids[:, :, None]).any(axis=1)
+    return jnp.where(banned, -jnp.inf, logits)
+
+
 def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
     """logits [B, V] -> logits with everything outside the smallest set of mass >= top_p set to -inf.
 

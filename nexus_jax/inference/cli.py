@@ -15,6 +15,7 @@ its share on a mesh of its own devices and writes its own journal; process 0 mer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -28,7 +29,7 @@ from nexus_jax.inference.batching import Batch, Batcher, collate, collate_refere
 from nexus_jax.inference.multiprocess import Group, PeerFailed, local_mesh
 from nexus_jax.inference.outputs import OutputDir, Progress
 from nexus_jax.inference.reader import Done, iterate, prepare_request, request_dataset
-from nexus_jax.inference.requests import Failure, read_lines, request_id
+from nexus_jax.inference.requests import MAX_IMAGES, Failure, read_lines, request_id
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from --input if given, else from the records' line indices)")
     p.add_argument("--batch-size", type=int, default=4, help="requests per batch (rounded up to the data devices)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit for understanding")
+    p.add_argument("--max-images", type=int, default=1,
+                   help="images a chat answer may hold (a request's \"max_images\" overrides it; 0: text only)")
     p.add_argument("--length-multiple", type=int, default=64, help="prompt lengths are padded to this multiple")
     p.add_argument("--mesh", default=None,
                    help="data,fsdp,tensor sizes of each process's local devices (default: all on data)")
@@ -90,15 +93,25 @@ class InferenceJob:
         return results
 
     def chat(self, batch: Batch, nb: Any, seeds: np.ndarray) -> list[dict[str, Any]]:
-        """Free-form answers: text, plus a PNG from the generation decoder for rows that opened an image."""
-        out = self.runner.text_then_image(nb)
-        pixels = None if out.image_embeds is None else self.runner.decode_images("generation", out.image_embeds, seeds)
+        """Free-form answers: text, plus one PNG per image the answer opened (generation decoder; image j of a
+        request uses seed + j). ``text`` is the answer without its images, ``segments`` the text around them
+        (image j between segments j and j + 1); ``images`` / ``images_sha256`` list the PNGs, and ``image`` /
+        ``image_sha256`` repeat the first one."""
+        limits = [self.runner.max_images if p.request.max_images is None else p.request.max_images
+                  for p in batch.rows()]
+        out = self.runner.text_then_image(nb, np.asarray(limits))
+        codec = self.ckpt.codec
+        pixels = [self.runner.decode_images("generation", out.image_embeds[:, j], seeds + np.uint32(j))
+                  for j in range(int(out.num_images[: batch.num_real].max(initial=0)))]
         results = []
         for i, p in enumerate(batch.items):
-            res: dict[str, Any] = {"text": self.ckpt.codec.decode(out.tokens[i, : out.num_text[i]].tolist())}
-            if out.has_image[i]:
-                path, digest = self.out.write_image(p.request.id, pixels[i])
-                res.update(image=path, image_sha256=digest, height=int(pixels.shape[1]), width=int(pixels.shape[2]))
+            segments = [codec.decode(s.tolist()) for s in out.segments[i]]
+            res: dict[str, Any] = {"text": codec.decode(out.text_tokens(i).tolist()), "segments": segments}
+            written = [self.out.write_image(p.request.id, pixels[j][i], j) for j in range(int(out.num_images[i]))]
+            if written:
+                res.update(image=written[0][0], image_sha256=written[0][1], images=[w[0] for w in written],
+                           images_sha256=[w[1] for w in written], height=int(pixels[0].shape[1]),
+                           width=int(pixels[0].shape[2]))
             results.append(res)
         return results
 
@@ -164,7 +177,7 @@ def run(args: argparse.Namespace, group: Group) -> int:
     else:
         ckpt = loading.load(args.checkpoint, mesh=mesh)
         runner = Runner(ckpt.ar, vae=ckpt.vae, generation=ckpt.generation, editing=ckpt.editing, empty=ckpt.empty,
-                        max_new_tokens=args.max_new_tokens, mesh=mesh)
+                        max_new_tokens=args.max_new_tokens, max_images=args.max_images, mesh=mesh)
     data_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-args.batch_size // data_devices) * data_devices
     load_seconds = time.perf_counter() - t0
@@ -186,6 +199,8 @@ def run(args: argparse.Namespace, group: Group) -> int:
         ref_grid = ckpt.editing.model.cfg.merger.ref_grid if ckpt.editing is not None else None
 
         def prepare(req):
+            if req.task == "chat" and req.max_images is None:  # the CLI default, also for the length check
+                req = dataclasses.replace(req, max_images=args.max_images)
             return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
 
     ds = request_dataset(lines, paths.parent(args.input), prepare, indices=share)
@@ -265,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"infer: {flag} ({value}) must be >= 1", file=sys.stderr)
             return 2
+    if not 0 <= args.max_images <= MAX_IMAGES:
+        print(f"infer: --max-images ({args.max_images}) must be in [0, {MAX_IMAGES}]", file=sys.stderr)
+        return 2
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.length_multiple < 1:
         print(f"infer: --batch-size ({args.batch_size}), --max-new-tokens ({args.max_new_tokens}) and "
               f"--length-multiple ({args.length_multiple}) must be >= 1", file=sys.stderr)

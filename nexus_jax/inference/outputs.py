@@ -64,6 +64,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def image_name(request_id: str, index: int = 0) -> str:
+    """Path under the output root of a request's image: ``images/<id>.png``; image ``index`` >= 1 of a chat answer:
+    ``images/<id>.more/<index>.png`` (ids hold no '/', so no other request's name can take it)."""
+    return f"{IMAGES_DIR}/{request_id}.png" if index == 0 else f"{IMAGES_DIR}/{request_id}.more/{index}.png"
+
+
 def process_suffix(process_index: int, process_count: int) -> str:
     return "" if process_count == 1 else f"-{process_index:05d}-of-{process_count:05d}"
 
@@ -97,8 +103,8 @@ class OutputDir:
         stem, ext = os.path.splitext(name)
         return paths.join(self.root, f"{stem}{self.suffix}{ext}")
 
-    def image_path(self, request_id: str) -> str:
-        return paths.join(self.root, IMAGES_DIR, f"{request_id}.png")
+    def image_path(self, request_id: str, index: int = 0) -> str:
+        return paths.join(self.root, image_name(request_id, index))
 
     def remove_stale_temps(self) -> int:
         """Delete ``images/.tmp-*`` left by a killed run (call before any process of this run writes)."""
@@ -119,10 +125,12 @@ class OutputDir:
             return False
         if rec.get("image") is None:
             return True
-        path = paths.join(self.root, rec["image"])
-        if not paths.is_file(path):
-            return False
-        return sha256(paths.read_bytes(path)) == rec.get("image_sha256")
+        files = list(zip(rec.get("images") or [rec["image"]], rec.get("images_sha256") or [rec.get("image_sha256")]))
+        for name, digest in files:  # chat answers may hold several images
+            path = paths.join(self.root, name)
+            if not paths.is_file(path) or sha256(paths.read_bytes(path)) != digest:
+                return False
+        return True
 
     def chosen(self, request_id: str) -> tuple[dict[str, Any] | None, bool]:
         """(the record that stands for ``request_id``, whether it is complete): the latest complete ``ok`` record,
@@ -137,11 +145,12 @@ class OutputDir:
         """True when an ``ok`` record exists and its image (if any) is on disk with the recorded hash."""
         return self.chosen(request_id)[1]
 
-    def write_image(self, request_id: str, image: np.ndarray) -> tuple[str, str]:
-        """PNG-encode ``image`` ([H, W, 3] in [-1, 1]) atomically -> (path relative to root, sha256)."""
+    def write_image(self, request_id: str, image: np.ndarray, index: int = 0) -> tuple[str, str]:
+        """PNG-encode ``image`` ([H, W, 3] in [-1, 1]) atomically -> (path relative to root, sha256); ``index``: the
+        image's place in a chat answer (see :func:`image_name`)."""
         data = png_bytes(image)
-        paths.atomic_write_bytes(self.image_path(request_id), data)
-        return f"{IMAGES_DIR}/{request_id}.png", sha256(data)
+        paths.atomic_write_bytes(self.image_path(request_id, index), data)
+        return image_name(request_id, index), sha256(data)
 
     def record(self, rec: dict[str, Any]) -> None:
         """Append one finished request to this process's journal (durable before returning)."""

@@ -99,7 +99,8 @@ def prepare_request(
         chat_messages(req), encode, cfg.tokens, input_image_tokens=counts, num_slots=cfg.num_slots,
         add_generation_prompt=understanding, stop_after_slots=not understanding,
     )
-    slots = cfg.num_slots if req.task == "chat" else 0  # room for an image the answer may contain
+    # room for the images the answer may contain (max_images None: 1)
+    slots = cfg.num_slots * (1 if req.max_images is None else req.max_images) if req.task == "chat" else 0
     budget = cfg.max_length - (max_new_tokens + slots if understanding else 0)
     if len(chat.input_ids) > budget:
         what = f"max_length={cfg.max_length} minus max_new_tokens={max_new_tokens}" if understanding else (

@@ -32,6 +32,7 @@ from nexus_jax.nexus.templates import IMAGE_TAG, Message
 
 TASKS: tuple[str, ...] = ("understanding", "generation", "editing", "chat")
 MAX_ID_LENGTH = 128
+MAX_IMAGES = 16  # largest per-request chat image limit ("max_images")
 
 
 class RequestError(ValueError):
@@ -50,6 +51,7 @@ class Request:
     images: tuple[str, ...]
     seed: int
     prompt: str
+    max_images: int | None = None  # chat only: images the answer may hold (None: the CLI's --max-images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,12 @@ def parse_request(line: str, index: int, base_dir: str = ".", *, check_files: bo
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise RequestError(f"seed {seed!r} must be an integer in [0, 2**31)")
+    max_images = doc.get("max_images")
+    if max_images is not None:
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or not 0 <= max_images <= MAX_IMAGES:
+            raise RequestError(f"max_images {max_images!r} must be an integer in [0, {MAX_IMAGES}]")
+        if task != "chat":
+            raise RequestError(f"max_images applies to chat requests only, not to {task}")
     top_images = doc.get("images", [])
     if not isinstance(top_images, list) or not all(isinstance(p, str) and p for p in top_images):
         raise RequestError(f"'images' must be a list of path strings, got {top_images!r}"[:300])
@@ -161,7 +169,7 @@ def parse_request(line: str, index: int, base_dir: str = ".", *, check_files: bo
         for p in resolved:
             if not paths.is_file(p):
                 raise RequestError(f"missing image: {p} does not exist")
-    return Request(rid, index, task, tuple(messages), resolved, seed, user_text)
+    return Request(rid, index, task, tuple(messages), resolved, seed, user_text, max_images)
 
 
 def parse_or_fail(line: str, index: int, base_dir: str = ".") -> Request | Failure:

@@ -27,12 +27,12 @@ from configs.nexus_decoders import SamplerConfig
 from nexus_jax import sharding
 from nexus_jax.diffusion.sampler import Conditioning, denoise, schedule_sigmas
 from nexus_jax.generation.generate import decode, next_positions
-from nexus_jax.generation.sampling import suppress_tokens
+from nexus_jax.generation.sampling import suppress_per_row, suppress_tokens
 from nexus_jax.models.flux.packing import image_ids, latent_size, pack_latents, unpack_latents
 from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.models.qwen2.cache import init_cache_for
 from nexus_jax.nexus.batch import NexusBatch, VisionInputs
-from nexus_jax.nexus.prefill import fill_slots, fill_slots_from_cache
+from nexus_jax.nexus.prefill import fill_slots, image_from_cache, position_after_image
 from nexus_jax.pipelines.decode import EmptyPrompt  # pooled CLIP("") and T5("") (the negative branch of true CFG)
 
 
@@ -87,16 +87,17 @@ def _decoder_program(dec_graph, vae_graph, cfg: SamplerConfig) -> Callable:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "num_merged", "suppress_token_ids"))
-def understanding_prefill(graphdef, state, ids, positions, mask, pixels, layout, input_mask, *, capacity: int,
-                          num_merged: int, suppress_token_ids: tuple[int, ...] = ()):
+def understanding_prefill(graphdef, state, ids, positions, mask, pixels, layout, input_mask, row_suppress=None, *,
+                          capacity: int, num_merged: int, suppress_token_ids: tuple[int, ...] = ()):
     """ViT + prompt into a fresh KV cache. Returns (first greedy token [B], cache, next positions [B]);
-    ``suppress_token_ids`` are never chosen."""
+    ``suppress_token_ids`` (and each row's ``row_suppress`` [B, K] ids, -1 = none) are never chosen."""
     model = nnx.merge(graphdef, state)
     feats = None if pixels is None else model.encode_images(pixels, layout, num_merged)
     cache = init_cache_for(model.config.vl.text, ids.shape[0], capacity)
     out = model(ids, positions=positions, slot_index=jnp.full(ids.shape, -1, jnp.int32), attention_mask=mask,
                 input_features=feats, input_mask=input_mask if feats is not None else None, cache=cache)
-    first = jnp.argmax(suppress_tokens(out.logits[:, -1], suppress_token_ids), axis=-1).astype(jnp.int32)
+    logits = suppress_per_row(suppress_tokens(out.logits[:, -1], suppress_token_ids), row_suppress)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return first, out.cache, next_positions(positions, mask)
 
 
@@ -107,14 +108,22 @@ def _encode_images(graphdef, state, pixels, layout, *, num_merged: int) -> jax.A
 
 @dataclasses.dataclass(frozen=True)
 class FreeFormOutput:
-    """:meth:`Runner.text_then_image` result: tokens [B, max_new_tokens] as generated (the stop token included, pad
-    after); num_text [B] text tokens before the stop token (or all, if none came); has_image [B]; image_embeds
-    [B, N, hidden] (zeros in rows without an image; None if no row has one)."""
+    """:meth:`Runner.text_then_image` result. ``segments[b]``: row b's answer text as token arrays, one more than its
+    images (image j sits between segments j and j + 1; markers and the stop token excluded); num_images [B];
+    image_embeds [B, K, N, hidden] (K = the batch's largest image limit; zeros where a row has no image j; None if
+    no row has an image)."""
 
-    tokens: np.ndarray
-    num_text: np.ndarray
-    has_image: np.ndarray
+    segments: tuple[tuple[np.ndarray, ...], ...]
+    num_images: np.ndarray
     image_embeds: jax.Array | None
+
+    @property
+    def has_image(self) -> np.ndarray:
+        return self.num_images > 0
+
+    def text_tokens(self, row: int) -> np.ndarray:
+        """Row ``row``'s answer tokens without the images (all segments, in order)."""
+        return np.concatenate(self.segments[row]).astype(np.int32)
 
 
 class Runner:
@@ -129,12 +138,16 @@ class Runner:
         editing: ImageDecoder | None = None,
         empty: EmptyPrompt | None = None,
         max_new_tokens: int = 32,
+        max_images: int = 1,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules = sharding.INFERENCE_RULES,
     ):
         self.ar, self.vae, self.empty = ar, vae, empty
         self.decoders = {"generation": generation, "editing": editing}
         self.max_new_tokens, self.mesh, self.rules = max_new_tokens, mesh, rules
+        if max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {max_images}")
+        self.max_images = max_images
         if mesh is not None:
             for m in (ar, vae, *(d.model for d in (generation, editing) if d)):
                 if m is not None:
@@ -162,10 +175,8 @@ class Runner:
                                    positions=pos, input_mask=self._put(nb.input_mask))
 
     # ------------------------------------------------------------------ tasks
-    def _decode_text(self, nb: NexusBatch, stop: tuple[int, ...], suppress: tuple[int, ...], extra_slots: int):
-        """Prefill the prompt (ViT + text) and decode greedily until a ``stop`` id; returns the
-        :class:`GenerationOutput` (with its cache) and each row's first generated position [B]."""
-        capacity = nb.input_ids.shape[1] + self.max_new_tokens + extra_slots
+    def _prefill(self, nb: NexusBatch, capacity: int, suppress: tuple[int, ...], row_suppress=None):
+        """ViT + prompt into a KV cache of ``capacity`` slots -> (first greedy token [B], cache, next positions [B])."""
         graphdef, state = nnx.split(self.ar)
         p = self._placed(nb)
         pixels = layout = None
@@ -174,10 +185,16 @@ class Runner:
             pixels = jnp.asarray(nb.inputs.pixels)
             layout = {k: jnp.asarray(v) for k, v in nb.inputs.arrays().items()}
             num_merged = nb.inputs.num_merged
-        first, cache, position = understanding_prefill(
-            graphdef, state, p.input_ids, p.positions, p.attention_mask, pixels, layout, p.input_mask,
+        return understanding_prefill(
+            graphdef, state, p.input_ids, p.positions, p.attention_mask, pixels, layout, p.input_mask, row_suppress,
             capacity=capacity, num_merged=num_merged, suppress_token_ids=suppress,
         )
+
+    def _decode_text(self, nb: NexusBatch, stop: tuple[int, ...], suppress: tuple[int, ...], extra_slots: int):
+        """Prefill the prompt (ViT + text) and decode greedily until a ``stop`` id; returns the
+        :class:`GenerationOutput` (with its cache) and each row's first generated position [B]."""
+        capacity = nb.input_ids.shape[1] + self.max_new_tokens + extra_slots
+        first, cache, position = self._prefill(nb, capacity, suppress)
         lm_graph, lm_state = nnx.split(self.ar.language_model)
         out = decode(lm_graph, lm_state, cache, first, position, jax.random.key(0), jnp.float32(0.0),
                      jnp.float32(1.0), max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
@@ -192,27 +209,72 @@ class Runner:
             out, _ = self._decode_text(nb, (tok.im_end, tok.endoftext), (), 0)
         return np.asarray(out.tokens), np.asarray(out.num_generated)
 
-    def text_then_image(self, nb: NexusBatch) -> FreeFormOutput:
-        """Free-form generation, the reference ``_sample`` state machine batched: greedy text (``<|vision_end|>``
-        never chosen) until ``<|vision_start|>``, ``<|im_end|>``, ``<|endoftext|>`` or ``max_new_tokens``; rows that
-        stopped at ``<|vision_start|>`` then fill their N image slots in one N-token forward on top of the decode's
-        KV cache (``fill_slots_from_cache``), at their own next position. One image per row; decoding does not
-        continue after it. ``nb`` is an understanding-style batch (prompt ending with the assistant turn)."""
-        tok = self.ar.config.tokens
-        n = self.ar.config.num_slots
-        stop = (tok.vision_start, tok.im_end, tok.endoftext)
+    def text_then_image(self, nb: NexusBatch, max_images: int | np.ndarray | None = None) -> FreeFormOutput:
+        """Free-form answers, the reference ``_sample`` state machine batched, with several images per answer.
+
+        Greedy text (``<|vision_end|>`` never chosen) until ``<|vision_start|>``, ``<|im_end|>``, ``<|endoftext|>``
+        or ``max_new_tokens`` text tokens in all (``<|vision_start|>`` counts as one). Rows that stopped at
+        ``<|vision_start|>`` then run their image in one (N + 2)-token forward on the decode's KV cache
+        (``<|vision_start|>``, N slots, ``<|vision_end|>``, training positions: ``image_from_cache``), which also
+        gives their next text token; those rows decode on (the others wait, masked) until the next stop, and so on.
+        A row opens at most ``max_images`` [B] (or one int; default the runner's) images: after that
+        ``<|vision_start|>`` is never chosen in that row. ``nb`` is an understanding-style batch."""
+        tok, n = self.ar.config.tokens, self.ar.config.num_slots
+        b, length = nb.input_ids.shape
+        limits = np.broadcast_to(np.asarray(self.max_images if max_images is None else max_images, np.int64), (b,))
+        if (limits < 0).any():
+            raise ValueError(f"max_images must be >= 0, got {limits.tolist()}")
+        k = int(limits.max())
+        stop, suppress, budget = (tok.vision_start, tok.im_end, tok.endoftext), (tok.vision_end,), self.max_new_tokens
+        capacity = length + (k + 1) * budget + k * (n + 2)  # <= k + 1 decode rounds of < budget slots, k images
+        num_images, used = np.zeros(b, np.int64), np.zeros(b, np.int64)
+        segments: list[list[list[int]]] = [[[]] for _ in range(b)]
+        active = np.ones(b, bool)
+        images: list[tuple[np.ndarray, np.ndarray, jax.Array]] = []  # (rows, image index, embeds [B, N, hidden])
+
+        def bans() -> np.ndarray:  # [B, 1]: <|vision_start|> where the row's image budget is spent
+            return np.where(num_images >= limits, tok.vision_start, -1)[:, None].astype(np.int32)
+
+        lm_graph, lm_state = nnx.split(self.ar.language_model)
         with self._context():
-            out, position = self._decode_text(nb, stop, (tok.vision_end,), n)
-            tokens, counts = np.asarray(out.tokens), np.asarray(out.num_generated)
-            last = tokens[np.arange(tokens.shape[0]), counts - 1]
-            has_image = last == tok.vision_start
-            if has_image.any():  # <|vision_start|> sits at the row's next text position (never fed by decode)
-                next_position = np.asarray(position) + counts - 1
-                embeds = fill_slots_from_cache(self.ar, out.cache, next_position)
-                embeds = jnp.where(jnp.asarray(has_image)[:, None, None], embeds, 0)
-            else:
-                embeds = None
-        return FreeFormOutput(tokens, counts - np.isin(last, stop), has_image, embeds)
+            first, cache, position = self._prefill(nb, capacity, suppress, self._put(bans()))
+            position = np.asarray(position, np.int64)
+            while True:
+                out = decode(lm_graph, lm_state, cache, first, self._put(position.astype(np.int32)),
+                             jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), max_new_tokens=budget,
+                             eos_token_ids=stop, pad_token_id=tok.endoftext, suppress_token_ids=suppress,
+                             return_cache=True, active=self._put(active),
+                             limit=self._put((budget - used).astype(np.int32)), row_suppress=self._put(bans()))
+                cache = out.cache
+                tokens, counts = np.asarray(out.tokens), np.asarray(out.num_generated, np.int64)
+                last = tokens[np.arange(b), np.maximum(counts - 1, 0)]
+                ended = active & np.isin(last, stop)
+                for r in np.flatnonzero(active):
+                    segments[r][-1].extend(tokens[r, : counts[r] - int(ended[r])].tolist())
+                used += counts
+                opening = active & (last == tok.vision_start)
+                if not opening.any():
+                    break
+                at = position + counts - 1  # where <|vision_start|> goes (the stop token was not fed)
+                index = num_images.copy()
+                num_images += opening
+                embeds, first, cache = image_from_cache(self.ar, cache, at, opening, suppress_token_ids=suppress,
+                                                        row_suppress=bans())
+                images.append((opening, index, embeds))
+                for r in np.flatnonzero(opening):
+                    segments[r].append([])
+                position = np.where(opening, position_after_image(self.ar.config, at), position)
+                active = opening & (used < budget)
+                if not active.any():
+                    break
+            embeds_all = None
+            if images:
+                embeds_all = jnp.zeros((b, k, n, self.ar.config.vl.text.hidden_size), images[0][2].dtype)
+                for rows, index, e in images:
+                    put = jnp.asarray(rows[:, None] & (np.arange(k)[None] == index[:, None]))
+                    embeds_all = jnp.where(put[:, :, None, None], e[:, None], embeds_all)
+        segs = tuple(tuple(np.asarray(s, np.int32) for s in row) for row in segments)
+        return FreeFormOutput(segs, num_images, embeds_all)
 
     def slot_embeddings(self, nb: NexusBatch) -> jax.Array:
         """AR slot prediction: [B, N, hidden] image embeddings from one parallel forward."""

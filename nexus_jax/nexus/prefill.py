@@ -207,3 +207,70 @@ def fill_slots_from_cache(model: NexusGenAR, cache: KVCache, next_position: np.n
         state, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(slots), mask, None, None
     )
     return out
+
+
+def image_phase_inputs(cfg: NexusGenConfig, next_position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole image of a decoding loop, as training lays it out: ``<|vision_start|>``, the N slots,
+    ``<|vision_end|>`` for rows whose next text position is ``next_position`` [B]. Positions as
+    :func:`slot_phase_inputs` (which they extend by the last slot), and ``<|vision_end|>`` at the image start + the
+    merged grid's longer side (``get_rope_index``: text resumes at the image's largest position + 1). Returns
+    (ids [B, N + 2], positions [3, B, N + 2], slot_index [B, N + 2])."""
+    p = np.asarray(next_position, np.int64).reshape(-1)
+    n = cfg.num_slots
+    rows, cols = cfg.merged_slot_grid
+    ids, pos, slots = slot_phase_inputs(cfg, p)
+    s = p + 1
+    r, c = divmod(n - 1, cols)
+    last = np.stack([s, s + r, s + c])[:, :, None]
+    end = np.broadcast_to((s + max(rows, cols))[None, :, None], (3, p.size, 1))
+    tail = np.broadcast_to(np.asarray([cfg.tokens.image_pad, cfg.tokens.vision_end]), (p.size, 2))
+    ids = np.concatenate([ids, tail], axis=1)
+    pos = np.concatenate([pos, last, end], axis=2)
+    slots = np.concatenate([slots, np.full((p.size, 1), n - 1), np.full((p.size, 1), -1)], axis=1)
+    return ids.astype(np.int32), pos.astype(np.int32), slots.astype(np.int32)
+
+
+def position_after_image(cfg: NexusGenConfig, next_position: np.ndarray) -> np.ndarray:
+    """[B]: the text position after an image whose ``<|vision_start|>`` sat at ``next_position`` [B]."""
+    return np.asarray(next_position, np.int64) + 2 + max(cfg.merged_slot_grid)
+
+
+def _image_step(graphdef, suppress_ids, state, cache, ids, positions, slot_index, mask, row_suppress):
+    from nexus_jax.generation.sampling import suppress_per_row, suppress_tokens
+
+    model = nnx.merge(graphdef, state)
+    n = model.config.num_slots
+    embeds = model.embed_inputs(ids, slot_index)
+    hidden, cache = model.language_model.model(inputs_embeds=embeds, positions=positions, attention_mask=mask,
+                                               cache=cache)
+    logits = model.language_model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    first = jnp.argmax(suppress_per_row(suppress_tokens(logits, suppress_ids), row_suppress), axis=-1)
+    return model.head(hidden[:, :n]), first.astype(jnp.int32), cache
+
+
+@lru_cache(maxsize=8)
+def _image_step_for(graphdef, suppress_ids: tuple[int, ...]) -> Callable:
+    return jax.jit(partial(_image_step, graphdef, suppress_ids), donate_argnums=(1,))
+
+
+def image_from_cache(
+    model: NexusGenAR, cache: KVCache, next_position: np.ndarray, opening: np.ndarray, *,
+    suppress_token_ids: tuple[int, ...] = (), row_suppress: np.ndarray | None = None,
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Image mode of a decoding loop that goes on after the image. Rows where ``opening`` [B] is True have just
+    emitted ``<|vision_start|>`` (not yet fed; ``cache`` holds everything before it, ``next_position`` [B] is their
+    next text position). One (N + 2)-token forward feeds ``<|vision_start|>``, the N slots and ``<|vision_end|>``
+    (:func:`image_phase_inputs`); the other rows' entries are written invalid. Returns (image embeddings [B, N, hidden],
+    the greedy token after ``<|vision_end|>`` [B] (``suppress_token_ids`` and each row's ``row_suppress`` [B, K]
+    ids, -1 = none, never chosen), the cache). Rows not opening get meaningless values. The cache is consumed."""
+    cfg = model.config
+    ids, pos, slots = image_phase_inputs(cfg, next_position)
+    free = cache.capacity - int(cache.index)
+    if free < ids.shape[1]:
+        raise ValueError(f"the KV cache has {free} free slots; an image with its markers needs {ids.shape[1]}")
+    mask = jnp.broadcast_to(jnp.asarray(opening, bool)[:, None], ids.shape)
+    rs = None if row_suppress is None else jnp.asarray(row_suppress, jnp.int32)
+    graphdef, state = nnx.split(model)
+    return _image_step_for(graphdef, tuple(suppress_token_ids))(
+        state, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(slots), mask, rs
+    )
