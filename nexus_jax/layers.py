@@ -13,8 +13,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from configs.qwen2_5 import ATTENTION_IMPLS
+from nexus_jax import sharding
 
 Axes = tuple[str | None, ...]
 
@@ -239,8 +241,9 @@ def jax_nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 SPLASH_BLOCK = 128
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
+    """The kernel for one (padded) length and head count; built per trace (its mask tables are arrays of that trace,
+    so it is not cached across traces)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -248,9 +251,8 @@ def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
     blk = SPLASH_BLOCK
     sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to reuse across traces (lru_cache)
-        kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
     return kernel, sk.SegmentIds
 
 
@@ -260,8 +262,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask
 
     q [B, L, Hq, D]; k, v [B, L, Hkv, D] (GQA native); mask None (full) or a :class:`SegmentMask` (causal and / or
     segments; a dense mask cannot be given). L is padded to a multiple of :data:`SPLASH_BLOCK`. ``interpret``
-    (default: not on TPU) runs the kernel in the Pallas interpreter; False forces the Mosaic TPU kernel (AOT
-    compiles for a TPU topology from a CPU host). Returns [B, L, Hq, D].
+    (default: unless the backend or the active sharding context's mesh is TPU) runs the kernel in the Pallas
+    interpreter; False forces the Mosaic TPU kernel. Under a multi-device :func:`sharding.sharding_context` the kernel
+    runs per shard (``shard_map``: batch over the "batch" rule, heads over "act_heads" when the kv heads split the
+    same way, else replicated); Mosaic calls cannot be partitioned automatically. Returns [B, L, Hq, D].
     """
     if mask is not None and not isinstance(mask, SegmentMask):
         raise ValueError("splash attention takes mask=None or a layers.SegmentMask, not a dense mask array")
@@ -270,21 +274,41 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask
         raise ValueError(f"splash attention is self-attention only: {length} queries but {k.shape[1]} keys")
     if hq % k.shape[2]:
         raise ValueError(f"query heads {hq} not divisible by kv heads {k.shape[2]}")
+    causal = bool(mask is not None and mask.causal)
+    if interpret is None:  # interpreted unless the target is a TPU (a TPU backend or a TPU-topology mesh, AOT)
+        ctx = sharding.current()
+        platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+        interpret = platform != "tpu"
+    scale = d**-0.5 if scale is None else scale
+    seg = jnp.zeros((b, length), jnp.int32) if mask is None else mask.segment_ids.astype(jnp.int32)
+    local = functools.partial(_splash_local, causal=causal, scale=scale, interpret=interpret,
+                              segments=mask is not None)
+    ctx = sharding.current()
+    if ctx is None or ctx[0].size == 1:
+        return local(q, k, v, seg)
+    mesh, rules = ctx
+    qs = sharding.logical_to_spec(("batch", None, "act_heads", None), rules, q.shape, mesh)
+    ks = sharding.logical_to_spec(("batch", None, "act_kv_heads", None), rules, k.shape, mesh)
+    if qs[2] != ks[2]:  # GQA groups must stay whole on a shard
+        qs, ks = P(qs[0], None, None, None), P(ks[0], None, None, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs,
+                         check_vma=False)(q, k, v, seg)
+
+
+def _splash_local(q, k, v, seg, *, causal: bool, scale: float, interpret: bool, segments: bool) -> jax.Array:
+    """:func:`splash_attention` on one shard: pad L, heads first, vmap the kernel over the batch, cut back."""
+    b, length, hq, _ = q.shape
     padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
     extra = padded - length
-    seg = None if mask is None else mask.segment_ids.astype(jnp.int32)
-    if extra:
-        real = jnp.zeros((b, length), jnp.int32) if seg is None else seg
-        seg = jnp.concatenate([real, jnp.full((b, extra), jnp.iinfo(jnp.int32).min, jnp.int32)], axis=1)
-    kernel, segment_ids_cls = _splash_kernel(padded, hq, bool(mask is not None and mask.causal),
-                                             jax.default_backend() != "tpu" if interpret is None else interpret)
-    scale = d**-0.5 if scale is None else scale
+    if extra:  # padding tokens form their own segment
+        seg = jnp.concatenate([seg, jnp.full((b, extra), jnp.iinfo(jnp.int32).min, jnp.int32)], axis=1)
+    kernel, segment_ids_cls = _splash_kernel(padded, hq, causal, interpret)
 
     def heads_first(x):  # [B, L, H, D] -> [B, H, padded, D]
         return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
     qh = heads_first((q.astype(jnp.float32) * scale).astype(q.dtype))
-    if seg is None:
+    if not (segments or extra):
         out = jax.vmap(kernel)(qh, heads_first(k), heads_first(v))
     else:
         out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=segment_ids_cls(q=s, kv=s)))(

@@ -184,7 +184,8 @@ def flux_out(impl: str):
     return jax.jit(lambda m, a: m(**a))(model, x)
 
 
-@pytest.mark.parametrize("impl", ["jax_nn", pytest.param("splash", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default path ("auto" = jax_nn on CPU) is also checked against diffusers in test_flux_dit.py
+@pytest.mark.parametrize("impl", ["jax_nn", "splash"])
 def test_flux_dit_impls_match_xla(impl):
     """Tiny DiT (3 heads, 7 text + 24 image tokens = 31, not a block multiple): full attention."""
     want, got = flux_out("xla"), flux_out(impl)
@@ -193,10 +194,9 @@ def test_flux_dit_impls_match_xla(impl):
     assert err <= TOL * float(jnp.abs(want).max())
 
 
-@pytest.mark.parametrize("impl,frame_groups", [
-    ("jax_nn", False), ("jax_nn", True),
-    pytest.param("splash", False, marks=pytest.mark.slow), pytest.param("splash", True, marks=pytest.mark.slow),
-])
+@pytest.mark.slow  # the default path ("auto" = jax_nn on CPU) is also checked against transformers in test_vision.py
+@pytest.mark.parametrize("impl,frame_groups", [("jax_nn", False), ("jax_nn", True), ("splash", False),
+                                               ("splash", True)])
 def test_vision_impls_match_xla(impl, frame_groups):
     """Tiny ViT, two images with several (partial) windows: window blocks as segment ids for splash."""
     from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
@@ -213,3 +213,64 @@ def test_vision_impls_match_xla(impl, frame_groups):
     err = float(jnp.abs(got - want).max())
     print(f"vision {impl} frame_groups={frame_groups}: max abs err {err:.1e} (scale {float(jnp.abs(want).max()):.1f})")
     assert err <= TOL * float(jnp.abs(want).max())
+
+
+def tpu_topology_devices():
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2", chip_config_name="default",
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    except Exception as err:  # noqa: BLE001 - no libtpu in this environment
+        pytest.skip(f"no TPU topology for AOT compiles: {err}")
+    return topo.devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim", [128, 80])
+def test_splash_compiles_for_tpu_and_is_not_priced_by_cost_analysis(head_dim):
+    """Mosaic lowering (not the interpreter) of the kernel and its VJP for one v5p device, bf16, GQA 6 / 2, causal
+    segments, L = 300 (padded to 384); head_dim 80 is the Qwen2.5-VL ViT's. XLA's cost_analysis does not price the
+    custom call: it reports far fewer FLOPs than the kernel's matmuls (planner MFU is analytic, launch/flops.py)."""
+    sh = jax.sharding.SingleDeviceSharding(tpu_topology_devices()[0])
+    b, length, hq, hkv = 2, 300, 6, 2
+    q = jax.ShapeDtypeStruct((b, length, hq, head_dim), jnp.bfloat16, sharding=sh)
+    kv = jax.ShapeDtypeStruct((b, length, hkv, head_dim), jnp.bfloat16, sharding=sh)
+    seg = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=sh)
+
+    def f(q_, k_, v_, s_):
+        out = layers.splash_attention(q_, k_, v_, layers.SegmentMask(s_, causal=True), interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    with jax.default_matmul_precision("default"):  # conftest's "highest" (fp32 passes) is invalid for bf16 in Mosaic
+        lowered = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(q, kv, kv, seg)
+    assert "tpu_custom_call" in lowered.as_text()
+    compiled = lowered.compile()
+    causal_matmul_flops = 3 * 2 * b * hq * length * length * head_dim  # fwd + bwd, half of the 4 B H L^2 D
+    reported = compiled.cost_analysis()["flops"]
+    print(f"head_dim {head_dim}: cost_analysis {reported:.3g} FLOPs vs the kernel's ~{causal_matmul_flops:.3g}")
+    assert reported < 0.05 * causal_matmul_flops
+
+
+@pytest.mark.slow
+def test_tiny_qwen2_splash_train_step_compiles_for_v5p_mesh():
+    """A tiny text decoder (attention_impl="splash", 4 / 2 heads of 128, bf16) gradient on a 2x2x2 (data, fsdp,
+    tensor) mesh of v5p:2x2x2: the kernel runs under shard_map (batch and heads split), compiled by libtpu."""
+    from nexus_jax import sharding
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=tpu_topology_devices())
+    cfg = qwen2_5.tiny(attention_impl="splash", num_heads=4, num_kv_heads=2, head_dim=128, hidden_size=256,
+                       mrope_section=None, dtype="bfloat16")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: qmodel.Qwen2Model(cfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.state_shardings(state, mesh, sharding.TRAIN_RULES)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    ids = jax.ShapeDtypeStruct((8, 300), jnp.int32, sharding=sharding.data_sharding(mesh, 2))
+
+    def loss(st, i):
+        hidden = nnx.merge(graphdef, st)(i, attention_mask=(i > 0).astype(jnp.int32))[0]
+        return jnp.mean(hidden.astype(jnp.float32) ** 2)
+
+    with sharding.sharding_context(mesh, sharding.TRAIN_RULES), jax.default_matmul_precision("default"):
+        lowered = jax.jit(jax.grad(loss)).lower(state, ids)
+    assert "tpu_custom_call" in lowered.as_text()
+    assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
