@@ -12,7 +12,10 @@ forward's greedy choice, and the (2, 2, 2)-sharded run must equal the unsharded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -219,3 +222,66 @@ def test_chat_job_writes_one_png_per_image(setup, tmp_path):
     assert OutputDir(str(tmp_path)).is_complete(two)
     (tmp_path / records[two]["images"][1]).unlink()
     assert not OutputDir(str(tmp_path)).is_complete(two)
+
+
+def swap_lm_head_rows(upstream_ar: Path, a: int, b: int) -> None:
+    """Swap the lm_head rows (torch layout [vocab, hidden]) of ids ``a`` and ``b`` in an upstream-layout checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((upstream_ar / "model.safetensors.index.json").read_text())
+    path = upstream_ar / index["weight_map"]["lm_head.weight"]
+    tensors = load_file(str(path))
+    w = tensors["lm_head.weight"]
+    w[[a, b]] = w[[b, a]].clone()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.slow
+def test_cli_chat_request_with_two_images(tmp_path):
+    """``nexus-jax infer`` on the tiny default checkpoint (built, converted): a ``chat`` request with "max_images": 2
+    writes two PNGs. The random model never emits <|vision_start|> by itself, so its lm_head row is swapped with the
+    row of a byte its greedy answer writes: the model then opens an image wherever it would have written that byte.
+    The byte is the first (in id order) for which the answer opens two images (searched with the runner on the
+    converted weights, rows swapped in memory); the swap is then made in the upstream checkpoint, which is converted
+    again, and the CLI's record must match the runner's answer."""
+    from nexus_jax import main_job
+    from nexus_jax.inference import cli as infer_cli
+    from nexus_jax.inference import loading
+
+    upstream, ckpt = tmp_path / "default_checkpoint", tmp_path / "converted"
+    main_job.build_checkpoint(upstream, seed=1234)
+    assert main_job.convert(upstream, ckpt) == 0
+    line = json.dumps({"id": "talk", "task": "chat", "max_images": 2, "seed": 5,
+                       "messages": [{"role": "user", "content": "Draw me a lighthouse."}]})
+    (tmp_path / "requests.jsonl").write_text(line + "\n")
+    ck = loading.load(ckpt)
+    vs = ck.ar.config.tokens.vision_start
+    p = prepare_request(parse_request(line, 0, str(tmp_path)), ck.ar.config, ck.codec.encode, 16, None)
+    nb = collate(group_batches([p], 1)[0], ck.ar.config)
+    runner = Runner(ck.ar, max_new_tokens=16)
+    tokens, _ = runner.understand(nb)
+    kernel = ck.ar.language_model.lm_head.kernel  # [hidden, vocab]
+    original = np.asarray(kernel.get_value())
+    for t in sorted({int(x) for x in tokens[0, 1:]} - {int(tokens[0, 0])}):
+        w = original.copy()
+        w[:, [t, vs]] = w[:, [vs, t]]
+        kernel.set_value(jnp.asarray(w))
+        free = runner.text_then_image(nb, 2)
+        if free.num_images[0] == 2:
+            break
+    else:
+        raise AssertionError(f"no token of the greedy answer {tokens.tolist()} opens two images")
+    swap_lm_head_rows(upstream / "ar", t, vs)
+    shutil.rmtree(ckpt / "ar")
+    assert main_job.convert(upstream, ckpt) == 0
+    out = tmp_path / "out"
+    assert infer_cli.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "requests.jsonl"), "--output",
+                           str(out), "--batch-size", "1", "--max-new-tokens", "16", "--no-progress"]) == 0
+    (rec,) = map(json.loads, (out / "results.jsonl").read_text().splitlines())
+    assert rec["status"] == "ok" and rec["images"] == ["images/talk.png", "images/talk.more/1.png"]
+    assert rec["image"] == rec["images"][0] and rec["image_sha256"] == rec["images_sha256"][0]
+    assert rec["segments"] == [ck.codec.decode(s.tolist()) for s in free.segments[0]]
+    for name, digest in zip(rec["images"], rec["images_sha256"]):
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest and Image.open(out / name).size == (48, 32)
+    print(f"CLI chat: lm_head rows of token {t} and <|vision_start|> swapped, segments {rec['segments']!r}, 2 PNGs")
