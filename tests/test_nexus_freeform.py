@@ -31,7 +31,7 @@ from nexus_jax.inference.batching import collate, group_batches
 from nexus_jax.inference.cli import InferenceJob
 from nexus_jax.inference.outputs import OutputDir, Progress, to_uint8
 from nexus_jax.inference.reader import prepare_request
-from nexus_jax.inference.requests import parse_request
+from nexus_jax.inference.requests import RequestError, parse_request
 from nexus_jax.inference.runner import EmptyPrompt, ImageDecoder, Runner
 from nexus_jax.models.nexus_ar import NexusGenAR
 from nexus_jax.models.nexus_decoders import GenerationDecoder
@@ -285,3 +285,27 @@ def test_cli_chat_request_with_two_images(tmp_path):
         data = (out / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == digest and Image.open(out / name).size == (48, 32)
     print(f"CLI chat: lm_head rows of token {t} and <|vision_start|> swapped, segments {rec['segments']!r}, 2 PNGs")
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, r"max_images -1 must be an integer in \[0, 16\]"), (17, "must be an integer"), (True, "must be an integer"),
+    ("2", "must be an integer"),
+])
+def test_max_images_request_field_is_validated(value, message):
+    with pytest.raises(RequestError, match=message):
+        parse_request(json.dumps({"task": "chat", "max_images": value, "messages": [
+            {"role": "user", "content": "hi"}]}), 0, ".")
+    with pytest.raises(RequestError, match="max_images applies to chat requests only, not to understanding"):
+        parse_request(json.dumps({"task": "understanding", "max_images": 1, "messages": [
+            {"role": "user", "content": "hi"}]}), 0, ".")
+    assert parse_request(json.dumps({"task": "chat", "max_images": 0, "messages": [
+        {"role": "user", "content": "hi"}]}), 0, ".").max_images == 0
+
+
+def test_max_images_cli_flag_is_validated(tmp_path, capsys):
+    from nexus_jax.inference import cli as infer_cli
+
+    for bad in ("-1", "17"):
+        assert infer_cli.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path), "--output",
+                               str(tmp_path / "out"), "--max-images", bad]) == 2
+        assert f"--max-images ({bad}) must be in [0, 16]" in capsys.readouterr().err
