@@ -35,14 +35,13 @@ def parse_size(text: str) -> int:
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
-    parts = text.split(",")
+    """argparse type for ``--mesh`` (:func:`nexus_jax.sharding.parse_mesh_spec`)."""
+    from nexus_jax.sharding import parse_mesh_spec
+
     try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 3:
-        raise argparse.ArgumentTypeError(f"--mesh wants data,fsdp,tensor sizes such as 1,4,2; got {text!r}")
-    return sizes  # type: ignore[return-value]
+        return parse_mesh_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

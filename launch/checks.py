@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.topology import GiB, Topology
+from nexus_jax.sharding import parse_mesh_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 REPORT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -35,15 +36,11 @@ class PlanError(ValueError):
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
-    """``"1,16,4"`` (data,fsdp,tensor; one entry may be -1) -> tuple."""
-    parts = text.replace("x", ",").split(",")
+    """``"1,16,4"`` (data,fsdp,tensor; one entry may be -1) -> tuple (:func:`nexus_jax.sharding.parse_mesh_spec`)."""
     try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        raise PlanError(f"cannot parse mesh {text!r}: expected three integers data,fsdp,tensor like 1,-1,4") from None
-    if len(sizes) != 3:
-        raise PlanError(f"mesh {text!r} has {len(sizes)} entries; expected 3 (data,fsdp,tensor)")
-    return sizes  # type: ignore[return-value]
+        return parse_mesh_spec(text)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def resolve_mesh(sizes: Sequence[int], num_devices: int, topology: str) -> tuple[int, int, int]:

@@ -202,6 +202,21 @@ def data_sharding(mesh: Mesh, ndim: int, rules: Rules = TRAIN_RULES) -> NamedSha
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def parse_mesh_spec(text: str) -> tuple[int, int, int]:
+    """``--mesh`` of every CLI: ``"1,16,4"`` or ``"1x16x4"`` (data, fsdp, tensor; one entry may be -1) -> sizes.
+    Raises ValueError naming the text."""
+    parts = str(text).strip().replace("x", ",").split(",")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"cannot parse mesh {text!r}: expected three integers data,fsdp,tensor like 1,-1,4") from None
+    if len(sizes) != 3:
+        raise ValueError(f"mesh {text!r} has {len(sizes)} entries; expected 3 (data,fsdp,tensor)")
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {text!r}: sizes must be >= 1, with at most one -1")
+    return sizes  # type: ignore[return-value]
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh shape; one entry may be -1."""

@@ -96,3 +96,14 @@ def test_gqa_attention_matches_torch_sdpa():
         tq, tk.repeat_interleave(2, 1), tv.repeat_interleave(2, 1), attn_mask=torch.from_numpy(mask)
     ).transpose(1, 2)
     np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-5)
+
+
+def test_one_mesh_spec_parser_for_every_cli():
+    from nexus_jax.sharding import parse_mesh_spec
+
+    assert parse_mesh_spec("1,16,4") == parse_mesh_spec("1x16x4") == (1, 16, 4)
+    assert parse_mesh_spec(" 2,-1,1 ") == (2, -1, 1)
+    for bad, msg in (("2,4", "has 2 entries"), ("a,b,c", "cannot parse mesh"), ("-1,-1,2", "at most one -1"),
+                     ("0,1,1", "sizes must be >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mesh_spec(bad)

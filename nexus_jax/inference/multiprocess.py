@@ -117,15 +117,12 @@ def local_mesh(spec: str | None, devices: Sequence[Any] | None = None):
     None for a single device and no ``spec``."""
     import jax
 
-    from nexus_jax.sharding import make_mesh
+    from nexus_jax.sharding import make_mesh, parse_mesh_spec
 
     devices = list(jax.local_devices() if devices is None else devices)
     if spec is None:
         return make_mesh(data=-1, fsdp=1, tensor=1, devices=devices) if len(devices) > 1 else None
-    try:
-        d, f, t = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ValueError(f"--mesh wants data,fsdp,tensor sizes such as 2,2,2; got {spec!r}") from None
+    d, f, t = parse_mesh_spec(spec)
     if d * f * t != len(devices) and -1 not in (d, f, t):
         raise ValueError(f"--mesh {spec} needs {d * f * t} devices, but this process has {len(devices)} local devices "
                          "(with several processes --mesh is each process's own mesh)")

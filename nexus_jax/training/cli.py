@@ -19,7 +19,7 @@ import sys
 
 from configs.training import PRESETS, REMAT_CHOICES, TrainConfig, apply_overrides, override_keys
 from nexus_jax.paths import dir_arg, join, path_arg
-from nexus_jax.sharding import MeshConfig
+from nexus_jax.sharding import MeshConfig, parse_mesh_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +82,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     mesh = cfg.mesh
     if args.mesh:
         try:
-            d, f, t = (int(x) for x in args.mesh.split(","))
-        except ValueError:
-            raise ValueError(f"--mesh must be three integers data,fsdp,tensor, got {args.mesh!r}") from None
-        mesh = MeshConfig(d, f, t)
+            mesh = MeshConfig(*parse_mesh_spec(args.mesh))
+        except ValueError as e:
+            raise ValueError(f"--mesh must be three integers data,fsdp,tensor, got {args.mesh!r} ({e})") from None
     cfg = apply_overrides(r(cfg, optim=optim, checkpoint=ckpt, data=data, loop=loop, mesh=mesh), args.overrides)
     if "optim.decay_steps" not in override_keys(args.overrides):  # the schedule spans the whole run
         cfg = r(cfg, optim=r(cfg.optim, decay_steps=cfg.loop.total_steps))
