@@ -141,14 +141,17 @@ def main(doc: str, add_args: Callable[[argparse.ArgumentParser], None], measure:
     p = argparse.ArgumentParser(description=doc.splitlines()[0], epilog="\n".join(doc.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny config, one repeat: checks that it runs and agrees")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="threads of each side (torch, XLA, OpenMP/MKL); default: every schedulable CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of each side (torch, XLA, OpenMP/MKL); default: one per --cores entry, else every "
+                        "schedulable CPU")
     p.add_argument("--cores", default=None, help="comma-separated CPUs both sides are pinned to (default: the first "
                                                  "--threads schedulable CPUs)")
     p.add_argument("--side", choices=sides, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     add_args(p)
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = len(args.cores.split(",")) if args.cores else len(os.sched_getaffinity(0))
     cores = [int(c) for c in args.cores.split(",")] if args.cores else default_cores(args.threads)
     if len(cores) != args.threads:
         raise SystemExit(f"--cores {cores} must list exactly --threads {args.threads} CPUs")
