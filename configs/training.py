@@ -12,8 +12,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from configs.mesh import MeshConfig
 from configs.qwen2_5 import REMAT_POLICIES
-from nexus_jax.sharding import MeshConfig
 
 ScheduleKind = Literal["cosine", "constant"]
 

@@ -10,7 +10,8 @@ from configs.mar import MARConfig
 from configs.qwen2_5 import Qwen2TextConfig
 from configs.unipic_diffusion import DiffusionHeadConfig, GaussianDiffusionConfig
 from configs.vae import FluxVAEConfig
-from nexus_jax.diffusion.maskgit import CFG_SCHEDULES
+
+CFG_SCHEDULES = ("constant", "linear")  # how the CFG scale ramps over MAR iterations (nexus_jax.diffusion.maskgit)
 
 
 @dataclasses.dataclass(frozen=True)

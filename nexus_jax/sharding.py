@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from configs.mesh import MeshConfig  # noqa: F401  (re-exported: nexus_jax.sharding.MeshConfig)
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -217,13 +218,6 @@ def parse_mesh_spec(text: str) -> tuple[int, int, int]:
     return sizes  # type: ignore[return-value]
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape; one entry may be -1."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-
-    def build(self, devices: Sequence[Any] | None = None) -> Mesh:
-        return make_mesh(self.data, self.fsdp, self.tensor, devices)
+def mesh_from_config(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` Mesh of a :class:`configs.mesh.MeshConfig` over ``devices`` (default: all)."""
+    return make_mesh(cfg.data, cfg.fsdp, cfg.tensor, devices)

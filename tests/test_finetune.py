@@ -64,7 +64,7 @@ def _abstract_and_hook(cfg, init_from):
     setup = model_setup(cfg, init_from)
     task = make_task(cfg, setup=setup)
     optim = dataclasses.replace(cfg.optim, frozen=cfg.optim.frozen + task.frozen)
-    mesh = cfg.mesh.build()
+    mesh = sharding.mesh_from_config(cfg.mesh)
     _, _, abstract = state_lib.init_train_state(task.model_ctor, optim, mesh, sharding.TRAIN_RULES, 0)
     model_abstract = {k: abstract[k] for k in ("params", "frozen")}
     return model_abstract, task.init_params(model_abstract)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CFG_SCHEDULES = ("constant", "linear")
+from configs.unipic import CFG_SCHEDULES  # noqa: F401  (one definition, in the plain-data config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,7 +165,7 @@ def train(
     """Run ``cfg.loop.total_steps`` optimiser steps (resuming per ``cfg.checkpoint.resume``)."""
     run_dir = paths.as_path(run_dir)  # local path or gs:// URL
     batches = task.make_batches(cfg.data.seed)  # first: a bad data path fails before any compilation
-    mesh = mesh or cfg.mesh.build()
+    mesh = mesh or sharding.mesh_from_config(cfg.mesh)
     optim = dataclasses.replace(cfg.optim, frozen=cfg.optim.frozen + task.frozen)
     graphdef, state, abstract = state_lib.init_train_state(task.model_ctor, optim, mesh, rules, cfg.loop.seed)
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
