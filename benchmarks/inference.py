@@ -47,10 +47,10 @@ from nexus_jax.models.flux import image_ids, pack_latents, unpack_latents  # noq
 from nexus_jax.models.flux.diffusers_names import assign_flat, diffusers_flux_to_flat  # noqa: E402
 from nexus_jax.models.nexus_ar import NexusGenAR  # noqa: E402
 from nexus_jax.models.nexus_decoders import GenerationDecoder  # noqa: E402
-from nexus_jax.models.qwen2_5_vl.hf_reference import build_hf_vl, zeros_like_module  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl  # noqa: E402
 from nexus_jax.models.vae.torch_weights import vae_from_diffusers  # noqa: E402
 from nexus_jax.nexus.tiny import ByteTokenizer  # noqa: E402
+from tests.helpers.qwen2_5_vl_reference import build_hf_vl, zeros_like_module  # noqa: E402
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk, waves, storm clouds", "a bowl of fruit on a table",
            "a watercolor city skyline in the rain", "an astronaut riding a horse", "a cat wearing sunglasses",

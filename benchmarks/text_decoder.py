@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 
 from configs.qwen2_5 import bench  # noqa: E402
 from nexus_jax.generation import GenerationConfig, generate  # noqa: E402
-from nexus_jax.models.qwen2.hf_reference import reference_pair  # noqa: E402
+from tests.helpers.qwen2_reference import reference_pair  # noqa: E402
 
 
 def timed(fn: Callable[[], object]) -> np.ndarray:

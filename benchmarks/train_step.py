@@ -39,11 +39,11 @@ from nexus_jax.data.pipeline import BatchIterator, build_dataset  # noqa: E402
 from nexus_jax.data.sources import JsonlSource  # noqa: E402
 from nexus_jax.data.synthetic import write_ar_dataset  # noqa: E402
 from nexus_jax.models.nexus_ar import NexusGenAR  # noqa: E402
-from nexus_jax.models.qwen2_5_vl.hf_reference import build_hf_vl, hf_state_dict_numpy, zeros_like_module  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl  # noqa: E402
 from nexus_jax.nexus.tiny import ByteTokenizer  # noqa: E402
 from nexus_jax.training import state as state_lib  # noqa: E402
 from nexus_jax.training.ar_loop import VIT_FROZEN, make_ar_loss  # noqa: E402
+from tests.helpers.qwen2_5_vl_reference import build_hf_vl, hf_state_dict_numpy, zeros_like_module  # noqa: E402
 
 
 def torch_pair(cfg):

@@ -27,10 +27,10 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs.qwen2_5_vl import QWEN25_VISION_7B, QWEN25_VISION_TINY, Qwen25VisionConfig  # noqa: E402
-from nexus_jax.models.qwen2_5_vl.hf_reference import build_hf_vision  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer, pad_pixels  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout  # noqa: E402
+from tests.helpers.qwen2_5_vl_reference import build_hf_vision  # noqa: E402
 
 # A mid-size ViT with the full model's layout (window 112 px, 4 full-attention blocks of 8 => same ratio as 7B).
 BENCH = Qwen25VisionConfig(

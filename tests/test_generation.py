@@ -11,7 +11,7 @@ import torch
 from configs.qwen2_5 import tiny
 from nexus_jax.generation import GenerationConfig, generate, sample_next, top_p_filter
 from nexus_jax.generation.generate import decode, prefill
-from nexus_jax.models.qwen2.hf_reference import reference_pair
+from tests.helpers.qwen2_reference import reference_pair
 
 CFG = tiny()
 LENGTHS = (61, 40, 52)

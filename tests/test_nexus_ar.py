@@ -14,13 +14,13 @@ from flax import nnx
 
 from configs import nexus_gen
 from nexus_jax.models.nexus_ar import NexusGenAR
-from nexus_jax.models.qwen2.hf_reference import hf_state_dict_numpy
-from nexus_jax.models.qwen2_5_vl.hf_reference import build_hf_vl, zeros_like_module
 from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl
 from nexus_jax.nexus import batch as B
 from nexus_jax.nexus import templates as T
 from nexus_jax.nexus.loss import model_loss
 from nexus_jax.nexus.tiny import ByteTokenizer
+from tests.helpers.qwen2_5_vl_reference import build_hf_vl, zeros_like_module
+from tests.helpers.qwen2_reference import hf_state_dict_numpy
 
 TOK = ByteTokenizer()
 LONG = ("a tiny red fox sleeping under a crooked apple tree at dusk, " * 10).strip()  # ~590 bytes -> tokens

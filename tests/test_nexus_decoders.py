@@ -27,9 +27,9 @@ from nexus_jax.models.nexus_decoders import (
     make_adapter,
     merger_positions,
 )
-from nexus_jax.models.qwen2.hf_reference import _text_kwargs
 from nexus_jax.models.vae import FluxVAE
 from nexus_jax.pipelines.decode import DecodePipeline, EmptyPrompt, save_pngs
+from tests.helpers.qwen2_reference import _text_kwargs
 
 CFG = NexusDecoderConfig.tiny()
 MERGER = MergerConfig.tiny(target_grid=(18, 18), ref_grid=(36, 36))  # 81 + 324 = 405 tokens, as upstream

@@ -10,7 +10,7 @@ import torch
 
 from configs.qwen2_5 import tiny
 from nexus_jax import text_generation_cli
-from nexus_jax.models.qwen2.hf_reference import build_hf_model
+from tests.helpers.qwen2_reference import build_hf_model
 
 
 def _json_lines(text: str) -> list[dict]:

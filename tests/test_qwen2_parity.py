@@ -12,7 +12,7 @@ from configs.qwen2_5 import tiny
 from nexus_jax.models.qwen2 import Qwen2DecoderLayer, init_cache_for, rope_cos_sin
 from nexus_jax.models.qwen2.attention import grouped_query_attention
 from nexus_jax.models.qwen2.hf_params import LAYER_LINEARS
-from nexus_jax.models.qwen2.hf_reference import reference_pair
+from tests.helpers.qwen2_reference import reference_pair
 
 CFG = tiny()
 

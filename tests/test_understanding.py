@@ -11,11 +11,11 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from configs.qwen2_5_vl import tiny
 from nexus_jax import sharding
 from nexus_jax.generation.generate import GenerationConfig
-from nexus_jax.models.qwen2_5_vl.hf_reference import reference_vl_pair
 from nexus_jax.models.qwen2_5_vl.model import check_image_token_count
 from nexus_jax.pipelines.understanding import UnderstandingPipeline
 from nexus_jax.processing.chat import expand_image_pads, render_chat
 from nexus_jax.processing.image_processor import Qwen2VLImageProcessor
+from tests.helpers.qwen2_5_vl_reference import reference_vl_pair
 
 CFG = tiny()
 SPECIALS = {

@@ -9,9 +9,9 @@ from flax import nnx
 
 from configs.qwen2_5_vl import QWEN25_VISION_TINY as CFG
 from nexus_jax import sharding
-from nexus_jax.models.qwen2_5_vl.hf_reference import reference_vision_pair
 from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer, pad_pixels
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
+from tests.helpers.qwen2_5_vl_reference import reference_vision_pair
 
 # 112x168 px -> 8x12 patches -> 4x6 merged -> 2x3 full windows; 84x140 px -> 3x5 merged -> 2x3 windows (partial).
 GRID = np.array([[1, 8, 12], [1, 6, 10]])

@@ -79,12 +79,12 @@ def reference_models(cfg, *, vae: bool = True):
 
     from conversion.tables.kl16_vae import kl16_mapping
     from conversion.tables.unipic import unipic_mapping
-    from nexus_jax.models.qwen2.hf_reference import build_hf_model
     from nexus_jax.models.unipic.model import UniPic
     from nexus_jax.models.vae import FluxVAE
     from tests.helpers.diffloss_torch import DiffLoss, Diffusion, cosine_betas, randomise_, space_timesteps
     from tests.helpers.kl16_torch import KL16AutoencoderKL, UniPicVAECodec
     from tests.helpers.mar_torch import TorchMAR, randomize_, torch_projector
+    from tests.helpers.qwen2_reference import build_hf_model
 
     text, mar_cfg, head = cfg.text, cfg.mar, cfg.head
     t_diff = DiffLoss(in_channels=head.in_channels, width=head.width, out_channels=head.out_channels,

@@ -11,10 +11,10 @@ import numpy as np
 from flax import nnx
 
 from configs.qwen2_5_vl import Qwen25VisionConfig, Qwen25VLConfig
-from nexus_jax.models.qwen2.hf_reference import _text_kwargs, hf_state_dict_numpy
 from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision, load_hf_vl
 from nexus_jax.models.qwen2_5_vl.model import Qwen25VLForConditionalGeneration
 from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
+from tests.helpers.qwen2_reference import _text_kwargs, hf_state_dict_numpy
 
 
 def randomize_(module, std: float, seed: int) -> None:
