@@ -273,3 +273,20 @@ def test_decoders_match_torch_composition():
     errs = np.abs(np.asarray(gen_out) - gen_ref).max(), np.abs(np.asarray(edit_out) - edit_ref).max()
     print(f"generation decoder max abs err {errs[0]:.2e}, editing decoder {errs[1]:.2e}")
     assert max(errs) <= 1e-4
+
+
+def test_empty_prompt_has_one_file_format(tmp_path):
+    """EmptyPrompt.save/load and the checkpoint loader share one format: empty_prompt.safetensors."""
+    from nexus_jax.inference.loading import load_empty_prompt
+    from nexus_jax.pipelines.decode import EmptyPrompt
+
+    rng = np.random.default_rng(0)
+    empty = EmptyPrompt(rng.normal(size=(1, 12)).astype(np.float32), rng.normal(size=(1, 7, 16)).astype(np.float32))
+    empty.save(tmp_path / "empty_prompt.safetensors")
+    for got in (EmptyPrompt.load(tmp_path / "empty_prompt.safetensors"),
+                load_empty_prompt(tmp_path / "empty_prompt.safetensors")):
+        np.testing.assert_array_equal(got.pooled, empty.pooled)
+        np.testing.assert_array_equal(got.t5, empty.t5)
+    np.savez(tmp_path / "empty.npz", pooled=empty.pooled, t5=empty.t5)
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        EmptyPrompt.load(tmp_path / "empty.npz")

@@ -25,8 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nexus_jax.inference.runner import EmptyPrompt, ImageDecoder
 
 AR_DIR, GEN_DIR, EDIT_DIR, VAE_DIR = "ar", "generation_decoder", "edit_decoder", "vae"
@@ -89,14 +87,7 @@ def load_codec(root: Path, tokens: Any) -> TextCodec:
 
 
 def load_empty_prompt(path: Path) -> EmptyPrompt:
-    from safetensors.numpy import load
-
-    d = load(path.read_bytes())
-    missing = {"pooled", "t5"} - set(d)
-    if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}; it needs 'pooled' [pooled_dim] and 't5' [Lt, context_dim]")
-    t5 = np.asarray(d["t5"], np.float32)
-    return EmptyPrompt(np.asarray(d["pooled"], np.float32).reshape(1, -1), t5.reshape(1, *t5.shape[-2:]))
+    return EmptyPrompt.load(path)
 
 
 def load_decoder(path: Path, mesh: Any = None) -> ImageDecoder:

@@ -32,12 +32,33 @@ class EmptyPrompt:
 
     @classmethod
     def load(cls, path: str | Path) -> EmptyPrompt:
-        """From an ``.npz`` with arrays ``pooled`` and ``t5``."""
-        with np.load(path) as f:
-            return cls(np.asarray(f["pooled"], np.float32), np.asarray(f["t5"], np.float32))
+        """From the one empty-prompt file format: ``empty_prompt.safetensors`` with ``pooled`` [pooled_dim] (or
+        [1, pooled_dim]) and ``t5`` [Lt, context_dim] (or [1, Lt, context_dim]), as ``convert nexus-gen`` writes it
+        and converted checkpoints hold it."""
+        from safetensors.numpy import load
+
+        from nexus_jax import paths
+
+        p = paths.as_path(path)
+        if not p.name.endswith(".safetensors"):
+            raise ValueError(f"empty-prompt file must be a .safetensors file, got {path}")
+        d = load(p.read_bytes())
+        missing = {"pooled", "t5"} - set(d)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}; it needs 'pooled' [pooled_dim] and 't5' "
+                             "[Lt, context_dim]")
+        t5 = np.asarray(d["t5"], np.float32)
+        return cls(np.asarray(d["pooled"], np.float32).reshape(1, -1), t5.reshape(1, *t5.shape[-2:]))
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, pooled=self.pooled, t5=self.t5)
+        """Write ``pooled`` [pooled_dim] and ``t5`` [Lt, context_dim] (float32) as ``.safetensors``, atomically."""
+        from safetensors.numpy import save
+
+        from nexus_jax import paths
+
+        data = save({"pooled": np.ascontiguousarray(self.pooled, np.float32).reshape(-1),
+                     "t5": np.ascontiguousarray(self.t5, np.float32).reshape(self.t5.shape[-2:])})
+        paths.atomic_write_bytes(path, data)
 
 
 def check_finite(name: str, x: np.ndarray | jax.Array) -> None:
