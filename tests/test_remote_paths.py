@@ -9,6 +9,7 @@ import json
 import os
 import uuid
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -242,6 +243,31 @@ def test_train_cli_keeps_url_run_dir(bucket, in_tmp_cwd, capsys):
     assert e.value.code == 2 and "unsupported URL scheme memory://" in capsys.readouterr().err
 
 
+def test_checkpointer_on_url_saves_verifies_and_restores(bucket):
+    """The train-state Checkpointer on a gs:// directory: Orbax save, manifest, verification, restore."""
+    import jax.numpy as jnp
+
+    from nexus_jax.training.checkpoint import Checkpointer, CheckpointError
+
+    url, local = bucket
+    state = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.int32(3)}
+    ckpt = Checkpointer(f"{url}/run/checkpoints", async_save=False)
+    ckpt.save(3, state, {"batches": 3, "skipped": 1})
+    assert (local / "run" / "checkpoints" / "3" / "nexus_manifest.json").is_file()
+    assert ckpt.resolve("latest") == 3
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
+    restored, data = ckpt.restore(3, abstract)
+    assert data == {"batches": 3, "skipped": 1}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+    victim = max((p for p in (local / "run" / "checkpoints" / "3").rglob("*") if p.is_file()
+                  and p.name != "nexus_manifest.json"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.verify(3)
+    ckpt.close()
+
+
+@pytest.mark.slow
 def test_training_run_dir_on_url_checkpoints_and_resumes(bucket, in_tmp_cwd):
     """A decoder training run with a gs:// run dir: Orbax checkpoints, manifests, steps.jsonl land in the bucket;
     a second run resumes from the bucket's checkpoint with the uninterrupted run's losses."""
