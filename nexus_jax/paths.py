@@ -26,6 +26,7 @@ from nexus_jax.fileperms import set_default_mode
 
 REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")  # the URL schemes epath routes to a remote backend
 PathLike = str | os.PathLike
+TEMP_PREFIX = ".tmp-"  # names of atomic-write temporaries (a killed writer's leftovers can be found by it)
 
 
 def is_remote(path: PathLike) -> bool:
@@ -65,7 +66,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
     local = os.fspath(p)
     parent = os.path.dirname(os.path.abspath(local))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(local)}.tmp-", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(local)}.", dir=parent)
     set_default_mode(fd)  # mkstemp creates 0600; give the file the mode a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:

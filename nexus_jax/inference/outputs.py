@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from nexus_jax.inference import paths
 from nexus_jax.inference.paths import atomic_write_bytes  # noqa: F401 - re-exported (older imports)
+from nexus_jax.paths import TEMP_PREFIX
 
 IMAGES_DIR = "images"
 JOURNAL = "journal.jsonl"
@@ -111,7 +112,7 @@ class OutputDir:
         images = paths.join(self.root, IMAGES_DIR)
         if paths.is_url(images):
             return 0  # object stores write whole objects: nothing half-written is left behind
-        stale = [n for n in paths.listdir(images) if n.startswith(".tmp-")]
+        stale = [n for n in paths.listdir(images) if n.startswith(TEMP_PREFIX)]
         for n in stale:
             try:
                 os.unlink(os.path.join(images, n))

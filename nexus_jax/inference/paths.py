@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
-
-from nexus_jax.fileperms import set_default_mode
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -95,22 +92,12 @@ def mtime(path: str) -> float:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (see the module docstring)."""
+    """Write ``data`` to ``path`` whole or not at all (see the module docstring). Local paths go through
+    :func:`nexus_jax.paths.atomic_write_bytes` (temp named ``TEMP_PREFIX*``, fsync, rename)."""
     path = os.fspath(path)
     if is_url(path):
         _epath(path).write_bytes(data)
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    set_default_mode(fd)  # mkstemp creates 0600; give the file the mode a plain open() would
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from nexus_jax import paths as shared
+
+    shared.atomic_write_bytes(path, data)
