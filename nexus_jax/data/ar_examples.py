@@ -31,7 +31,7 @@ import numpy as np
 from configs.nexus_gen import NexusGenConfig
 from configs.training import DataConfig
 from nexus_jax.data.pipeline import Batch, Example, pick_bucket
-from nexus_jax.data.records import RecordError, decode_stored_example, parse_record, resolve_image
+from nexus_jax.data.records import RecordError, record_with_images
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
 from nexus_jax.nexus import templates
 from nexus_jax.nexus.batch import process_input_images, process_target_images
@@ -55,18 +55,7 @@ class AREncoder:
 
     def __call__(self, raw: str | bytes | dict) -> Example:
         """``raw``: a JSONL line, a record dict, or an array_record example {"record", "images" (bytes)}."""
-        if isinstance(raw, dict) and "record" in raw and "images" in raw:
-            text, blobs = decode_stored_example(raw)
-            rec = parse_record(text)
-            if len(blobs) != len(rec.images):
-                raise RecordError(f"record has {len(rec.images)} images but {len(blobs)} stored")
-            files = [b if b else f"<missing image {p}>" for b, p in zip(blobs, rec.images)]
-        else:
-            rec = parse_record(raw)
-            files = [resolve_image(p, self.image_root) for p in rec.images]
-        roles = rec.image_roles
-        inputs = [f for f, r in zip(files, roles) if r != "assistant"]
-        outputs = [f for f, r in zip(files, roles) if r == "assistant"]
+        rec, inputs, outputs = record_with_images(raw, self.image_root)
         if len(inputs) > self.data.max_input_images:
             raise RecordError(f"{len(inputs)} input images exceed max_input_images={self.data.max_input_images}")
         if len(outputs) > self.data.max_output_images:

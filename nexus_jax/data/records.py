@@ -132,3 +132,26 @@ def decode_stored_example(example: dict[str, Any]) -> tuple[str, list[bytes]]:
     """(record JSON text, image bytes in ``images`` order) of one array_record example (see ``tfds_builder``)."""
     rec = example["record"]
     return (rec.decode("utf-8") if isinstance(rec, bytes) else rec), [bytes(b) for b in example["images"]]
+
+
+def record_with_images(raw: str | bytes | dict[str, Any], image_root: str | os.PathLike | None
+                       ) -> tuple[Record, list[Any], list[Any]]:
+    """A raw training example -> (record, input image sources, output image sources).
+
+    ``raw``: a JSONL line, a record dict, or an array_record example ``{"record", "images" (bytes)}``. Sources are
+    the stored bytes or paths resolved against ``image_root`` (a missing stored image becomes a path that fails to
+    load, so the record is skipped with a message). Output images are those of assistant turns.
+    """
+    if isinstance(raw, dict) and "record" in raw and "images" in raw:
+        text, blobs = decode_stored_example(raw)
+        rec = parse_record(text)
+        if len(blobs) != len(rec.images):
+            raise RecordError(f"record has {len(rec.images)} images but {len(blobs)} stored")
+        files: list[Any] = [b if b else f"<missing image {p}>" for b, p in zip(blobs, rec.images)]
+    else:
+        rec = parse_record(raw)
+        files = [resolve_image(p, image_root) for p in rec.images]
+    roles = rec.image_roles
+    inputs = [f for f, r in zip(files, roles) if r != "assistant"]
+    outputs = [f for f, r in zip(files, roles) if r == "assistant"]
+    return rec, inputs, outputs

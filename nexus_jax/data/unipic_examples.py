@@ -26,7 +26,7 @@ import numpy as np
 
 from configs.unipic import UniPicTokens
 from nexus_jax.data.pipeline import Batch, Example, pad_to, pick_bucket
-from nexus_jax.data.records import IMAGE_PLACEHOLDER, RecordError, decode_stored_example, parse_record, resolve_image
+from nexus_jax.data.records import IMAGE_PLACEHOLDER, RecordError, record_with_images
 from nexus_jax.nexus.loss import IGNORE_INDEX
 from nexus_jax.processing.image_processor import load_image
 from nexus_jax.unipic import prompts
@@ -78,20 +78,9 @@ class UniPicEncoder:
         return preprocess_image(rgb, self.image_size, square)
 
     def __call__(self, raw: str | bytes | dict) -> Example:
-        if isinstance(raw, dict) and "record" in raw and "images" in raw:
-            text, blobs = decode_stored_example(raw)
-            rec = parse_record(text)
-            if len(blobs) != len(rec.images):
-                raise RecordError(f"record has {len(rec.images)} images but {len(blobs)} stored")
-            files = [b if b else f"<missing image {p}>" for b, p in zip(blobs, rec.images)]
-        else:
-            rec = parse_record(raw)
-            files = [resolve_image(p, self.image_root) for p in rec.images]
+        rec, inputs, outputs = record_with_images(raw, self.image_root)
         if rec.task != self.task:
             raise RecordError(f"record {rec.id!r} is a {rec.task} record; this run trains on {self.task} records")
-        roles = rec.image_roles
-        inputs = [f for f, r in zip(files, roles) if r != "assistant"]
-        outputs = [f for f, r in zip(files, roles) if r == "assistant"]
         want = {"generation": (0, 1), "editing": (1, 1), "understanding": (1, 0)}[self.task]
         if (len(inputs), len(outputs)) != want:
             raise RecordError(f"record {rec.id!r}: UniPic {self.task} needs {want[0]} input and {want[1]} output "
