@@ -19,20 +19,18 @@ from flax import nnx
 
 from conversion.cli import main as convert
 from conversion.pipeline import load_arrays, load_model
-from nexus_jax import main_job, sharding
+from nexus_jax import sharding
 from nexus_jax.training import state as state_lib
 from nexus_jax.training.cli import build_parser, config_from_args, make_task
 from nexus_jax.training.cli import main as train_main
 from nexus_jax.training.init_from import model_setup
+from tests.helpers.checkpoints import converted_default_checkpoint
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """The main job's converted checkpoint: ar/, generation_decoder/, edit_decoder/, vae/, empty_prompt."""
-    work = tmp_path_factory.mktemp("ft")
-    main_job.build_checkpoint(work / "default_checkpoint", seed=7)
-    assert main_job.convert(work / "default_checkpoint", work / "converted") == 0
-    return work / "converted"
+    return converted_default_checkpoint(tmp_path_factory.mktemp("ft"), seed=7)
 
 
 def _args(preset: str, data: str, run: Path, *extra: str) -> list[str]:

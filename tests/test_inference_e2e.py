@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nexus_jax import main_job
 from nexus_jax.inference import cli as infer_cli
 from nexus_jax.inference.examples import example_requests
+from tests.helpers.checkpoints import converted_default_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "requests.jsonl"
@@ -26,10 +26,7 @@ EXAMPLES = REPO / "examples" / "requests.jsonl"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("ckpt")
-    main_job.build_checkpoint(work / "default_checkpoint", seed=1234)
-    assert main_job.convert(work / "default_checkpoint", work / "converted") == 0
-    return work / "converted"
+    return converted_default_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=1234)
 
 
 def infer_cmd(ckpt: Path, requests: Path, out: Path, batch_size: int = 1) -> list[str]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nexus_jax import main_job
 from nexus_jax.inference import cli as infer_cli
 from nexus_jax.inference import outputs, paths
 from nexus_jax.inference.multiprocess import Group, PeerFailed, local_mesh
+from tests.helpers.checkpoints import converted_default_checkpoint
 from tests.helpers.multihost import run_processes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,10 +32,7 @@ NOT_COMPARED = {"batch_seconds", "batch_size", "batch_real"}  # timing / batchin
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("ckpt")
-    main_job.build_checkpoint(work / "default_checkpoint", seed=1234)
-    assert main_job.convert(work / "default_checkpoint", work / "converted") == 0
-    return work / "converted"
+    return converted_default_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=1234)
 
 
 def small_requests(path: Path) -> Path:
