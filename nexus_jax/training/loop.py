@@ -207,9 +207,13 @@ def train(
                     jitted[key] = (state_lib.jit_train_step(step_fn, state_sh, batch_sh), batch_sh)
                 fn, batch_sh = jitted[key]
                 state, metrics = fn(state, _global_batch(host_batch, batch_sh, task.batch_axes))
-                if record_ids is not None:  # the global batch's ids, in row order (process 0 logs them)
-                    record_ids = _allgather(np.asarray(record_ids, np.int64)).reshape(-1).tolist()
-                tokens, skipped = _allgather(np.asarray([task.count_tokens(host_batch), batches.skipped])).sum(0)
+                # one all-gather per step: token / skip counters summed over processes, and the global batch's
+                # record ids in row order (process 0 logs them)
+                local = np.asarray([task.count_tokens(host_batch), batches.skipped, *(record_ids or [])], np.int64)
+                gathered = _allgather(local)
+                tokens, skipped = gathered[:, :2].sum(0)
+                if record_ids is not None:
+                    record_ids = gathered[:, 2:].reshape(-1).tolist()
                 host = writer.step(step + 1, metrics, tokens=int(tokens), records=len(record_ids or []),
                                    record_ids=record_ids, skipped=int(skipped))
                 losses[step + 1] = host["loss"]
