@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.unipic import CFG_SCHEDULES  # noqa: F401  (one definition, in the plain-data config)
+from nexus_jax.models.rows import gather_predicted, put_rows, take_rows  # noqa: F401  (pure row helpers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,34 +94,6 @@ def tokens_to_predict(mask: jax.Array, mask_next: jax.Array, last: jax.Array | b
     """bool [B, N]: ``mask & ~mask_next`` (the newly revealed tokens), or all of ``mask`` at the last step."""
     mask, mask_next = mask.astype(bool), mask_next.astype(bool)
     return jnp.where(last, mask, jnp.logical_xor(mask, mask_next))
-
-
-def gather_predicted(to_pred: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-    """Fixed-size positions of each row's True entries, in raster order (as torch's ``nonzero``).
-
-    to_pred bool [B, N] -> (idx int32 [B, count], valid bool [B, count]); padding points at position 0.
-    ``count`` 0 gives empty [B, 0] arrays.
-    """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    b = to_pred.shape[0]
-    if count == 0:
-        return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
-    idx = jax.vmap(lambda r: jnp.nonzero(r, size=count, fill_value=0)[0])(to_pred).astype(jnp.int32)
-    valid = jnp.arange(count)[None, :] < jnp.sum(to_pred, axis=-1, keepdims=True)
-    return idx, valid
-
-
-def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, N, ...] at the positions idx [B, K] (from :func:`gather_predicted`) -> [B, K, ...]."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def put_rows(base: jax.Array, rows: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
-    """``base`` [B, N, ...] with rows [B, K, ...] written at idx [B, K] where ``valid`` (padding slots dropped):
-    the inverse of :func:`take_rows`."""
-    where = jnp.where(valid, idx, base.shape[1])  # padding slots scatter out of range
-    return base.at[jnp.arange(base.shape[0])[:, None], where].set(rows.astype(base.dtype), mode="drop")
 
 
 def sample_mask_ratio(key: jax.Array, min_ratio: float = 0.7, std: float = 0.25) -> jax.Array:

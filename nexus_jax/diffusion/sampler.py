@@ -17,19 +17,11 @@ from flax import nnx
 
 from configs.nexus_decoders import SamplerConfig
 from nexus_jax.diffusion.flow_match import euler_step, fixed_shift_sigmas, flux_dynamic_sigmas
+from nexus_jax.models.flux.conditioning import Conditioning  # noqa: F401  (re-exported)
 from nexus_jax.models.flux.packing import image_ids, latent_size, pack_latents, unpack_latents
 from nexus_jax.sharding import constrain
 
 TOKENS = ("batch", "length", None)
-
-
-class Conditioning(NamedTuple):
-    """What replaces FLUX's text encoders. context [B, Lt, context_dim]; pooled [B, pooled_dim];
-    txt_ids [Lt, 3] or [B, Lt, 3] (RoPE ids of the context tokens)."""
-
-    context: jax.Array
-    pooled: jax.Array
-    txt_ids: jax.Array
 
 
 class SampleOutput(NamedTuple):

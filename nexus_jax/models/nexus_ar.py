@@ -26,7 +26,7 @@ from configs.nexus_gen import NexusGenConfig
 from nexus_jax import layers, sharding
 from nexus_jax.models.qwen2 import KVCache, check_token_ids
 from nexus_jax.models.qwen2_5_vl.model import Qwen25VLForConditionalGeneration
-from nexus_jax.nexus.slots import check_slot_count, scatter_rows
+from nexus_jax.models.rows import check_slot_count, scatter_rows
 
 HIDDEN_AXES = ("batch", "length", "act_embed")
 

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from configs.nexus_decoders import AdapterConfig, MergerConfig, NexusDecoderConfig
-from nexus_jax.diffusion.sampler import Conditioning
 from nexus_jax.layers import LayerNorm, Linear, RMSNorm
+from nexus_jax.models.flux.conditioning import Conditioning
 from nexus_jax.models.flux.dit import FluxDiT
 from nexus_jax.models.qwen2 import Qwen2DecoderLayer, rope_cos_sin
 from nexus_jax.sharding import constrain

@@ -6,51 +6,10 @@ tokens that are not output slots. ``slot_index`` [B, L] numbers the slots of eac
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from nexus_jax.models.rows import check_slot_count, scatter_rows  # noqa: F401  (pure row helpers)
 from nexus_jax.processing.rope_index import image_runs
-
-
-def scatter_rows(features: jax.Array, mask: jax.Array) -> jax.Array:
-    """Place feature rows into the True cells of ``mask`` [B, L] -> [B, L, D] (zeros elsewhere).
-
-    ``features`` [T, D]: row-major over the whole batch (callers guarantee ``mask.sum() == T``, see
-    :func:`check_slot_count`). ``features`` [B, R, D]: per example, row b's k-th True cell takes ``features[b, k]``
-    (R is the per-example budget; rows past a row's True cells are padding and unused).
-    """
-    b, l = mask.shape
-    if features.ndim == 3:
-        if features.shape[0] != b:
-            raise ValueError(f"per-example features {features.shape} do not match the batch of mask {mask.shape}")
-        if features.shape[1] == 0:
-            return jnp.zeros((b, l, features.shape[-1]), features.dtype)
-        order = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)  # [B, L]
-        rows = jnp.take_along_axis(features, order[..., None], axis=1)
-        return jnp.where(mask[..., None], rows, 0)
-    if features.shape[0] == 0:
-        return jnp.zeros((b, l, features.shape[-1]), features.dtype)
-    flat = mask.reshape(-1)
-    order = jnp.cumsum(flat) - 1  # index into features for each True cell
-    rows = jnp.take(features, jnp.clip(order, 0, features.shape[0] - 1), axis=0)
-    return jnp.where(flat[:, None], rows, 0).reshape(b, l, features.shape[-1])
-
-
-def check_slot_count(mask: np.ndarray | jax.Array, num_rows: int, what: str, per_example: bool = False) -> None:
-    """Raise a clear error when a concrete ``mask`` [B, L] does not hold exactly ``num_rows`` True cells (or, with
-    ``per_example``, when a row holds more than ``num_rows``)."""
-    if isinstance(mask, jax.core.Tracer):
-        return
-    counts = np.asarray(mask).sum(axis=-1)
-    if per_example:
-        if counts.size and int(counts.max()) > num_rows:
-            raise ValueError(f"{what}: a sequence has {int(counts.max())} slots but at most {num_rows} feature rows "
-                             "per example were given")
-        return
-    n = int(counts.sum())
-    if n != num_rows:
-        raise ValueError(f"{what}: the sequence has {n} slots but {num_rows} feature rows were given")
 
 
 def input_image_mask(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int) -> np.ndarray:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.mar import MARConfig
-from nexus_jax.diffusion.maskgit import gather_predicted, put_rows, take_rows
 from nexus_jax.layers import REMAT_POLICIES, Embed, LayerNorm, Linear, make_param
+from nexus_jax.models.rows import gather_predicted, put_rows, take_rows
 from nexus_jax.models.unipic.pos_embed import Grid, resize_grid, resize_pos_embed
 from nexus_jax.models.unipic.vit import ACT, Block
 from nexus_jax.sharding import constrain
