@@ -170,7 +170,7 @@ def nexus_hf_config(cfg: Any) -> dict:
     return d
 
 
-def _nexus_family() -> Family:
+def nexus_ar_family() -> Family:
     from configs import nexus_gen
 
     def build(cfg, rngs):
@@ -375,7 +375,7 @@ def _vae_family() -> Family:
 
 
 # ---------------------------------------------------------------------------------------------------- UniPic-1
-def _unipic_family() -> Family:
+def unipic_family() -> Family:
     """Skywork UniPic-1 ``pytorch_model.bin`` (LLM + MAR + diffusion head + projectors; SigLIP2 skipped). The KL-16
     VAE (``kl16.ckpt``) is a separate import (family ``kl16_vae``), conventionally into ``<OUT>/vae``."""
     from configs import unipic
@@ -405,7 +405,7 @@ def _unipic_family() -> Family:
     )
 
 
-def _kl16_vae_family() -> Family:
+def kl16_vae_family() -> Family:
     """MAR / UniPic-1 KL-16 VAE: the ``vae`` family's ``FluxVAE`` with ``FluxVAEConfig.kl16()`` and the
     ``kl16.ckpt`` table (LDM names; ``bfl_vae`` is what detection calls those names without quant convs)."""
     from configs.vae import FluxVAEConfig
@@ -427,16 +427,21 @@ def _kl16_vae_family() -> Family:
     )
 
 
+def generation_decoder_family() -> Family:
+    return _decoder_family("generation")
+
+
+def editing_decoder_family() -> Family:
+    return _decoder_family("editing")
+
+
+# the shared building blocks; a model family's own converter families (nexus_ar, the Nexus-Gen decoders, unipic,
+# kl16_vae) are declared with that family in nexus_jax.families and found through its registry
 _FACTORIES: dict[str, Callable[[], Family]] = {
-    "nexus_ar": _nexus_family,
     "qwen2_5_vl": _qwen2_5_vl_family,
     "qwen2_text": _qwen2_family,
     "flux_dit": _flux_family,
     "vae": _vae_family,
-    "kl16_vae": _kl16_vae_family,
-    "generation_decoder": lambda: _decoder_family("generation"),
-    "editing_decoder": lambda: _decoder_family("editing"),
-    "unipic": _unipic_family,
 }
 
 
@@ -446,10 +451,19 @@ def register(name: str, factory: Callable[[], Family]) -> None:
 
 
 def get_family(name: str) -> Family:
-    if name not in _FACTORIES:
-        raise ConversionError(f"unknown model family {name!r}; known: {sorted(_FACTORIES)}")
-    return _FACTORIES[name]()
+    """The converter family ``name``: a shared one of this module, or one a model family declares
+    (``nexus_jax.families``)."""
+    if name in _FACTORIES:
+        return _FACTORIES[name]()
+    from nexus_jax import families
+
+    factory = families.conversion_factory(name)
+    if factory is None:
+        raise ConversionError(f"unknown model family {name!r}; known: {family_names()}")
+    return factory()
 
 
 def family_names() -> list[str]:
-    return sorted(_FACTORIES)
+    from nexus_jax import families
+
+    return sorted(set(_FACTORIES) | set(families.conversion_names()))

@@ -2,8 +2,8 @@
 
 A :class:`Workload` builds an abstract, sharded :class:`launch.compiled.Program` for a mesh, optionally at reduced
 depth (``overrides`` such as ``{"layers": 2}``; the planner uses those loop-free reduced programs to extrapolate
-costs when the full program has while loops, see :func:`launch.compiled.extrapolate`). Register new workloads in
-:data:`BUILDERS`.
+costs when the full program has while loops, see :func:`launch.compiled.extrapolate`). Model-independent workloads
+are in :data:`BUILDERS`; a model family declares its own with the family (``nexus_jax.families``, ``workloads``).
 """
 
 from __future__ import annotations
@@ -316,15 +316,16 @@ def unipic_train_workload(plan: PlanConfig, remat: str) -> Workload:
 
 BUILDERS: dict[str, Callable[[PlanConfig, str], Workload]] = {
     "matmul_train": matmul_workload,
-    "ar_train": ar_workload,
-    "decoder_train": decoder_train_workload,
-    "decoder_sample": decoder_sample_workload,
-    "unipic_train": unipic_train_workload,
 }
 
 
 def make_workload(plan: PlanConfig, remat: str | None = None) -> Workload:
-    """The workload of ``plan`` with remat policy ``remat`` (default: the plan's)."""
-    if plan.workload not in BUILDERS:
-        raise ValueError(f"unknown workload {plan.workload!r}; known: {sorted(BUILDERS)}")
-    return BUILDERS[plan.workload](plan, plan.remat if remat is None else remat)
+    """The workload of ``plan`` with remat policy ``remat`` (default: the plan's): from :data:`BUILDERS` or the
+    family that declares it (:func:`nexus_jax.families.workload_builder`)."""
+    from nexus_jax import families
+
+    builder = BUILDERS.get(plan.workload) or families.workload_builder(plan.workload)
+    if builder is None:
+        known = sorted([*BUILDERS, *families.workload_names()])
+        raise ValueError(f"unknown workload {plan.workload!r}; known: {known}")
+    return builder(plan, plan.remat if remat is None else remat)

@@ -15,20 +15,18 @@ its share on a mesh of its own devices and writes its own journal; process 0 mer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
 import time
 from typing import Any
 
-import numpy as np
-
+from nexus_jax import families
 from nexus_jax.inference import paths
-from nexus_jax.inference.batching import Batch, Batcher, collate, collate_references
+from nexus_jax.inference.batching import Batcher
 from nexus_jax.inference.multiprocess import Group, PeerFailed, local_mesh
 from nexus_jax.inference.outputs import OutputDir, Progress
-from nexus_jax.inference.reader import Done, iterate, prepare_request, request_dataset
+from nexus_jax.inference.reader import Done, iterate, request_dataset
 from nexus_jax.inference.requests import MAX_IMAGES, Failure, read_lines, request_id
 
 
@@ -56,83 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class InferenceJob:
-    """Runs batches and records their results (one record per real request)."""
+def __getattr__(name: str):
+    if name == "InferenceJob":  # its old home; Nexus-Gen's job is nexus_jax.inference.nexus_gen.InferenceJob
+        from nexus_jax.inference.nexus_gen import InferenceJob
 
-    def __init__(self, runner: Any, ckpt: Any, out: OutputDir, progress: Progress):
-        self.runner, self.ckpt, self.out, self.progress = runner, ckpt, out, progress
-        self.counts = {"ok": 0, "error": 0, "skipped": 0}
-        self.task_seconds: dict[str, float] = {}
-
-    def fail(self, item: Failure) -> None:
-        self.out.record({"id": item.id, "index": item.index, "task": item.task, "status": "error",
-                         "error": item.error})
-        self.counts["error"] += 1
-        self.progress.update(1, failed=1)
-
-    def skip(self, item: Done) -> None:
-        self.counts["skipped"] += 1
-        self.progress.update(1)
-
-    def compute(self, batch: Batch) -> list[dict[str, Any]]:
-        """One result dict per real request of ``batch`` (images written); raises on failure."""
-        nb = collate(batch, self.ckpt.ar.config)
-        if batch.task == "understanding":
-            tokens, counts = self.runner.understand(nb)
-            return [{"text": self.ckpt.codec.decode(tokens[i, : counts[i]].tolist())} for i in range(batch.num_real)]
-        seeds = np.asarray([p.request.seed for p in batch.rows()], np.uint32)
-        if batch.task == "chat":
-            return self.chat(batch, nb, seeds)
-        refs = collate_references(batch, self.ckpt.ar.config) if batch.task == "editing" else None
-        pixels = self.runner.images(batch.task, nb, seeds, refs)
-        results = []
-        for i, p in enumerate(batch.items):
-            path, digest = self.out.write_image(p.request.id, pixels[i])
-            results.append({"image": path, "image_sha256": digest, "height": int(pixels.shape[1]),
-                            "width": int(pixels.shape[2])})
-        return results
-
-    def chat(self, batch: Batch, nb: Any, seeds: np.ndarray) -> list[dict[str, Any]]:
-        """Free-form answers: text, plus one PNG per image the answer opened (generation decoder; image j of a
-        request uses seed + j). ``text`` is the answer without its images, ``segments`` the text around them
-        (image j between segments j and j + 1); ``images`` / ``images_sha256`` list the PNGs, and ``image`` /
-        ``image_sha256`` repeat the first one."""
-        limits = [self.runner.max_images if p.request.max_images is None else p.request.max_images
-                  for p in batch.rows()]
-        out = self.runner.text_then_image(nb, np.asarray(limits))
-        codec = self.ckpt.codec
-        pixels = [self.runner.decode_images("generation", out.image_embeds[:, j], seeds + np.uint32(j))
-                  for j in range(int(out.num_images[: batch.num_real].max(initial=0)))]
-        results = []
-        for i, p in enumerate(batch.items):
-            segments = [codec.decode(s.tolist()) for s in out.segments[i]]
-            res: dict[str, Any] = {"text": codec.decode(out.text_tokens(i).tolist()), "segments": segments}
-            written = [self.out.write_image(p.request.id, pixels[j][i], j) for j in range(int(out.num_images[i]))]
-            if written:
-                res.update(image=written[0][0], image_sha256=written[0][1], images=[w[0] for w in written],
-                           images_sha256=[w[1] for w in written], height=int(pixels[0].shape[1]),
-                           width=int(pixels[0].shape[2]))
-            results.append(res)
-        return results
-
-    def run(self, batch: Batch) -> None:
-        start = time.perf_counter()
-        try:
-            results = self.compute(batch)
-        except Exception as e:  # noqa: BLE001 - one failing batch is recorded, the run goes on
-            for p in batch.items:
-                self.fail(Failure(p.request.id, p.request.index, p.request.task, f"{type(e).__name__}: {e}"))
-            return
-        seconds = time.perf_counter() - start
-        self.task_seconds[batch.task] = self.task_seconds.get(batch.task, 0.0) + seconds
-        for p, res in zip(batch.items, results):
-            req = p.request
-            self.out.record({"id": req.id, "index": req.index, "task": req.task, "status": "ok", "seed": req.seed,
-                             "prompt": req.prompt, **res, "text": res.get("text"), "image": res.get("image"),
-                             "batch_size": batch.size, "batch_real": batch.num_real,
-                             "batch_seconds": round(seconds, 4), "prompt_tokens": p.length})
-            self.counts["ok"] += 1
-            self.progress.update(1)
+        return InferenceJob
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def plan(lines: list[str], out: OutputDir) -> tuple[list[str], list[int]]:
@@ -158,26 +85,14 @@ def combine(summaries: list[dict[str, Any]], total: int, skipped: int) -> dict[s
 
 
 def run(args: argparse.Namespace, group: Group) -> int:
-    from nexus_jax.inference import loading
-    from nexus_jax.inference.runner import Runner
-
     lines = read_lines(args.input)
     if not lines:
         print(f"infer: {args.input} holds no requests", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     mesh = local_mesh(args.mesh)  # each process serves its own share on its own devices
-    from nexus_jax.unipic.loading import is_unipic_checkpoint
-
-    unipic = is_unipic_checkpoint(args.checkpoint)  # UniPic-1: same requests and outputs, nexus_jax.unipic.infer
-    if unipic:
-        from nexus_jax.unipic import infer as unipic_infer
-
-        ckpt, runner = unipic_infer.load_checkpoint(args, mesh), None
-    else:
-        ckpt = loading.load(args.checkpoint, mesh=mesh)
-        runner = Runner(ckpt.ar, vae=ckpt.vae, generation=ckpt.generation, editing=ckpt.editing, empty=ckpt.empty,
-                        max_new_tokens=args.max_new_tokens, max_images=args.max_images, mesh=mesh)
+    family = families.for_checkpoint(args.checkpoint)  # same requests and outputs for every family
+    session = families.resolve(family.inference.open)(args, mesh)
     data_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-args.batch_size // data_devices) * data_devices
     load_seconds = time.perf_counter() - t0
@@ -191,23 +106,10 @@ def run(args: argparse.Namespace, group: Group) -> int:
     group.agree("plan", digest)
     share = pending[group.index :: group.count]
     group.log(f"{len(share)} of {len(pending)} pending requests ({len(lines) - len(pending)} already complete)")
-    if unipic:
-        def prepare(req):
-            return unipic_infer.prepare_request(req, ckpt, args.max_new_tokens)
-    else:
-        cfg = ckpt.ar.config
-        ref_grid = ckpt.editing.model.cfg.merger.ref_grid if ckpt.editing is not None else None
-
-        def prepare(req):
-            if req.task == "chat" and req.max_images is None:  # the CLI default, also for the length check
-                req = dataclasses.replace(req, max_images=args.max_images)
-            return prepare_request(req, cfg, ckpt.codec.encode, args.max_new_tokens, ref_grid)
-
-    ds = request_dataset(lines, paths.parent(args.input), prepare, indices=share)
+    ds = request_dataset(lines, paths.parent(args.input), session.prepare, indices=share)
     done_before = len(lines) - len(pending) if group.count == 1 else 0  # shown, not counted in the rate
     progress = Progress(len(share) + done_before, enabled=not args.no_progress, initial=done_before)
-    job = (unipic_infer.UniPicJob if unipic else InferenceJob)(runner, ckpt, out, progress)
-    job.max_new_tokens = args.max_new_tokens
+    job = session.job(out, progress)
     batcher = Batcher(batch_size, args.length_multiple)
     t1 = time.perf_counter()
     for item in iterate(ds, num_threads=args.num_threads):

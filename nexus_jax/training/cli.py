@@ -91,37 +91,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def _text_encoder(cfg: TrainConfig, tokenizer_dir: str):
-    if cfg.model_preset.startswith("tiny"):
-        from nexus_jax.nexus.tiny import ByteTokenizer
-
-        return ByteTokenizer().encode
-    if not tokenizer_dir:
-        raise ValueError(f"model preset {cfg.model_preset!r} needs --tokenizer (a Qwen2 tokenizer directory)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return lambda text: tok.encode(text, add_special_tokens=False)
-
-
 def make_task(cfg: TrainConfig, tokenizer_dir: str = "", setup=None):
-    """The :class:`~nexus_jax.training.loop.TrainTask` of ``cfg.task`` (models per ``setup``, a
-    :class:`~nexus_jax.training.init_from.ModelSetup`; default: the preset's, randomly initialised)."""
+    """The :class:`~nexus_jax.training.loop.TrainTask` of ``cfg.task``, built by the family that trains it
+    (:func:`nexus_jax.families.for_task`); models per ``setup``, a :class:`~nexus_jax.training.init_from.ModelSetup`
+    (default: the preset's, randomly initialised)."""
+    from nexus_jax import families
     from nexus_jax.training.init_from import model_setup
 
     setup = setup or model_setup(cfg)
-    if cfg.task == "ar":
-        from nexus_jax.training.ar_loop import ar_task
-
-        task = ar_task(cfg, _text_encoder(cfg, tokenizer_dir), model_cfg=setup.model_cfg)
-    elif cfg.task.startswith("unipic"):
-        from nexus_jax.training.unipic_loop import unipic_task
-
-        task = unipic_task(cfg, _text_encoder(cfg, tokenizer_dir), model_cfg=setup.model_cfg)
-    else:
-        from nexus_jax.training.decoder_loop import decoder_task
-
-        task = decoder_task(cfg, setup.model_cfg, pooled=setup.pooled)
+    task = families.resolve(families.for_task(cfg.task).training.task)(cfg, setup, tokenizer_dir)
     return dataclasses.replace(task, init_params=setup.init_params) if setup.init_params else task
 
 

@@ -188,7 +188,16 @@ def _ar_root(path: Path) -> tuple[Path, Path]:
 
 
 def model_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSetup:
-    """The model configs of ``cfg`` (from the preset, or from the converted checkpoint ``init_from``)."""
+    """The model configs of ``cfg`` (from the preset, or from the converted checkpoint ``init_from``), set up by the
+    family that trains ``cfg.task`` (:func:`nexus_jax.families.for_task`)."""
+    from nexus_jax import families
+
+    return families.resolve(families.for_task(cfg.task).training.setup)(cfg, init_from)
+
+
+def nexus_gen_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSetup:
+    """Nexus-Gen runs: the AR model (``ar``) or a decoder with its frozen VAE (``generation_decoder`` /
+    ``editing_decoder``)."""
     if cfg.task == "ar":
         from nexus_jax.training.ar_loop import model_config
 
@@ -202,8 +211,6 @@ def model_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSet
         return ModelSetup(found, {AR_DIR: ("nexus_ar", found)},
                           lambda abstract: load_into(abstract, {"": ar_dir / "params"}, where=where),
                           init_from=str(Path(init_from).absolute()))
-    if cfg.task.startswith("unipic"):
-        return _unipic_setup(cfg, init_from)
     from nexus_jax.training.decoder_loop import DecoderParts, decoder_parts
 
     parts = decoder_parts(cfg.task, cfg.model_preset, cfg.loop.remat)
@@ -224,7 +231,7 @@ def model_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSet
                       pooled=pooled, init_from=str(root.absolute()))
 
 
-def _unipic_setup(cfg: TrainConfig, init_from: str | os.PathLike) -> ModelSetup:
+def unipic_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSetup:
     """UniPic runs: the model preset; ``--init-from`` is not wired up for UniPic yet."""
     from nexus_jax.training.unipic_loop import model_config, unipic_components
 

@@ -1,5 +1,6 @@
 """UniPic-1 behind ``nexus-jax infer``: same request JSONL, same ``images/*.png`` + ``results.jsonl`` + journal/resume
-(``nexus_jax.inference.cli`` dispatches here when ``--checkpoint`` is a converted UniPic-1 directory).
+(the inference entry of :mod:`nexus_jax.families.unipic`: ``nexus_jax.inference.cli`` opens a :func:`open_session`
+when ``--checkpoint`` is a converted UniPic-1 directory).
 
 * generation: ``"Generate an image: {prompt}"`` (CFG row ``"Generate an image."``), masked-AR sampling
   (``nexus_jax.unipic.sample.text_to_image``);
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nexus_jax.inference.batching import Batch
-from nexus_jax.inference.cli import InferenceJob
+from nexus_jax.inference.job import Job, Session
 from nexus_jax.inference.requests import Request
 from nexus_jax.models.vae.kl16 import pixels_to_uint8_unipic
 from nexus_jax.unipic import prompts, sample
@@ -64,6 +65,18 @@ def load_checkpoint(args: argparse.Namespace, mesh: Any = None) -> UniPicCheckpo
     if getattr(args, "diffusion_steps", None) is not None:
         cfg = cfg.replace(diffusion=dataclasses.replace(cfg.diffusion, sampling_steps=str(args.diffusion_steps)))
     return load(args.checkpoint, mesh=mesh, config=cfg)
+
+
+def open_session(args: argparse.Namespace, mesh: Any = None) -> Session:
+    """The ``nexus-jax infer`` session of a converted UniPic-1 checkpoint (:func:`load_checkpoint`)."""
+    ckpt = load_checkpoint(args, mesh)
+
+    def job(out, progress):
+        job = UniPicJob(None, ckpt, out, progress)
+        job.max_new_tokens = args.max_new_tokens
+        return job
+
+    return Session(ckpt, lambda req: prepare_request(req, ckpt, args.max_new_tokens), job)
 
 
 def prepare_request(req: Request, ckpt: UniPicCheckpoint, max_new_tokens: int) -> Prepared:
@@ -109,10 +122,8 @@ def seed_noise(seeds: np.ndarray, model: Any, sampling: Any) -> sample.SampleNoi
     return sample.SampleNoise(orders, jnp.moveaxis(init, 0, 1), jnp.moveaxis(step, 0, 2))
 
 
-class UniPicJob(InferenceJob):
-    """:class:`InferenceJob` whose batches run through UniPic-1 (``runner`` unused)."""
-
-    max_new_tokens: int = 32
+class UniPicJob(Job):
+    """A :class:`~nexus_jax.inference.job.Job` whose batches run through UniPic-1 (``runner`` unused)."""
 
     def compute(self, batch: Batch) -> list[dict[str, Any]]:
         ck: UniPicCheckpoint = self.ckpt
