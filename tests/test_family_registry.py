@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from configs.training import PRESETS
 from nexus_jax import families
 from nexus_jax.families import Component, Family, InferenceEntry, TrainingEntry
 from nexus_jax.inference.job import Job, Session
@@ -63,12 +64,13 @@ def test_converter_family_names_are_unchanged_and_each_resolves():
 
 def test_every_train_preset_and_plan_workload_belongs_to_one_family():
     from configs.plans import PLANS
-    from configs.training import PRESETS
     from launch.workloads import BUILDERS
+    from nexus_jax.training.cli import presets
 
     tasks = [t for f in families.families() if f.training for t in f.training.tasks]
     assert len(tasks) == len(set(tasks)), tasks
-    for name, preset in PRESETS.items():
+    assert presets() == PRESETS  # no family keeps presets of its own yet
+    for name, preset in presets().items():
         assert preset.task in families.for_task(preset.task).training.tasks, name
     workloads = families.workload_names()
     assert len(workloads) == len(set(workloads)) and not set(workloads) & set(BUILDERS), workloads
@@ -140,6 +142,9 @@ def toy_task(cfg, setup, tokenizer_dir=""):
     return TOY_TASK
 
 
+TOY_PRESETS = {"tiny_toy": dataclasses.replace(PRESETS["tiny_ar"], task="toy_task")}
+
+
 def toy_conversion():
     from conversion.families import unipic_family
 
@@ -156,7 +161,8 @@ TOY = Family(
     components={"toy": Component("configs.unipic:UniPicConfig", "nexus_jax.models.unipic.model:UniPic", "toy_conv")},
     conversion={"toy_conv": f"{__name__}:toy_conversion"},
     inference=InferenceEntry(open=f"{__name__}:toy_open", detect=f"{__name__}:toy_detect"),
-    training=TrainingEntry(tasks=("toy_task",), setup=f"{__name__}:toy_setup", task=f"{__name__}:toy_task"),
+    training=TrainingEntry(tasks=("toy_task",), setup=f"{__name__}:toy_setup", task=f"{__name__}:toy_task",
+                           presets=f"{__name__}:TOY_PRESETS"),
     workloads={"toy_workload": f"{__name__}:toy_workload"},
 )
 
@@ -169,11 +175,10 @@ def toy_registered(monkeypatch):
 
 def test_toy_family_is_found_by_infer_train_convert_and_plan(toy_registered, tmp_path):
     from configs.plans import PLANS
-    from configs.training import PRESETS
     from conversion.families import family_names, get_family
     from launch.workloads import make_workload
     from nexus_jax.inference import cli as infer_cli
-    from nexus_jax.training.cli import make_task
+    from nexus_jax.training.cli import build_parser, config_from_args, make_task
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -188,7 +193,9 @@ def test_toy_family_is_found_by_infer_train_convert_and_plan(toy_registered, tmp
     (rec,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert (rec["id"], rec["status"], rec["text"]) == ("a", "ok", "yot olleh")
 
-    cfg = dataclasses.replace(PRESETS["tiny_ar"], task="toy_task")
+    args = build_parser().parse_args(["--preset", "tiny_toy", "--data", str(requests), "--run-dir", str(out)])
+    cfg = config_from_args(args)
+    assert (cfg.task, cfg.data.path) == ("toy_task", str(requests))
     assert make_task(cfg) is TOY_TASK
     assert get_family("toy_conv").name == "toy_conv" and "toy_conv" in family_names()
     plan = PLANS["tiny_matmul"].replace(workload="toy_workload")

@@ -48,13 +48,15 @@ class InferenceEntry:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingEntry:
-    """``nexus-jax train`` for this family. ``tasks``: the ``TrainConfig.task`` values it trains (its presets in
-    ``configs.training.PRESETS`` name one of them); ``setup``: ``(cfg, init_from) -> ModelSetup``; ``task``:
-    ``(cfg, setup, tokenizer_dir) -> TrainTask``."""
+    """``nexus-jax train`` for this family. ``tasks``: the ``TrainConfig.task`` values it trains; ``setup``:
+    ``(cfg, init_from) -> ModelSetup``; ``task``: ``(cfg, setup, tokenizer_dir) -> TrainTask``; ``presets``: a
+    ``dict[str, TrainConfig]`` of ``--preset`` choices kept in the family's own folder (the first families' presets
+    are in ``configs.training.PRESETS``)."""
 
     tasks: tuple[str, ...]
     setup: str
     task: str
+    presets: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Family:
                 refs["inference.detect"] = self.inference.detect
         if self.training is not None:
             refs.update({"training.setup": self.training.setup, "training.task": self.training.task})
+            if self.training.presets is not None:
+                refs["training.presets"] = self.training.presets
         refs.update({f"workloads.{k}": v for k, v in self.workloads.items()})
         return refs
 
@@ -147,6 +151,18 @@ def for_task(task: str) -> Family:
             return f
     known = sorted(t for f in families() if f.training is not None for t in f.training.tasks)
     raise ValueError(f"no registered family trains task {task!r}; known tasks: {known}")
+
+
+def train_presets() -> dict[str, Any]:
+    """The ``--preset`` choices families keep in their own folders (name -> TrainConfig)."""
+    out: dict[str, Any] = {}
+    for f in families():
+        if f.training is not None and f.training.presets is not None:
+            for name, cfg in resolve(f.training.presets).items():
+                if name in out:
+                    raise ValueError(f"training preset {name!r} of family {f.name!r} is declared twice")
+                out[name] = cfg
+    return out
 
 
 def workload_builder(name: str) -> Any | None:

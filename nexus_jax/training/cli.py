@@ -18,13 +18,24 @@ import logging
 import sys
 
 from configs.training import PRESETS, REMAT_CHOICES, TrainConfig, apply_overrides, override_keys
+from nexus_jax import families
 from nexus_jax.paths import dir_arg, join, path_arg
 from nexus_jax.sharding import MeshConfig, parse_mesh_spec
 
 
+def presets() -> dict[str, TrainConfig]:
+    """``configs.training.PRESETS`` and the presets families keep in their own folders
+    (:func:`nexus_jax.families.train_presets`)."""
+    extra = families.train_presets()
+    clash = sorted(set(extra) & set(PRESETS))
+    if clash:
+        raise ValueError(f"training presets {clash} are declared both in configs.training.PRESETS and by a family")
+    return {**PRESETS, **extra}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nexus-jax train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--preset", required=True, choices=sorted(presets()))
     p.add_argument("--data", required=True, type=path_arg,
                    help="records: a JSONL file or an array_record dataset directory (local or gs://)")
     p.add_argument("--eval-data", default="", type=path_arg, help="held-out records for periodic eval")
@@ -60,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The preset with the command-line overrides applied."""
-    cfg = PRESETS[args.preset]
+    cfg = presets()[args.preset]
     r = dataclasses.replace
 
     def pick(value, default):
@@ -95,7 +106,6 @@ def make_task(cfg: TrainConfig, tokenizer_dir: str = "", setup=None):
     """The :class:`~nexus_jax.training.loop.TrainTask` of ``cfg.task``, built by the family that trains it
     (:func:`nexus_jax.families.for_task`); models per ``setup``, a :class:`~nexus_jax.training.init_from.ModelSetup`
     (default: the preset's, randomly initialised)."""
-    from nexus_jax import families
     from nexus_jax.training.init_from import model_setup
 
     setup = setup or model_setup(cfg)
