@@ -5,10 +5,12 @@ step's tokens with CFG), JAX vs the torch reference loop of tests/helpers/unipic
 
 Small-but-not-tiny config (below): LLM 512 wide x 4 layers (8 q / 2 kv heads), MAR 512 wide 4 + 4 blocks (8 heads),
 16x16 tokens (256 px) + 16 buffers, head 512 wide x 3 blocks, 2 images (CFG batch 4), 16 iterations; the timed step
-is the middle one. JAX runs the jitted static-shape iteration (warm; MAR encoder on all tokens with masked keys,
-LLM on the visible tokens gathered into a bucket of 128 slots); torch runs upstream's token-dropping step with
-a DynamicCache prefix (cropped after the step). ``ratio`` = torch seconds / JAX seconds (wall clock; > 1 means JAX is
-faster); per-part timings too. Each side runs in its own child process pinned to the same cores with the same
+is the middle one. JAX runs the jitted static-shape iteration (warm; MAR encoder and LLM on the visible tokens
+gathered into the step's bucket of 128 slots, as the iteration does; the encoder + bridge part is timed the same
+way); torch runs upstream's token-dropping step with a DynamicCache prefix (cropped after the step). ``ratio`` =
+torch seconds / JAX seconds (wall clock; > 1 means JAX is faster); per-part timings too, and the matmul ceiling of
+the encoder + bridge shapes (benchmarks/ceiling.py: ``ceiling``, ``fraction_of_ceiling`` of encoder_bridge_ratio).
+Each side runs in its own child process pinned to the same cores with the same
 ``--threads`` (benchmarks/harness.py; the old ``--single-thread`` is ``--threads 1``). The last line is JSON (plus
 ``load``, ``busy``, ``threads``, ``cores``); it is also stored in benchmarks/results/unipic.json under
 ``single_thread`` or ``threads_<n>`` (not with ``--smoke`` or ``--no-write``).
@@ -31,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import ceiling  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs import unipic as unipic_configs  # noqa: E402
 from configs.mar import MARConfig  # noqa: E402
@@ -43,6 +46,10 @@ from tests.helpers import unipic_torch  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "unipic.json")
 G = 2  # images; the CFG batch is 2G
+# Dominant matmuls of the encoder + bridge: 2G rows x (16 buffers + the 128-slot visible bucket), MAR blocks (512 wide,
+# MLP 2048) and LLM layers (512 wide, MLP 1376, 2 KV heads of 64).
+CEILING_SHAPES = ((576, 512, 1536), (576, 512, 512), (576, 512, 2048), (576, 2048, 512), (576, 512, 1376),
+                  (576, 1376, 512))
 
 
 def bench_config(head_steps: int) -> unipic_configs.UniPicConfig:
@@ -137,7 +144,7 @@ def measure(side: str, args) -> tuple[dict, dict]:
     @jax.jit
     def enc_bridge(state, tokens, m):
         mdl = nnx.merge(graphdef, state)
-        x = mdl.mar.forward_mae_encoder(tokens, m, mdl.mar.fake_class_embedding(tokens.shape[0]))
+        x = mdl.mar.forward_mae_encoder(tokens, m, mdl.mar.fake_class_embedding(tokens.shape[0]), capacity=capacity)
         return jbridge.bridge(mdl.llm, mdl.project_in, mdl.project_out, x, ~m, prefix, j_ctx, capacity)
 
     @jax.jit
@@ -167,7 +174,7 @@ def measure(side: str, args) -> tuple[dict, dict]:
     x_enc_np = np.asarray(x_enc)
     arrays = {"x_enc": x_enc_np[keep].reshape(2 * G, -1, x_enc_np.shape[-1]),
               "z": np.asarray(decoder(state, x_enc, j_mask)), "tokens": np.asarray(jax_iteration())[:G]}
-    return {k: list(v) for k, v in jax_t.items()}, arrays
+    return {**{k: list(v) for k, v in jax_t.items()}, "ceiling": ceiling.measure("jax", CEILING_SHAPES)}, arrays
 
 
 def _measure_torch(args, cfg, tu, diffusion, ids, ctx_mask, cond_tokens, mask, orders, init, steps, z_rows, step,
@@ -213,7 +220,7 @@ def _measure_torch(args, cfg, tu, diffusion, ids, ctx_mask, cond_tokens, mask, o
         torch_t[name] = median_seconds(fn, args.iters)
 
     arrays = {"x_enc": t_x_enc.numpy(), "z": parts_torch["decoder"]().numpy(), "tokens": torch_iteration()[0].numpy()}
-    return {k: list(v) for k, v in torch_t.items()}, arrays
+    return {**{k: list(v) for k, v in torch_t.items()}, "ceiling": ceiling.measure("torch", CEILING_SHAPES)}, arrays
 
 
 def combine(res: dict, arrays: dict, args) -> dict:
@@ -226,8 +233,8 @@ def combine(res: dict, arrays: dict, args) -> dict:
     step = sampling.num_iter // 2
     count = int(maskgit.mask_schedule(n, sampling.num_iter).num_pred[step])
     s, lengths = int(args.head_steps), [57, 41, 24, 24]
-    jax_t = {k: v for k, v in res["jax"].items() if k not in ("affinity", "torch_threads")}
-    torch_t = {k: v for k, v in res["torch"].items() if k not in ("affinity", "torch_threads")}
+    jax_t = {k: v for k, v in res["jax"].items() if k not in ("affinity", "torch_threads", "ceiling")}
+    torch_t = {k: v for k, v in res["torch"].items() if k not in ("affinity", "torch_threads", "ceiling")}
     aj, at = arrays["jax"], arrays["torch"]
     enc_err = float(np.abs(aj["x_enc"] - at["x_enc"]).max())
     z_err = float(np.abs(aj["z"] - at["z"]).max())
@@ -246,6 +253,7 @@ def combine(res: dict, arrays: dict, args) -> dict:
     print(f"max abs err: encoder + bridge {enc_err:.2e} (max |x| {enc_scale:.1f}), decoder z {z_err:.2e} (max |z| "
           f"{z_scale:.1f}), iteration tokens {err:.2e} "
           f"(max |token| {scale:.1f}; random heads amplify eps errors by up to 1/sqrt(alpha_bar_T) ~ 200)")
+    enc_ratio = torch_t["encoder_bridge"][0] / jax_t["encoder_bridge"][0]
     result = dict(
         ratio=round(ratio, 3),
         cpu_ratio=round(torch_t["iteration"][1] / jax_t["iteration"][1], 3),
@@ -262,6 +270,7 @@ def combine(res: dict, arrays: dict, args) -> dict:
                     llm_segment_image_slots=capacity),
         iters=args.iters, single_thread=args.threads == 1, torch_threads=res["torch"]["torch_threads"],
         jax_device="cpu", load_avg=round(os.getloadavg()[0], 1),
+        **ceiling.keys(res["jax"]["ceiling"], res["torch"]["ceiling"], enc_ratio),
     )
     return result
 

@@ -110,6 +110,7 @@ def test_train_step_benchmark_smoke():
 @pytest.mark.slow
 def test_unipic_benchmark_smoke():
     out = _smoke("unipic")
+    assert out["ceiling"] > 0 and out["fraction_of_ceiling"] > 0  # benchmarks/ceiling.py, measured in the same run
     assert out["ratio"] > 0  # errors relative to the outputs' scale (|x| ~ 60 with these random weights)
     assert out["encoder_bridge_max_abs_err"] < 1e-3 * out["encoder_bridge_max_abs"]
     assert out["decoder_max_abs_err"] < 1e-2 * out["decoder_max_abs"]  # measured 8e-4: the encoder's error, amplified
