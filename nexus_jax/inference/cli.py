@@ -1,8 +1,9 @@
 """``nexus-jax infer --checkpoint <dir> --input requests.jsonl --output <dir>``: resumable batch inference.
 
 Reads requests through the Grain pipeline (:mod:`nexus_jax.inference.reader`), groups them by task and shape into
-fixed-size padded batches (:mod:`nexus_jax.inference.batching`), runs them with compiled-once programs spread over
-all devices (:mod:`nexus_jax.inference.runner`) and writes PNGs + results atomically
+fixed-size padded batches (:mod:`nexus_jax.inference.batching`), runs them through the checkpoint's model family
+(:func:`nexus_jax.families.for_checkpoint`; Nexus-Gen: compiled-once programs spread over all devices,
+:mod:`nexus_jax.inference.runner`; UniPic-1: :mod:`nexus_jax.unipic.infer`) and writes PNGs + results atomically
 (:mod:`nexus_jax.inference.outputs`). A restart skips completed requests. Exit status: 0 unless every request
 failed (1), 2 for bad usage / an unreadable checkpoint or input file.
 
