@@ -160,8 +160,10 @@ def _hf_ar_config(cfg: Any) -> dict:
     }
 
 
-def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int = 256 * 2**10) -> dict[str, Any]:
-    """Write the default checkpoint to ``out`` (created; must not exist). Returns a short description."""
+def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int = 256 * 2**10,
+          configs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a random-weight checkpoint to ``out`` (created; must not exist). ``configs``: as
+    :func:`default_configs` returns (its default). Returns a short description."""
     from flax import nnx
 
     from conversion import config_io, io
@@ -171,7 +173,7 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
     from nexus_jax.models.nexus_ar import NexusGenAR
     from nexus_jax.models.vae import FluxVAE
 
-    cfgs = default_configs()
+    cfgs = configs or default_configs()
     root = Path(out)
     with io.atomic_output_dir(root) as tmp:
         # AR model: sharded safetensors + index, 4.49 names
@@ -212,6 +214,65 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
         io.write_json(tmp / "README.json", {"seed": seed, "note": "random weights: outputs are noise",
                                             "layout": "upstream PyTorch (Nexus-GenV2 + FLUX.1-dev names)"})
     return {"path": str(root), "seed": seed, "ar_tensors": len(state), "files": sorted(os.listdir(root))}
+
+
+# --- the trained default (nexus_jax/assets/default_model, written by scripts/train_default_model.py) -------------
+TRAINED = Path(__file__).resolve().parent / "assets" / "default_model"
+# converted component -> (file the export writes, its upstream name, upstream config file name)
+_EXPORTS = (
+    ("ar", None, "ar", None),
+    ("generation_decoder", "generation_decoder.bin", "generation_decoder.bin", "generation_decoder_config.json"),
+    ("edit_decoder", "edit_decoder.bin", "edit_decoder.bin", "edit_decoder_config.json"),
+    ("vae", "diffusion_pytorch_model.safetensors", "ae.safetensors", "ae_config.json"),
+)
+_COPIED = ("empty_prompt.safetensors", "nexus_jax_tokenizer.json")
+
+
+def export_converted(converted: str | os.PathLike, out: str | os.PathLike, note: dict | None = None) -> dict[str, Any]:
+    """A converted checkpoint (``ar/``, ``generation_decoder/``, ``edit_decoder/``, ``vae/``, empty prompt, tokenizer
+    pointer) -> the upstream PyTorch layout :func:`build` writes, through ``nexus-jax convert export`` (AR in one
+    safetensors file). ``note`` goes to ``README.json``. Returns the file sizes."""
+    import shutil
+    import tempfile
+
+    from conversion import cli as convert_cli
+    from conversion import io
+    from conversion import orbax as orbax_io
+
+    src, root = Path(converted), Path(out)
+    with io.atomic_output_dir(root) as tmp, tempfile.TemporaryDirectory() as scratch:
+        for sub, exported, name, config in _EXPORTS:
+            dest = tmp / name if exported is None else Path(scratch) / sub
+            fmt = "bin" if exported and exported.endswith(".bin") else "safetensors"
+            rc = convert_cli.main(["export", str(src / sub), str(dest), "--format", fmt, "--no-progress"])
+            if rc != 0:
+                raise RuntimeError(f"convert export {src / sub} failed with status {rc}")
+            if exported is not None:
+                shutil.move(str(dest / exported), str(tmp / name))
+                io.write_json(tmp / config, orbax_io.read_config(src / sub)["config"])
+        for name in _COPIED:
+            shutil.copyfile(src / name, tmp / name)
+        io.write_json(tmp / "README.json", {"layout": "upstream PyTorch (Nexus-GenV2 + FLUX.1-dev names)",
+                                            **(note or {})})
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def unpack_trained(out: str | os.PathLike, source: str | os.PathLike = TRAINED) -> dict[str, Any]:
+    """Copy the shipped trained default (upstream PyTorch layout) to ``out`` (created; must not exist)."""
+    import shutil
+
+    from conversion import io
+
+    src = Path(source)
+    if not (src / "ar" / "nexus_gen_config.json").is_file():
+        raise FileNotFoundError(f"the trained default model is missing: {src} has no ar/nexus_gen_config.json "
+                                "(rebuild it with scripts/train_default_model.py)")
+    with io.atomic_output_dir(Path(out)) as tmp:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                (tmp / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, tmp / p.relative_to(src))
+    return {"path": str(out), "source": str(src), "files": sorted(os.listdir(out))}
 
 
 def main(argv: list[str] | None = None) -> int:
