@@ -34,11 +34,10 @@ from benchmarks.timing import median_seconds  # noqa: E402
 from configs.flux import FluxDiTConfig  # noqa: E402
 from configs.nexus_decoders import SamplerConfig  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
+from conversion import load  # noqa: E402
 from nexus_jax.diffusion import flow_match as fm  # noqa: E402
 from nexus_jax.diffusion.sampler import Conditioning, initial_noise, make_sampler  # noqa: E402
 from nexus_jax.models.flux import FluxDiT, image_ids, pack_latents  # noqa: E402
-from nexus_jax.models.flux.diffusers_names import assign_flat, diffusers_flux_to_flat  # noqa: E402
-from nexus_jax.models.vae.torch_weights import vae_from_diffusers  # noqa: E402
 
 DIT = FluxDiTConfig(num_double_blocks=2, num_single_blocks=4, num_heads=4, head_dim=64, rope_axes_dim=(8, 28, 28),
                     context_dim=128, pooled_dim=64)
@@ -86,8 +85,8 @@ def measure(side: str, args) -> tuple[dict, dict]:
     if side == "jax":
         dit_j = FluxDiT(DIT, rngs=nnx.Rngs(0))
         sd = {k: v.numpy() for k, v in dit_t.state_dict().items()}
-        assign_flat(dit_j, diffusers_flux_to_flat(sd, DIT.num_double_blocks, DIT.num_single_blocks))
-        vae_j = vae_from_diffusers(VAE, {k: v.numpy() for k, v in vae_t.state_dict().items()})
+        load.flux_dit_diffusers(dit_j, sd)
+        vae_j = load.flux_vae_diffusers(VAE, vae_t.state_dict())
         guidance = jnp.full((b,), cfg.guidance, jnp.float32)
         graph, state = nnx.split(dit_j)
 

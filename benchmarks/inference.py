@@ -38,17 +38,15 @@ from benchmarks.timing import median_seconds  # noqa: E402
 from configs import nexus_gen  # noqa: E402
 from configs.nexus_decoders import NexusDecoderConfig  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
+from conversion import load  # noqa: E402
 from nexus_jax.diffusion.sampler import schedule_sigmas  # noqa: E402
 from nexus_jax.inference.batching import collate, group_batches  # noqa: E402
 from nexus_jax.inference.reader import prepare_request  # noqa: E402
 from nexus_jax.inference.requests import parse_request  # noqa: E402
 from nexus_jax.inference.runner import EmptyPrompt, ImageDecoder, Runner, seed_noise  # noqa: E402
 from nexus_jax.models.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
-from nexus_jax.models.flux.diffusers_names import assign_flat, diffusers_flux_to_flat  # noqa: E402
 from nexus_jax.models.nexus_ar import NexusGenAR  # noqa: E402
 from nexus_jax.models.nexus_decoders import GenerationDecoder  # noqa: E402
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl  # noqa: E402
-from nexus_jax.models.vae.torch_weights import vae_from_diffusers  # noqa: E402
 from nexus_jax.nexus.tiny import ByteTokenizer  # noqa: E402
 from tests.helpers.qwen2_5_vl_reference import build_hf_vl, zeros_like_module  # noqa: E402
 
@@ -64,12 +62,11 @@ def build(steps: int, size: int):
     d, vae_cfg = dec_cfg.dit, FluxVAEConfig.tiny()
     hf = build_hf_vl(ar_cfg.vl, seed=0)
     ar = zeros_like_module(lambda: NexusGenAR(ar_cfg, rngs=nnx.Rngs(0)))
-    load_hf_vl(ar, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
     hidden = ar_cfg.hidden_size
     vision_head = torch.nn.Linear(hidden, hidden, bias=False)
     prefill = torch.randn(ar_cfg.num_slots, hidden) * 0.5
-    ar.vision_head.kernel.set_value(jnp.asarray(vision_head.weight.detach().numpy().T))
-    ar.image_prefill_embeds.set_value(jnp.asarray(prefill.numpy()))
+    load.nexus_ar(ar, {**hf.state_dict(), "vision_head.weight": vision_head.weight,
+                       "image_prefill_embeds.weight": prefill})
     a = dec_cfg.adapter
     adapter = torch.nn.Sequential(torch.nn.Linear(a.in_dim, a.out_dim), torch.nn.LayerNorm(a.out_dim, eps=a.eps),
                                   torch.nn.ReLU(), torch.nn.Linear(a.out_dim, a.out_dim),
@@ -84,15 +81,14 @@ def build(steps: int, size: int):
                                    axes_dims_rope=d.rope_axes_dim).eval()
     vae_t = AutoencoderKL(**vae_cfg.diffusers_kwargs()).eval()
     gen = zeros_like_module(lambda: GenerationDecoder(dec_cfg, rngs=nnx.Rngs(0)))
-    assign_flat(gen.dit, diffusers_flux_to_flat({k: v.numpy() for k, v in dit_t.state_dict().items()},
-                                                d.num_double_blocks, d.num_single_blocks))
+    load.flux_dit_diffusers(gen.dit, dit_t.state_dict())
     for i in (0, 3):
         gen.adapter[i].kernel.set_value(jnp.asarray(adapter[i].weight.detach().numpy().T))
         gen.adapter[i].bias.set_value(jnp.asarray(adapter[i].bias.detach().numpy()))
     for i in (1, 4):
         gen.adapter[i].weight.set_value(jnp.asarray(adapter[i].weight.detach().numpy()))
         gen.adapter[i].bias.set_value(jnp.asarray(adapter[i].bias.detach().numpy()))
-    vae = vae_from_diffusers(vae_cfg, {k: v.numpy() for k, v in vae_t.state_dict().items()})
+    vae = load.flux_vae_diffusers(vae_cfg, vae_t.state_dict())
     rng = np.random.default_rng(0)
     empty = EmptyPrompt(rng.standard_normal(d.pooled_dim).astype(np.float32),
                         rng.standard_normal((16, d.context_dim)).astype(np.float32))

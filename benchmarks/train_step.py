@@ -25,7 +25,6 @@ from benchmarks import harness  # noqa: E402
 harness.setup()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -33,13 +32,13 @@ from flax import nnx  # noqa: E402
 
 from configs import nexus_gen  # noqa: E402
 from configs.training import DataConfig, OptimConfig  # noqa: E402
+from conversion import load  # noqa: E402
 from nexus_jax import sharding  # noqa: E402
 from nexus_jax.data.ar_examples import ARCollator, AREncoder  # noqa: E402
 from nexus_jax.data.pipeline import BatchIterator, build_dataset  # noqa: E402
 from nexus_jax.data.sources import JsonlSource  # noqa: E402
 from nexus_jax.data.synthetic import write_ar_dataset  # noqa: E402
 from nexus_jax.models.nexus_ar import NexusGenAR  # noqa: E402
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl  # noqa: E402
 from nexus_jax.nexus.tiny import ByteTokenizer  # noqa: E402
 from nexus_jax.training import state as state_lib  # noqa: E402
 from nexus_jax.training.ar_loop import VIT_FROZEN, make_ar_loss  # noqa: E402
@@ -54,9 +53,8 @@ def torch_pair(cfg):
     head = torch.nn.Linear(h, h, bias=False)
     prefill = torch.nn.Parameter(torch.randn(cfg.num_slots, h) * 0.02)
     twin = zeros_like_module(lambda: NexusGenAR(cfg, rngs=nnx.Rngs(0)))
-    load_hf_vl(twin, hf_state_dict_numpy(hf))
-    twin.vision_head.kernel[...] = jnp.asarray(head.weight.detach().numpy().T)
-    twin.image_prefill_embeds[...] = jnp.asarray(prefill.detach().numpy())
+    load.nexus_ar(twin, {**hf_state_dict_numpy(hf), "vision_head.weight": head.weight.detach().numpy(),
+                         "image_prefill_embeds.weight": prefill.detach().numpy()})
     for p in hf.model.visual.parameters():
         p.requires_grad_(False)
     return hf, head, prefill, twin

@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
-from nexus_jax.models.vae.torch_weights import vae_from_diffusers  # noqa: E402
+from conversion import load  # noqa: E402
 
 # FLUX's layout (4 levels, 2 resnets per level, mid attention, 16 latents) at a quarter of its width.
 PRESETS = {
@@ -63,7 +63,7 @@ def measure(side: str, args) -> tuple[dict, dict]:
     latent_shape = (args.batch, args.height // f, args.width // f, cfg.latent_channels)
     latents = np.random.default_rng(0).standard_normal(latent_shape).astype(np.float32)
     if side == "jax":
-        vae = vae_from_diffusers(cfg, {k: v.numpy() for k, v in ref.state_dict().items()})
+        vae = load.flux_vae_diffusers(cfg, ref.state_dict())
         graphdef, state = nnx.split(vae)
 
         @jax.jit

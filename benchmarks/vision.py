@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs.qwen2_5_vl import QWEN25_VISION_7B, QWEN25_VISION_TINY, Qwen25VisionConfig  # noqa: E402
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision  # noqa: E402
+from conversion import load  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer, pad_pixels  # noqa: E402
 from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout  # noqa: E402
 from tests.helpers.qwen2_5_vl_reference import build_hf_vision  # noqa: E402
@@ -66,7 +66,7 @@ def measure(side: str, args) -> tuple[dict, dict]:
     torch_model = build_hf_vision(cfg, seed=0, std=0.02)
     if side == "jax":
         model = Qwen25VisionTransformer(cfg, rngs=nnx.Rngs(0))
-        load_hf_vision(model, {k: v.numpy() for k, v in torch_model.state_dict().items()})
+        load.qwen2_5_vision(model, torch_model.state_dict())
         layout = vision_layout(grid, cfg)
         graphdef, state = nnx.split(model)
         arrays = {k: jax.numpy.asarray(v) for k, v in layout.arrays(frame_groups=True).items()}

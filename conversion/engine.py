@@ -348,6 +348,23 @@ def norm(torch_prefix: str, jax_prefix: str, bias: bool = False, weight_name: st
     return rules
 
 
+def same_names(name: str, jax_shapes: AnyMapping[str, Shape]) -> Mapping:
+    """A table for modules whose torch and JAX names agree (one concrete rule per JAX parameter): ``*.kernel`` <->
+    ``*.weight`` (2-D: Linear transpose, 4-D: Conv2d permute), ``*.embedding`` <-> ``*.weight``, the rest as is."""
+    rules = []
+    for path, shape in jax_shapes.items():
+        stem, _, leaf = path.rpartition(".")
+        torch_name = f"{stem}.weight" if stem and leaf in ("kernel", "embedding") else path
+        if leaf != "kernel":
+            transform: Transform = IDENTITY
+        elif len(shape) in (2, 4):
+            transform = LINEAR if len(shape) == 2 else CONV2D
+        else:
+            raise ConversionError(f"{path}: no same-name layout for a rank-{len(shape)} kernel {tuple(shape)}")
+        rules.append(rule(torch_name, path, transform))
+    return Mapping(name, tuple(rules))
+
+
 def _fill(pattern: str, env: dict[str, str]) -> str:
     return _WILDCARD.sub(lambda m: env[m.group(1)], pattern)
 

@@ -68,7 +68,7 @@ def load_hf_checkpoint(model, directory: str) -> None:
     """Fill ``model`` from the ``*.safetensors`` files of a transformers checkpoint directory."""
     from safetensors import safe_open
 
-    from nexus_jax.models.qwen2.hf_params import load_hf_state_dict
+    from conversion.load import qwen2_text
 
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
@@ -79,7 +79,7 @@ def load_hf_checkpoint(model, directory: str) -> None:
             for key in f.keys():
                 if not key.startswith(("visual.", "model.visual.")):
                     state[key] = np.asarray(f.get_tensor(key), np.float32)
-    load_hf_state_dict(model, state)
+    qwen2_text(model, state)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

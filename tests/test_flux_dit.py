@@ -12,9 +12,9 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from flax import nnx
 
 from configs.flux import FluxDiTConfig
+from conversion import load
 from nexus_jax import sharding
 from nexus_jax.models.flux import FluxDiT, image_ids, latent_size, pack_latents, unpack_latents
-from nexus_jax.models.flux.diffusers_names import assign_flat, diffusers_flux_to_flat
 
 CFG = FluxDiTConfig.tiny()
 
@@ -39,9 +39,7 @@ def torch_flux(cfg: FluxDiTConfig, seed: int = 0) -> FluxTransformer2DModel:
 
 def jax_flux_from(model: FluxTransformer2DModel, cfg: FluxDiTConfig) -> FluxDiT:
     ours = FluxDiT(cfg, rngs=nnx.Rngs(1))
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    assign_flat(ours, diffusers_flux_to_flat(sd, cfg.num_double_blocks, cfg.num_single_blocks))
-    return ours
+    return load.flux_dit_diffusers(ours, model.state_dict())
 
 
 def make_inputs(cfg: FluxDiTConfig, b: int, h: int, w: int, lt: int, seed: int = 0) -> dict[str, np.ndarray]:

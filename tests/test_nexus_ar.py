@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from flax import nnx
 
 from configs import nexus_gen
+from conversion import load
 from nexus_jax.models.nexus_ar import NexusGenAR
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vl
 from nexus_jax.nexus import batch as B
 from nexus_jax.nexus import templates as T
 from nexus_jax.nexus.loss import model_loss
@@ -36,10 +36,10 @@ def build_pair(cfg, seed=0, std=0.08):
     with torch.no_grad():
         head.weight.normal_(0.0, std)
     model = zeros_like_module(lambda: NexusGenAR(cfg, rngs=nnx.Rngs(seed)))
-    load_hf_vl(model, hf_state_dict_numpy(hf))
-    model.vision_head.kernel[...] = jnp.asarray(head.weight.detach().numpy().T)
+    sd = {**hf_state_dict_numpy(hf), "vision_head.weight": head.weight.detach().numpy()}
     if prefill is not None:
-        model.image_prefill_embeds[...] = jnp.asarray(prefill.detach().numpy())
+        sd["image_prefill_embeds.weight"] = prefill.detach().numpy()
+    load.nexus_ar(model, sd)
     return hf, head, prefill, model
 
 

@@ -15,9 +15,10 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 
 from configs.nexus_decoders import MergerConfig, NexusDecoderConfig
 from configs.vae import FluxVAEConfig
+from conversion import load
+from conversion.tables.nexus_decoders import adapter_mapping, merger_mapping
 from nexus_jax import sharding
 from nexus_jax.models.flux import image_ids
-from nexus_jax.models.flux.diffusers_names import assign_flat
 from nexus_jax.models.nexus_decoders import (
     EditingDecoder,
     EmbeddingMerger,
@@ -35,17 +36,14 @@ CFG = NexusDecoderConfig.tiny()
 MERGER = MergerConfig.tiny(target_grid=(18, 18), ref_grid=(36, 36))  # 81 + 324 = 405 tokens, as upstream
 
 
-def torch_to_flat(module: nn.Module, prefix: tuple = ()) -> dict:
-    """torch names -> our paths: Linear weight -> kernel (transposed), other tensors unchanged; digits -> ints."""
-    out = {}
-    for name, p in module.state_dict().items():
-        parts = tuple(int(s) if s.isdigit() else s for s in name.split("."))
-        arr = p.detach().numpy()
-        if parts[-1] == "weight" and arr.ndim == 2:
-            out[(*prefix, *parts[:-1], "kernel")] = arr.T
-        else:
-            out[(*prefix, *parts)] = arr
-    return out
+def load_adapter(ours: nnx.List, ref: nn.Module) -> None:
+    """torch ``Sequential`` adapter -> ours, through the converter's ``adapter.*`` table (unprefixed here)."""
+    load.load(ours, adapter_mapping("", ""), ref.state_dict())
+
+
+def load_merger(ours: EmbeddingMerger, ref: nn.Module) -> None:
+    """TorchMerger -> ours through the converter's ``embedding_merger.*`` table (unprefixed, rotary buffers skipped)."""
+    load.load(ours, merger_mapping(ours.cfg, "", ""), ref.state_dict(), skip_prefixes=("rotary.",))
 
 
 def randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -65,7 +63,7 @@ def test_adapter_matches_torch_spec():
     ref = randomize(nn.Sequential(nn.Linear(a.in_dim, a.out_dim), nn.LayerNorm(a.out_dim), nn.ReLU(),
                                   nn.Linear(a.out_dim, a.out_dim), nn.LayerNorm(a.out_dim)), seed=0)
     ours = make_adapter(a, rngs=nnx.Rngs(0))
-    assign_flat(ours, torch_to_flat(ref))
+    load_adapter(ours, ref)
     x = np.random.default_rng(0).standard_normal((2, 81, a.in_dim)).astype(np.float32) * 3
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
@@ -112,8 +110,7 @@ class TorchMerger(nn.Module):
 def merger_pair():
     ref = randomize(TorchMerger(MERGER), seed=1)
     ours = EmbeddingMerger(MERGER, rngs=nnx.Rngs(0))
-    flat = {k: v for k, v in torch_to_flat(ref).items() if k[0] != "rotary"}
-    assign_flat(ours, flat)
+    load_merger(ours, ref)
     return ref, ours
 
 
@@ -240,8 +237,8 @@ def test_decoders_match_torch_composition():
     dit_state = nnx.state(jax_flux_from(dit_t, cfg.dit))
     nnx.update(gen.dit, dit_state)
     nnx.update(edit.dit, dit_state)
-    assign_flat(gen.adapter, torch_to_flat(adapter_t))
-    assign_flat(edit.embedding_merger, {k: v for k, v in torch_to_flat(merger_t).items() if k[0] != "rotary"})
+    load_adapter(gen.adapter, adapter_t)
+    load_merger(edit.embedding_merger, merger_t)
 
     rng = np.random.default_rng(14)
     b, hl, wl = 2, 6, 10  # latent 48x80 px / 8

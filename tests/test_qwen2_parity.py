@@ -9,9 +9,11 @@ import torch
 from flax import nnx
 
 from configs.qwen2_5 import tiny
+from conversion.engine import same_names
+from conversion.load import load
+from conversion.state import param_shapes
 from nexus_jax.models.qwen2 import Qwen2DecoderLayer, init_cache_for, rope_cos_sin
 from nexus_jax.models.qwen2.attention import grouped_query_attention
-from nexus_jax.models.qwen2.hf_params import LAYER_LINEARS
 from tests.helpers.qwen2_reference import reference_pair
 
 CFG = tiny()
@@ -88,15 +90,7 @@ def test_rope_matches_transformers_with_fractional_mrope_positions(pair):
 def _layer_pair(hf):
     hf_layer = _text_model(hf).layers[1]
     layer = Qwen2DecoderLayer(CFG, rngs=nnx.Rngs(0))
-    sd = {f"layers.0.{k}": v.numpy() for k, v in hf_layer.state_dict().items()}
-    for name in LAYER_LINEARS:
-        owner, attr = name.split(".")
-        lin = getattr(getattr(layer, owner), attr)
-        lin.kernel[...] = jnp.asarray(sd[f"layers.0.{name}.weight"].T)
-        if lin.bias is not None:
-            lin.bias[...] = jnp.asarray(sd[f"layers.0.{name}.bias"])
-    layer.input_layernorm.weight[...] = jnp.asarray(sd["layers.0.input_layernorm.weight"])
-    layer.post_attention_layernorm.weight[...] = jnp.asarray(sd["layers.0.post_attention_layernorm.weight"])
+    load(layer, same_names("qwen2_decoder_layer", param_shapes(layer)), hf_layer.state_dict())
     return hf_layer, layer
 
 

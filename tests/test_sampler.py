@@ -14,11 +14,11 @@ from flax import nnx
 from configs.flux import FluxDiTConfig
 from configs.nexus_decoders import SamplerConfig
 from configs.vae import FluxVAEConfig
+from conversion import load
 from nexus_jax import sharding
 from nexus_jax.diffusion import flow_match as fm
 from nexus_jax.diffusion.sampler import Conditioning, initial_noise, make_sampler
 from nexus_jax.models.flux import FluxDiT, image_ids
-from nexus_jax.models.vae.torch_weights import vae_from_diffusers
 from tests.test_flux_dit import jax_flux_from, torch_flux
 
 DIT = FluxDiTConfig.tiny()
@@ -34,7 +34,7 @@ def refs():
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ours_vae = vae_from_diffusers(VAE, {k: v.numpy() for k, v in vae.state_dict().items()})
+    ours_vae = load.flux_vae_diffusers(VAE, vae.state_dict())
     return dit, vae, jax_flux_from(dit, DIT), ours_vae
 
 
@@ -140,7 +140,7 @@ def test_sharded_sampler_equals_unsharded(refs, with_vae):
     nnx.update(dit_s, jax.device_put(nnx.state(dit_j), sharding.state_shardings(nnx.state(dit_s), mesh, rules)))
     vae_s = None
     if with_vae:
-        vae_s = vae_from_diffusers(VAE, {k: v.numpy() for k, v in vae_t.state_dict().items()}, mesh=mesh, rules=rules)
+        vae_s = load.flux_vae_diffusers(VAE, vae_t.state_dict(), mesh=mesh, rules=rules)
     assert dit_s.blocks[0].ff_a[0].kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     with sharding.sharding_context(mesh, rules):
         got = make_sampler(dit_s, vae_s, cfg)(key, cond, neg)

@@ -10,9 +10,10 @@ import torch
 from flax import nnx
 
 from configs.unipic_diffusion import DiffusionHeadConfig, GaussianDiffusionConfig
+from conversion import load
+from conversion.tables.unipic import diffusion_head_mapping
 from nexus_jax.diffusion import gaussian as gd
 from nexus_jax.diffusion import maskgit as mg
-from nexus_jax.models.flux.diffusers_names import assign_flat
 from nexus_jax.models.flux.embeddings import timestep_sinusoid
 from nexus_jax.models.unipic.diffusion_head import DiffusionHead
 from tests.helpers import diffloss_torch as ref
@@ -30,16 +31,9 @@ def torch_head(cfg: DiffusionHeadConfig, seed: int = 0) -> ref.DiffLoss:
 
 
 def jax_head_from(model: ref.DiffLoss, cfg: DiffusionHeadConfig) -> DiffusionHead:
-    """Plain rename: Linear ``weight`` -> ``kernel`` (transposed), list indices as ints, everything else as is."""
+    """Through the converter's ``mar.diffloss.net.*`` table, here without the ``mar.diffloss.`` prefix."""
     head = DiffusionHead(cfg, rngs=nnx.Rngs(0))
-    flat = {}
-    for name, v in model.state_dict().items():
-        parts, a = [int(p) if p.isdigit() else p for p in name.split(".")], v.detach().numpy()
-        if parts[-1] == "weight" and a.ndim == 2:
-            parts[-1], a = "kernel", a.T
-        flat[tuple(parts)] = a
-    assign_flat(head, flat)
-    return head
+    return load.load(head, diffusion_head_mapping(cfg.depth, "net.", "net."), model.state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.vae import FluxVAEConfig
+from conversion.errors import ConversionError
+from conversion.load import flux_vae_diffusers as vae_from_diffusers
+from conversion.tables.vae import diffusers_mapping
 from nexus_jax import sharding
 from nexus_jax.models.vae import FluxVAE, latents_to_model, model_to_latents, pixels_to_uint8
-from nexus_jax.models.vae.torch_weights import torch_key, vae_from_diffusers
 
 CFG = FluxVAEConfig.tiny()
 BATCH, HEIGHT, WIDTH = 2, 40, 56  # non-square; latent 5 x 7
@@ -145,13 +147,12 @@ def test_full_config_matches_flux_ae_layout():
     assert (full.norm_num_groups, full.scaling_factor, full.shift_factor) == (32, 0.3611, 0.1159)
     assert full.downsample_factor == 8
     abstract = nnx.eval_shape(lambda: FluxVAE(full, rngs=nnx.Rngs(0)))
-    ours = {}
+    shapes = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        path = tuple(str(p) for p in path)
-        shape = var.get_value().shape
-        if path[-1] == "kernel":  # back to torch layout
-            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        ours[torch_key(path)] = shape
+        shapes[".".join(str(p) for p in path)] = var.get_value().shape
+    ours = {}  # back to torch names and layout through the import table
+    for r in diffusers_mapping(full).rules:
+        ours[r.torch[0]] = tuple(r.transform.torch_shapes([shapes[r.jax[0]]])[0])
     with torch.device("meta"):
         ref = AutoencoderKL(**full.diffusers_kwargs())
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -243,8 +244,8 @@ def test_load_rejects_mismatched_state_dict(models):
     ref, _ = models
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     extra = {**state, "encoder.quant_conv.weight": np.zeros((1,))}
-    with pytest.raises(KeyError, match="unused.*encoder.quant_conv.weight"):
+    with pytest.raises(ConversionError, match="unexpected tensors.*encoder.quant_conv.weight"):
         vae_from_diffusers(CFG, extra)
     state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"][:, :4]
-    with pytest.raises(ValueError, match=r"decoder.conv_in.weight: converted shape \(3, 3, 4, 24\)"):
+    with pytest.raises(ConversionError, match=r"conv_in.weight has shape \(24, 4, 3, 3\), expected \(24, 16, 3, 3\)"):
         vae_from_diffusers(CFG, state)

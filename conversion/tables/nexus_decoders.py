@@ -15,7 +15,7 @@ and ``embedding_merger.projector.{0,2,5}.weight`` (RMSNorm) / ``projector.{1,4}.
 
 from __future__ import annotations
 
-from configs.nexus_decoders import NexusDecoderConfig
+from configs.nexus_decoders import MergerConfig, NexusDecoderConfig
 from conversion.engine import Mapping, Rule, combine, linear, norm
 from conversion.tables.flux_dit import diffsynth_mapping, diffusers_mapping
 
@@ -32,7 +32,7 @@ def adapter_mapping(torch_prefix: str, jax_prefix: str = "adapter.") -> Mapping:
 
 
 def merger_mapping(
-    cfg: NexusDecoderConfig, torch_prefix: str = "embedding_merger.", jax_prefix: str = "embedding_merger."
+    cfg: MergerConfig, torch_prefix: str = "embedding_merger.", jax_prefix: str = "embedding_merger."
 ) -> Mapping:
     """``ImageEmbeddingMerger``: Qwen2.5 decoder layer(s), then projector RMSNorm -> Linear -> RMSNorm -> SiLU ->
     Linear -> RMSNorm."""
@@ -50,7 +50,7 @@ def merger_mapping(
         rules += norm(f"{t}projector.{k}", f"{j}projector.{k}")
     for k in (1, 4):
         rules += linear(f"{t}projector.{k}", f"{j}projector.{k}")
-    return Mapping("nexus_merger", tuple(rules), (("m", cfg.merger.num_layers),))
+    return Mapping("nexus_merger", tuple(rules), (("m", cfg.num_layers),))
 
 
 def v1_generation_mapping(cfg: NexusDecoderConfig) -> Mapping:
@@ -68,7 +68,7 @@ def v2_generation_mapping(cfg: NexusDecoderConfig) -> Mapping:
 def v2_editing_mapping(cfg: NexusDecoderConfig) -> Mapping:
     """``edit_decoder.bin``: ``embedding_merger.*`` + ``pipe.dit.*``."""
     dit = diffsynth_mapping(cfg.dit).with_prefix("pipe.dit.", DIT_PREFIX)
-    return combine("nexus_v2_editing", merger_mapping(cfg), dit)
+    return combine("nexus_v2_editing", merger_mapping(cfg.merger), dit)
 
 
 def diffusers_generation_mapping(cfg: NexusDecoderConfig) -> Mapping:
@@ -80,4 +80,4 @@ def diffusers_generation_mapping(cfg: NexusDecoderConfig) -> Mapping:
 def diffusers_editing_mapping(cfg: NexusDecoderConfig) -> Mapping:
     """``transformer/`` (diffusers FLUX names) + ``embedding_merger.*``."""
     dit = diffusers_mapping(cfg.dit).with_prefix(DIFFUSERS_DIT, DIT_PREFIX)
-    return combine("nexus_diffusers_editing", merger_mapping(cfg), dit)
+    return combine("nexus_diffusers_editing", merger_mapping(cfg.merger), dit)

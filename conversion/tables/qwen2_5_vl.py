@@ -14,6 +14,7 @@ under a configurable path prefix.
 from __future__ import annotations
 
 from conversion.engine import LINEAR, Chain, ConvToMatmul, Mapping, Reshape, Rule, combine, linear, norm, rule
+from conversion.errors import ConversionError
 
 _ATTN = ("q_proj", "k_proj", "v_proj")
 
@@ -71,23 +72,72 @@ def nexus_heads_mapping(prefill: bool, jax_prefix: str = "", vision_head: str = 
     return Mapping("nexus_heads", tuple(rules))
 
 
+def vision_config_mapping(vision_config, torch_prefix: str = "visual.", jax_prefix: str = "") -> Mapping:
+    """:func:`vision_mapping` for a ``configs.qwen2_5_vl.Qwen25VisionConfig``."""
+    v = vision_config
+    kernel = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return vision_mapping(v.depth, v.hidden_size, kernel, torch_prefix=torch_prefix, jax_prefix=jax_prefix)
+
+
 def qwen2_5_vl_mapping(
-    vl_config, text_jax_prefix: str = "language_model.", vision_jax_prefix: str = "visual."
+    vl_config,
+    text_jax_prefix: str = "language_model.",
+    vision_jax_prefix: str = "visual.",
+    text_torch_prefix: str = "model.",
+    vision_torch_prefix: str = "visual.",
 ) -> Mapping:
-    """transformers Qwen2_5_VLForConditionalGeneration (4.49 names) for a ``configs.qwen2_5_vl.Qwen25VLConfig``;
+    """transformers Qwen2_5_VLForConditionalGeneration for a ``configs.qwen2_5_vl.Qwen25VLConfig``: 4.49 names by
+    default (transformers 5: ``model.language_model.`` / ``model.visual.``, see :func:`transformers_prefixes`);
     default JAX prefixes are those of ``nexus_jax.models.nexus_ar.NexusGenAR``."""
-    text, vis = vl_config.text, vl_config.vision
-    kernel = (vis.in_channels, vis.temporal_patch_size, vis.patch_size, vis.patch_size)
+    text = vl_config.text
     return combine(
         "qwen2_5_vl",
         text_mapping(
             text.num_layers,
             text.tie_word_embeddings,
+            torch_prefix=text_torch_prefix,
             jax_prefix=f"{text_jax_prefix}model.",
             lm_head=("lm_head", f"{text_jax_prefix}lm_head"),
         ),
-        vision_mapping(vis.depth, vis.hidden_size, kernel, jax_prefix=vision_jax_prefix),
+        vision_config_mapping(vl_config.vision, vision_torch_prefix, vision_jax_prefix),
     )
+
+
+# transformers key prefixes of the text decoder (5.x VL, bare language model, 4.x / Qwen2, Qwen2_5_VLTextModel) and
+# of the vision tower (5.x, 4.x); the first whose ``embed_tokens.weight`` / ``patch_embed.proj.weight`` exists wins
+TRANSFORMERS_TEXT_PREFIXES = ("model.language_model.", "language_model.", "model.", "")
+TRANSFORMERS_VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def transformers_prefixes(names) -> tuple[str, str | None]:
+    """(text prefix, vision prefix or None) of a transformers Qwen2 / Qwen2.5-VL state dict's key ``names``."""
+    names = set(names)
+    text = next((p for p in TRANSFORMERS_TEXT_PREFIXES if f"{p}embed_tokens.weight" in names), None)
+    if text is None:
+        raise ConversionError(
+            f"not a transformers Qwen2 state dict: no embed_tokens.weight under any of {TRANSFORMERS_TEXT_PREFIXES}")
+    vision = next((p for p in TRANSFORMERS_VISION_PREFIXES if f"{p}patch_embed.proj.weight" in names), None)
+    return text, vision
+
+
+def transformers_text_mapping(text_config, names) -> tuple[Mapping, tuple[str, ...]]:
+    """(table, prefixes to skip) for a transformers state dict with key ``names`` -> a JAX ``Qwen2ForCausalLM``
+    (``model.*``, ``lm_head``) for a ``configs.qwen2_5.Qwen2TextConfig``; the vision tower and a tied
+    ``lm_head.weight`` are skipped."""
+    text, _ = transformers_prefixes(names)
+    tied = text_config.tie_word_embeddings
+    table = text_mapping(text_config.num_layers, tied, torch_prefix=text)
+    return table, TRANSFORMERS_VISION_PREFIXES + (("lm_head.",) if tied else ())
+
+
+def transformers_vl_mapping(vl_config, names) -> tuple[Mapping, tuple[str, ...]]:
+    """(table, prefixes to skip) for a transformers Qwen2_5_VLForConditionalGeneration state dict (4.x or 5.x
+    names) -> ``Qwen25VLForConditionalGeneration`` (``language_model.*``, ``visual.*``)."""
+    text, vision = transformers_prefixes(names)
+    if vision is None:
+        raise ConversionError(f"no vision tower (patch_embed.proj.weight under {TRANSFORMERS_VISION_PREFIXES})")
+    table = qwen2_5_vl_mapping(vl_config, text_torch_prefix=text, vision_torch_prefix=vision)
+    return table, ("lm_head.",) if vl_config.text.tie_word_embeddings else ()
 
 
 def nexus_ar_mapping(cfg) -> Mapping:

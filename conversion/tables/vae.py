@@ -14,7 +14,7 @@ import functools
 import re
 
 from configs.vae import FluxVAEConfig
-from conversion.engine import CONV2D, IDENTITY, LINEAR, Chain, Mapping, Reshape, Transform, rule
+from conversion.engine import LINEAR, Chain, Mapping, Reshape, rule, same_names
 
 
 @functools.lru_cache(maxsize=8)
@@ -27,20 +27,9 @@ def _jax_shapes(cfg: FluxVAEConfig) -> dict[str, tuple[int, ...]]:
     return {k: v.shape for k, v in abstract_params(lambda: FluxVAE(cfg, rngs=nnx.Rngs(0)))[1].items()}
 
 
-def _diffusers_name(path: str) -> str:
-    return path[: -len("kernel")] + "weight" if path.endswith(".kernel") else path
-
-
-def _layout(path: str, shape: tuple[int, ...]) -> Transform:
-    if not path.endswith(".kernel"):
-        return IDENTITY
-    return CONV2D if len(shape) == 4 else LINEAR
-
-
 def diffusers_mapping(cfg: FluxVAEConfig) -> Mapping:
     """diffusers ``AutoencoderKL`` state dict <-> FluxVAE (same names; kernels re-laid out)."""
-    rules = tuple(rule(_diffusers_name(p), p, _layout(p, s)) for p, s in _jax_shapes(cfg).items())
-    return Mapping("vae_diffusers", rules)
+    return same_names("vae_diffusers", _jax_shapes(cfg))
 
 
 def bfl_name(diffusers_name: str, num_levels: int) -> str:
@@ -65,9 +54,9 @@ def bfl_mapping(cfg: FluxVAEConfig) -> Mapping:
     """BFL ``ae.safetensors`` <-> FluxVAE (attention projections are 1x1 convs there)."""
     levels = len(cfg.block_out_channels)
     rules = []
-    for p, s in _jax_shapes(cfg).items():
-        t = _layout(p, s)
+    for r, s in zip(diffusers_mapping(cfg).rules, _jax_shapes(cfg).values()):
+        t = r.transform
         if t is LINEAR:  # torch [out, in, 1, 1] -> [out, in] -> kernel [in, out]
             t = Chain((Reshape((s[1], s[0], 1, 1), (s[1], s[0])), LINEAR))
-        rules.append(rule(bfl_name(_diffusers_name(p), levels), p, t))
+        rules.append(rule(bfl_name(r.torch[0], levels), r.jax, t))
     return Mapping("vae_bfl", tuple(rules))

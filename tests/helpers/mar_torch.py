@@ -4,20 +4,17 @@ Upstream semantics kept on purpose: masked tokens are *dropped* in the encoder
 (``x[(1 - mask_with_buffer).nonzero()]``), timm ``Block`` (fused qkv rows q|k|v, exact GELU),
 ``F.interpolate(mode='bilinear')`` positional resizing.
 ``load_into_nnx`` copies a torch state dict into our nnx modules by name (Linear weights transposed, Embedding
-``weight`` -> ``embedding``); it is test-only, the real table lives in conversion/.
+``weight`` -> ``embedding``) through ``conversion.engine.same_names``.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 import torch
 import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
 from configs.mar import MARConfig
-from nexus_jax.models.vae.torch_weights import convert_tensor, torch_key
 
 
 class TorchAttention(nn.Module):
@@ -141,21 +138,10 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
 
 
 def load_into_nnx(module: nnx.Module, torch_module: nn.Module) -> None:
-    """Copy ``torch_module``'s state dict into ``module`` (in place) by name; every leaf must be matched."""
-    sd = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
-    state = nnx.state(module, nnx.Param)
-    used = set()
-    for path, var in nnx.to_flat_state(state):
-        path = tuple(str(p) for p in path)
-        if path[-1] == "embedding":
-            key, value = ".".join(path[:-1] + ("weight",)), sd[".".join(path[:-1] + ("weight",))]
-        else:
-            key = torch_key(path)
-            value = convert_tensor(path, sd[key])
-        if value.shape != var.get_value().shape:
-            raise ValueError(f"{key}: torch {value.shape} vs nnx {var.get_value().shape}")
-        var.set_value(jnp.asarray(np.ascontiguousarray(value), var.get_value().dtype))
-        used.add(key)
-    if set(sd) - used:
-        raise KeyError(f"torch keys not loaded: {sorted(set(sd) - used)}")
-    nnx.update(module, state)
+    """Copy ``torch_module``'s state dict into ``module`` (in place) by name through the converter's same-name rule
+    (``conversion.engine.same_names``); every tensor and every parameter must be matched."""
+    from conversion.engine import same_names
+    from conversion.load import load
+    from conversion.state import param_shapes
+
+    load(module, same_names("torch_same_names", param_shapes(module)), torch_module.state_dict())

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from configs.qwen2_5_vl import Qwen25VisionConfig, Qwen25VLConfig
-from nexus_jax.models.qwen2_5_vl.hf_weights import load_hf_vision, load_hf_vl
+from conversion import load
 from nexus_jax.models.qwen2_5_vl.model import Qwen25VLForConditionalGeneration
 from nexus_jax.models.qwen2_5_vl.vision import Qwen25VisionTransformer
 from tests.helpers.qwen2_reference import _text_kwargs, hf_state_dict_numpy
@@ -74,7 +74,7 @@ def reference_vision_pair(config: Qwen25VisionConfig, *, seed: int = 0, std: flo
     """(transformers Qwen2.5-VL ViT, JAX Qwen25VisionTransformer) holding identical random weights."""
     hf_model = build_hf_vision(config, seed=seed, std=std)
     model = zeros_like_module(lambda: Qwen25VisionTransformer(config, rngs=nnx.Rngs(seed)))
-    load_hf_vision(model, hf_state_dict_numpy(hf_model))
+    load.qwen2_5_vision(model, hf_state_dict_numpy(hf_model))
     return hf_model, model
 
 
@@ -82,7 +82,7 @@ def reference_vl_pair(config: Qwen25VLConfig, *, seed: int = 0, std: float = 0.0
     """(transformers Qwen2.5-VL, JAX Qwen25VLForConditionalGeneration) holding identical random weights."""
     hf_model = build_hf_vl(config, seed=seed, std=std)
     model = zeros_like_module(lambda: Qwen25VLForConditionalGeneration(config, rngs=nnx.Rngs(seed)))
-    load_hf_vl(model, hf_state_dict_numpy(hf_model))
+    load.qwen2_5_vl(model, hf_state_dict_numpy(hf_model))
     return hf_model, model
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from configs.qwen2_5 import Qwen2TextConfig
-from nexus_jax.models.qwen2.hf_params import load_hf_state_dict
+from conversion import load
 from nexus_jax.models.qwen2.model import Qwen2ForCausalLM
 
 
@@ -85,5 +85,5 @@ def reference_pair(config: Qwen2TextConfig, *, seed: int = 0, std: float = 0.08)
     """(transformers model, JAX Qwen2ForCausalLM) with identical weights."""
     hf_model = build_hf_model(config, seed=seed, std=std)
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
-    load_hf_state_dict(model, hf_state_dict_numpy(hf_model))
+    load.qwen2_text(model, hf_state_dict_numpy(hf_model))
     return hf_model, model
