@@ -167,6 +167,32 @@ def apply_rotary_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> ja
     return out.reshape(x.shape).astype(x.dtype)
 
 
+@jax.custom_vjp
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis (the forward of ``jax.nn.softmax``) whose backward reduces ``sum(g * y)`` with a
+    dot. x [..., K] -> same shape.
+
+    Why: XLA:CPU's YNNPACK fusion of a two-operand multiply + reduce (``jax.nn.softmax``'s VJP) runs ~15x slower than
+    the same reduction as a dot (attention scores [4, 768, 256]: 3.3 ms vs 0.2 ms on one core), and it was the largest
+    single cost of the tiny AR train step. Same math: dx = y * (g - sum(g * y)).
+    """
+    return _softmax_fwd(x)[0]
+
+
+def _softmax_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    y = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return y, y
+
+
+def _softmax_bwd(y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    gy = jnp.einsum("...k,...k->...", g, y, preferred_element_type=jnp.float32)[..., None].astype(y.dtype)
+    return (y * (g - gy),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SegmentMask:
@@ -219,7 +245,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     if mask is not None:
         m = jnp.broadcast_to(mask, (b, hq, lq, k.shape[1])).reshape(b, hkv, groups, lq, k.shape[1])
         logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits)
     if mask is not None:
         probs = jnp.where(m, probs, 0.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)

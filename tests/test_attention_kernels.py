@@ -294,3 +294,17 @@ def test_splash_under_sharding_context_matches_unsharded(heads):
             q, k, v, mask.segment_ids)
         assert "shard_map" in str(jax.make_jaxpr(lambda a: layers.splash_attention(a, k, v))(q))
     assert float(jnp.abs(got - want).max()) <= TOL
+
+
+def test_softmax_forward_is_jax_nn_and_its_dot_backward_matches():
+    # layers.softmax: jax.nn.softmax's forward bit for bit; its custom backward (sum(g * y) as a dot) equals autodiff
+    # of jax.nn.softmax, also on rows with masked (finfo.min) entries
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(k1, (2, 3, 40, 33)) * 4
+    x = jnp.where(jnp.arange(33) > 25, jnp.finfo(jnp.float32).min, x)
+    w = jax.random.normal(k2, x.shape)
+    assert bool((layers.softmax(x) == jax.nn.softmax(x, axis=-1)).all())
+    got = jax.grad(lambda a: jnp.sum(layers.softmax(a) * w))(x)
+    want = jax.grad(lambda a: jnp.sum(jax.nn.softmax(a, axis=-1) * w))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert float(jnp.abs(want).max()) > 0.1 and float(jnp.abs(got[..., 26:]).max()) == 0.0

@@ -38,7 +38,7 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
             mask = jnp.broadcast_to(mask, (mask.shape[0], hq, lq, lk)).reshape(mask.shape[0], hkv, g, lq, lk)
         scores = scores.reshape(b, hkv, g, lq, lk)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min).reshape(b, hkv, g * lq, lk)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = layers.softmax(scores).astype(v.dtype)
     out = jnp.einsum("bhmk,bkhd->bhmd", probs, v).reshape(b, hkv, g, lq, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
 
