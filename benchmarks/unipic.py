@@ -52,7 +52,7 @@ CEILING_SHAPES = ((576, 512, 1536), (576, 512, 512), (576, 512, 2048), (576, 204
                   (576, 1376, 512))
 
 
-def bench_config(head_steps: int) -> unipic_configs.UniPicConfig:
+def bench_config(head_steps: int, visible_buckets: int | None = None) -> unipic_configs.UniPicConfig:
     text = unipic_configs.tiny_text(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_layers=4,
                                     num_heads=8, num_kv_heads=2, head_dim=64)
     return unipic_configs.tiny(
@@ -61,7 +61,8 @@ def bench_config(head_steps: int) -> unipic_configs.UniPicConfig:
                       num_classes=10, llm_hidden=512),
         head=DiffusionHeadConfig(in_channels=16, width=512, out_channels=32, z_channels=512, depth=3),
         diffusion=GaussianDiffusionConfig(sampling_steps=str(head_steps)),
-        sampling=SamplingConfig(num_iter=16),
+        sampling=SamplingConfig(num_iter=16, **({} if visible_buckets is None else
+                                                {"visible_buckets": visible_buckets})),
         resolution=256,
     )
 
@@ -82,6 +83,9 @@ def write_result(result: dict, key: str) -> None:
 def add_args(parser) -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--head-steps", type=int, default=100, help="diffusion-head sampling steps (UniPic: 100)")
+    parser.add_argument("--visible-buckets", type=int, default=None,
+                        help="SamplingConfig.visible_buckets (default: the config's; more buckets = less padding of "
+                             "the gathered visible tokens, more compiled iteration shapes)")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/unipic.json")
 
 
@@ -93,7 +97,7 @@ def _smoke(args) -> None:
 def measure(side: str, args) -> tuple[dict, dict]:
     """One side's iteration and parts: (wall, CPU) seconds each; encoder+bridge, decoder and iteration outputs."""
     _smoke(args)
-    cfg = bench_config(args.head_steps)
+    cfg = bench_config(args.head_steps, args.visible_buckets)
     sampling = cfg.sampling
     n, nb, c = cfg.seq_len, cfg.mar.buffer_size, cfg.mar.token_embed_dim
     tu, diffusion, _, model, _ = unipic_torch.reference_models(cfg, vae=False)
@@ -225,7 +229,7 @@ def _measure_torch(args, cfg, tu, diffusion, ids, ctx_mask, cond_tokens, mask, o
 
 def combine(res: dict, arrays: dict, args) -> dict:
     _smoke(args)
-    cfg = bench_config(args.head_steps)
+    cfg = bench_config(args.head_steps, args.visible_buckets)
     sampling = cfg.sampling
     n, nb = cfg.seq_len, cfg.mar.buffer_size
     tables, max_pred = jsample.step_tables(n, sampling)
