@@ -18,6 +18,7 @@ Atomicity (what :func:`atomic_write_bytes` gives):
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 
 from etils import epath
@@ -29,9 +30,16 @@ PathLike = str | os.PathLike
 TEMP_PREFIX = ".tmp-"  # names of atomic-write temporaries (a killed writer's leftovers can be found by it)
 
 
+def _url_prefixes() -> tuple[str, ...]:
+    """:data:`REMOTE_PREFIXES` plus any scheme registered with ``etils.epath.register`` (tests register fakes)."""
+    from etils.epath import register
+
+    return REMOTE_PREFIXES + tuple(p for p in getattr(register, "_URI_PREFIXES_TO_CLS", {}) if p not in REMOTE_PREFIXES)
+
+
 def is_remote(path: PathLike) -> bool:
     """True for an object-store URL (``gs://bucket/x``), False for a local path (``file://`` URLs included)."""
-    return os.fspath(path).startswith(REMOTE_PREFIXES)
+    return os.fspath(path).startswith(_url_prefixes())
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -43,7 +51,7 @@ def as_path(path: PathLike) -> epath.Path:
         raise TypeError(f"path must be str or PathLike of str, got {type(text).__name__} {text!r}")
     if text.startswith("file://"):
         text = text[len("file://"):]
-    elif "://" in text and not text.startswith(REMOTE_PREFIXES):
+    elif "://" in text and not text.startswith(_url_prefixes()):
         scheme = text.split("://", 1)[0]
         raise ValueError(f"unsupported URL scheme {scheme}:// in {text!r}; use a local path or one of "
                          f"{', '.join(REMOTE_PREFIXES)}")
@@ -91,6 +99,58 @@ def ensure_dir(path: PathLike) -> epath.Path:
     if not is_remote(p):
         p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def parent(path: PathLike) -> str:
+    """The directory of ``path`` as text (absolute for local paths; a URL keeps its scheme)."""
+    text = os.fspath(path)
+    if is_remote(text):
+        return text.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(os.fspath(as_path(text))))
+
+
+def resolve(path: PathLike, base_dir: PathLike) -> str:
+    """``path`` relative to ``base_dir`` as text (absolute paths and URLs unchanged, ``..`` normalised)."""
+    path, base = os.fspath(path), os.fspath(base_dir)
+    if is_remote(path) or os.path.isabs(path):
+        return path
+    if is_remote(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return os.path.normpath(os.path.join(os.fspath(as_path(base)), path))
+
+
+def exists(path: PathLike) -> bool:
+    return as_path(path).exists()
+
+
+def is_file(path: PathLike) -> bool:
+    return as_path(path).is_file()
+
+
+def is_dir(path: PathLike) -> bool:
+    return as_path(path).is_dir()
+
+
+def read_bytes(path: PathLike) -> bytes:
+    return as_path(path).read_bytes()
+
+
+def read_text(path: PathLike) -> str:
+    """The file's text, decoded as UTF-8 (whatever the locale)."""
+    return read_bytes(path).decode("utf-8")
+
+
+def listdir(directory: PathLike) -> list[str]:
+    """Sorted names in ``directory`` ([] when it does not exist)."""
+    d = as_path(directory)
+    return sorted(c.name for c in d.iterdir()) if d.exists() else []
+
+
+def mtime(path: PathLike) -> float:
+    """Modification time (seconds) of a file or object."""
+    p = as_path(path)
+    return float(p.stat().mtime) if is_remote(path) else os.stat(os.fspath(p)).st_mtime
 
 
 def atomic_write_text(path: PathLike, text: str) -> epath.Path:

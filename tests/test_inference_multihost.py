@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nexus_jax import paths
 from nexus_jax.inference import cli as infer_cli
-from nexus_jax.inference import outputs, paths
+from nexus_jax.inference import outputs
 from nexus_jax.inference.multiprocess import Group, PeerFailed, local_mesh
 from tests.helpers.checkpoints import converted_default_checkpoint
 from tests.helpers.multihost import run_processes
@@ -321,8 +322,9 @@ class _FakeURL:
     def read_text(self):
         return self.local.read_text()
 
-    def write_bytes(self, data):
+    def write_bytes(self, data):  # an object store needs no parent "directories"
         _FakeURL.writes.append(self.url)
+        self.local.parent.mkdir(parents=True, exist_ok=True)
         self.local.write_bytes(data)
 
     def stat(self):

@@ -122,13 +122,13 @@ def test_convert_cli_is_quiet_and_writes_umask_permissions(tmp_path):
 def test_atomic_writes_respect_the_umask(tmp_path, umask):
     from conversion import io as conversion_io
     from nexus_jax import paths
-    from nexus_jax.inference import paths as inference_paths
+    from nexus_jax.inference import outputs
     from nexus_jax.inference.outputs import OutputDir
 
     old = os.umask(umask)
     try:
         paths.atomic_write_bytes(tmp_path / "a.bin", b"x")
-        inference_paths.atomic_write_bytes(str(tmp_path / "b.bin"), b"y")
+        outputs.atomic_write_bytes(str(tmp_path / "b.bin"), b"y")
         with conversion_io.atomic_output_dir(tmp_path / "conv") as d:
             (d / "f.json").write_text("{}")
         out = OutputDir(tmp_path / "infer")

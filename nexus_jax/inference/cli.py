@@ -22,8 +22,7 @@ import sys
 import time
 from typing import Any
 
-from nexus_jax import families
-from nexus_jax.inference import paths
+from nexus_jax import families, paths
 from nexus_jax.inference.batching import Batcher
 from nexus_jax.inference.multiprocess import Group, PeerFailed, local_mesh
 from nexus_jax.inference.outputs import OutputDir, Progress

@@ -36,9 +36,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from nexus_jax.inference import paths
-from nexus_jax.inference.paths import atomic_write_bytes  # noqa: F401 - re-exported (older imports)
-from nexus_jax.paths import TEMP_PREFIX
+from nexus_jax import paths
+from nexus_jax.paths import TEMP_PREFIX, atomic_write_bytes
 
 IMAGES_DIR = "images"
 JOURNAL = "journal.jsonl"
@@ -75,9 +74,14 @@ def process_suffix(process_index: int, process_count: int) -> str:
     return "" if process_count == 1 else f"-{process_index:05d}-of-{process_count:05d}"
 
 
+def _join(root: str | os.PathLike, *parts: str) -> str:
+    """``root/part/...`` as text (a URL keeps its scheme)."""
+    return os.fspath(paths.join(root, *parts))
+
+
 def journal_paths(root: str) -> list[str]:
     """Every journal under ``root`` (any process count), oldest modification first."""
-    found = [paths.join(root, n) for n in paths.listdir(root) if JOURNAL_NAME.match(n)]
+    found = [_join(root, n) for n in paths.listdir(root) if JOURNAL_NAME.match(n)]
     return sorted(found, key=lambda p: (paths.mtime(p), p))
 
 
@@ -87,7 +91,7 @@ class OutputDir:
     def __init__(self, root: str | os.PathLike, process_index: int = 0, process_count: int = 1):
         self.root = os.fspath(root)
         self.suffix = process_suffix(process_index, process_count)
-        paths.makedirs(paths.join(self.root, IMAGES_DIR))
+        paths.ensure_dir(_join(self.root, IMAGES_DIR))
         self.history: dict[str, list[dict[str, Any]]] = {}
         for path in journal_paths(self.root):
             for rec in read_jsonl_tolerant(path):
@@ -102,15 +106,15 @@ class OutputDir:
 
     def _path(self, name: str) -> str:
         stem, ext = os.path.splitext(name)
-        return paths.join(self.root, f"{stem}{self.suffix}{ext}")
+        return _join(self.root, f"{stem}{self.suffix}{ext}")
 
     def image_path(self, request_id: str, index: int = 0) -> str:
-        return paths.join(self.root, image_name(request_id, index))
+        return _join(self.root, image_name(request_id, index))
 
     def remove_stale_temps(self) -> int:
         """Delete ``images/.tmp-*`` left by a killed run (call before any process of this run writes)."""
-        images = paths.join(self.root, IMAGES_DIR)
-        if paths.is_url(images):
+        images = _join(self.root, IMAGES_DIR)
+        if paths.is_remote(images):
             return 0  # object stores write whole objects: nothing half-written is left behind
         stale = [n for n in paths.listdir(images) if n.startswith(TEMP_PREFIX)]
         for n in stale:
@@ -128,7 +132,7 @@ class OutputDir:
             return True
         files = list(zip(rec.get("images") or [rec["image"]], rec.get("images_sha256") or [rec.get("image_sha256")]))
         for name, digest in files:  # chat answers may hold several images
-            path = paths.join(self.root, name)
+            path = _join(self.root, name)
             if not paths.is_file(path) or sha256(paths.read_bytes(path)) != digest:
                 return False
         return True
@@ -158,7 +162,7 @@ class OutputDir:
         self.history.setdefault(rec["id"], []).append(rec)
         line = json.dumps(rec, ensure_ascii=False) + "\n"
         path = self._path(JOURNAL)
-        if paths.is_url(path):
+        if paths.is_remote(path):
             if self._remote_lines is None:
                 self._remote_lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in read_jsonl_tolerant(path)]
             self._remote_lines.append(line)
@@ -188,7 +192,7 @@ class OutputDir:
         self.write_summary(summary)
 
     def write_summary(self, summary: dict[str, Any], merged: bool = False) -> None:
-        path = paths.join(self.root, SUMMARY) if merged else self._path(SUMMARY)
+        path = _join(self.root, SUMMARY) if merged else self._path(SUMMARY)
         atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
 
     def merge(self, order: Sequence[str], summary: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -196,7 +200,7 @@ class OutputDir:
 
         ``summary`` (a run's figures) gets ``missing`` added; without it the summary counts the merged records."""
         lines, missing = self.results_lines(order)
-        atomic_write_bytes(paths.join(self.root, RESULTS), ("\n".join(lines) + "\n" if lines else "").encode())
+        atomic_write_bytes(_join(self.root, RESULTS), ("\n".join(lines) + "\n" if lines else "").encode())
         if summary is None:
             statuses = [json.loads(x)["status"] for x in lines]
             summary = {"requests": len(order), "ok": statuses.count("ok"), "error": statuses.count("error"),

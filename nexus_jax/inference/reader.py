@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from configs.nexus_gen import NexusGenConfig
-from nexus_jax.inference import paths
+from nexus_jax import paths
 from nexus_jax.inference.requests import Failure, Request, parse_or_fail
 from nexus_jax.nexus import templates
 from nexus_jax.nexus.batch import process_input_images
@@ -87,7 +87,7 @@ def prepare_request(
 ) -> Prepared:
     """Decode + preprocess images, tokenise the chat; raises ValueError for an over-long prompt or a bad image.
     ``ref_grid``: the editing merger's reference ViT grid (edit requests then also carry reference pixels)."""
-    images = [to_rgb_uint8(paths.read_bytes(p) if paths.is_url(p) else p) for p in req.images]
+    images = [to_rgb_uint8(paths.read_bytes(p) if paths.is_remote(p) else p) for p in req.images]
     if images:
         pixels, grid = process_input_images(images, cfg)
     else:

@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from nexus_jax.inference import paths
+from nexus_jax import paths
 from nexus_jax.nexus.templates import IMAGE_TAG, Message
 
 TASKS: tuple[str, ...] = ("understanding", "generation", "editing", "chat")
