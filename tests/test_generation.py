@@ -104,3 +104,14 @@ def test_sampling_reproducible_and_no_recompile(pair, prompts):
     c = generate(model, (ids + 1) % CFG.vocab_size, mask, config=other, rng=jax.random.key(6))
     assert (prefill._cache_size(), decode._cache_size()) == sizes  # new prompts / temperature: no recompilation
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_argmax_first_equals_jnp_argmax_including_ties():
+    from nexus_jax.generation.sampling import argmax_first
+
+    x = jax.random.normal(jax.random.key(0), (6, 1000))
+    x = x.at[2, 7].set(9.0).at[2, 500].set(9.0).at[4].set(-jnp.inf).at[4, 999].set(0.0).at[5].set(1.0)
+    got = argmax_first(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
+    assert got.tolist()[2] == 7 and got.tolist()[4] == 999 and got.tolist()[5] == 0

@@ -38,6 +38,18 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def argmax_first(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` (first index of the maximum) for logits [B, V] without NaNs -> [B] int32.
+
+    Two single-operand reductions (max, then the smallest index holding it) instead of XLA's variadic (value, index)
+    reduce, which XLA:CPU runs ~10x slower: 2.3 ms of a 29 ms batch-16 decode step over a 32000-word vocabulary.
+    """
+    vocab = logits.shape[-1]
+    hit = logits == jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)  # an all-NaN row (no hit) gives the last id instead of an out-of-range one
+
+
 def sample_next(
     logits: jax.Array,
     key: jax.Array,
@@ -53,7 +65,7 @@ def sample_next(
     top_p = jnp.asarray(top_p, jnp.float32)
 
     def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax_first(logits)
 
     def sample(logits):
         scaled = logits / temperature
