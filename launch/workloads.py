@@ -140,7 +140,7 @@ EDIT_TOKENS = 81 + 324  # 81 AR-predicted target embeddings + 324 source-image V
 
 def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
     """Generation decoder (81 context tokens: adapter) or editing decoder (405: merger) train step."""
-    from launch.decoder_model import ADAPTER_IN, EditingDecoder, GenerationDecoder, flow_matching_loss
+    from launch.decoder_model import ADAPTER_IN, editing_decoder, flow_matching_loss, generation_decoder
 
     if plan.context_len not in (81, EDIT_TOKENS):
         raise ValueError(f"context_len must be 81 (generation decoder) or {EDIT_TOKENS} (editing decoder), "
@@ -159,17 +159,14 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
         "sigma": ((b,), f32, ("batch",)),
         "weight": ((b,), f32, ("batch",)),
     }
-    if editing:
-        batch["merger_positions"] = ((3, b, EDIT_TOKENS), f32, (None, "batch", "length"))
-        batch["txt_ids"] = ((1, EDIT_TOKENS, 3), f32, (None, None, None))
     loss = functools.partial(flow_matching_loss, image_size=plan.image_size)
 
     def build(mesh: Mesh, overrides: Overrides | None) -> Program:
         cfg = _dit_cfg(plan, overrides)
         if editing:
-            ctor = lambda: EditingDecoder(cfg, mcfg, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
+            ctor = lambda: editing_decoder(cfg, mcfg, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
         else:
-            ctor = lambda: GenerationDecoder(cfg, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
+            ctor = lambda: generation_decoder(cfg, remat=remat, rngs=nnx.Rngs(0))  # noqa: E731
         return train_program(ctor, loss, batch, _optim(), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
 
     model_flops = flops.decoder_train_flops(cfg0, b, t, plan.context_len)
@@ -181,7 +178,8 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
         model_flops += 3.0 * b * (merger - flops.adapter_forward_flops(cfg0, plan.context_len))
     notes = {
         "loss": "weighted flow matching MSE (launch.decoder_model.flow_matching_loss)",
-        "model": "launch.decoder_model." + ("EditingDecoder = merger" if editing else "GenerationDecoder = adapter")
+        "model": "nexus_jax.models.nexus_decoders." + ("EditingDecoder = merger" if editing else
+                                                        "GenerationDecoder = adapter")
                  + " + nexus_jax.models.flux.FluxDiT",
         "inputs": "VAE latents precomputed (frozen VAE not in the step)",
         "param_dtype": plan.param_dtype,
@@ -196,7 +194,7 @@ NEGATIVE_TOKENS = 512  # T5("") padded to 512 tokens (negative branch of CFG)
 
 
 def decoder_sample_workload(plan: PlanConfig, remat: str) -> Workload:
-    from launch.decoder_model import ADAPTER_IN, GenerationDecoder, sample
+    from launch.decoder_model import ADAPTER_IN, generation_decoder, sample
 
     del remat  # no backward pass
     rules = sharding.INFERENCE_RULES
@@ -214,7 +212,7 @@ def decoder_sample_workload(plan: PlanConfig, remat: str) -> Workload:
     def build(mesh: Mesh, overrides: Overrides | None) -> Program:
         cfg = _dit_cfg(plan, overrides)
         steps = overrides.get("steps", plan.num_steps) if overrides else plan.num_steps
-        ctor = lambda: GenerationDecoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+        ctor = lambda: generation_decoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
         graphdef, abs_state = nnx.split(nnx.eval_shape(ctor))
         state_sh = sharding.state_shardings(abs_state, mesh, rules)
         state_sh = jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else NamedSharding(mesh, x), state_sh)
@@ -234,7 +232,7 @@ def decoder_sample_workload(plan: PlanConfig, remat: str) -> Workload:
     notes = {
         "program": f"{plan.num_steps}-step Euler flow-matching sampler with CFG {plan.cfg_scale} "
                    "(positive: adapter(81 AR embeddings); negative: T5('') 512 tokens), latents out",
-        "model": "launch.decoder_model.GenerationDecoder = adapter + nexus_jax.models.flux.FluxDiT",
+        "model": "nexus_jax.models.nexus_decoders.GenerationDecoder = adapter + nexus_jax.models.flux.FluxDiT",
         "excluded": "VAE decode (separate program) and the AR prefill",
     }
     return Workload("decoder_sample", build,
