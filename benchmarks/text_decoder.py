@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import ceiling  # noqa: E402
 from configs.qwen2_5 import bench  # noqa: E402
 from nexus_jax.generation import GenerationConfig, generate  # noqa: E402
 from tests.helpers.qwen2_reference import reference_pair  # noqa: E402
@@ -123,7 +124,8 @@ def add_args(p) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16],
+                   help="decode batch sizes; decode_batch_scaling = JAX tok/s at the last / at the first")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rope", choices=["1d", "mrope"], default="1d",
                    help="1d: transformers Qwen2ForCausalLM (leanest torch path, default); mrope: Qwen2.5-VL text model")
@@ -142,7 +144,12 @@ def measure(side: str, args) -> tuple[dict, dict]:
     rng = np.random.default_rng(0)
     fwd, logits = measure_forward(side, model, hf, cfg, args, rng)
     dec = {str(b): measure_decode(side, model, hf, cfg, args, rng, b) for b in args.decode_batches}
-    return fwd | {"decode": dec, "reference": type(hf).__name__}, {"last_logits": logits}
+    m = args.batch * args.prompt_len  # the forward's dominant matmuls: projections, MLP, lm_head
+    shapes = [(m, cfg.hidden_size, cfg.q_size), (m, cfg.hidden_size, cfg.kv_size), (m, cfg.q_size, cfg.hidden_size),
+              (m, cfg.hidden_size, cfg.intermediate_size), (m, cfg.intermediate_size, cfg.hidden_size),
+              (m, cfg.hidden_size, cfg.vocab_size)]
+    return fwd | {"decode": dec, "reference": type(hf).__name__,
+                  "ceiling": ceiling.measure(side, shapes, repeats=1 if args.smoke else 5)}, {"last_logits": logits}
 
 
 def combine(res: dict, arrays: dict, args) -> dict:
@@ -172,11 +179,15 @@ def combine(res: dict, arrays: dict, args) -> dict:
         dec[b] = {"ratio": dj[0] / dt[0], "cpu_ratio": dj[1] / dt[1], "tok_s_jax": dj[0], "tok_s_torch": dt[0]}
         print(f"decode batch {b}: jax {dj[0]:,.1f} tok/s, torch {dt[0]:,.1f} tok/s, "
               f"ratio {dj[0] / dt[0]:.3f} (per CPU-second: ratio {dj[1] / dt[1]:.3f})")
-    first = args.decode_batches[0]
+    first, last = args.decode_batches[0], args.decode_batches[-1]
+    scaling = dec[last]["tok_s_jax"] / dec[first]["tok_s_jax"]
+    print(f"JAX decode batch {last} / batch {first} tok/s: {scaling:.2f}")
     return {
         "forward_ratio": round(fwd_jax[0] / fwd_torch[0], 4),
         "decode_ratio": round(dec[first]["ratio"], 4),
         "decode_batch": first,
+        "decode_batch_scaling": round(scaling, 3),
+        "decode_batch_scaling_batches": [first, last],
         "decode_ratio_by_batch": {str(b): round(d["ratio"], 4) for b, d in dec.items()},
         "forward_cpu_ratio": round(fwd_jax[1] / fwd_torch[1], 4),
         "decode_cpu_ratio_by_batch": {str(b): round(d["cpu_ratio"], 4) for b, d in dec.items()},
@@ -188,6 +199,7 @@ def combine(res: dict, arrays: dict, args) -> dict:
         "forward_last_logits_max_abs_err": err,
         "reference": t["reference"],
         "load_average": [round(os.getloadavg()[0], 1)],
+        **ceiling.keys(j["ceiling"], t["ceiling"], fwd_jax[0] / fwd_torch[0]),
     }
 
 
