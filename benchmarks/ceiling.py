@@ -1,11 +1,11 @@
-"""The matmul ceiling of a benchmark, measured in the same run: its dominant fp32 matmul shapes, JAX vs torch.
+"""The ceiling of a benchmark, measured in the same run: its dominant fp32 matmul (or 3x3 conv) shapes, JAX vs torch.
 
 XLA's CPU dot runs at about 0.83x oneDNN's on these machines (/work/shared/reference/environment.md), so a
 matmul-bound JAX program cannot be expected to beat torch by more than that. Each benchmark child calls
 :func:`measure` with its dominant ``(m, k, n)`` shapes (on its pinned cores, with its thread count); the parent's
 ``combine`` calls :func:`keys`::
 
-    ceiling              = JAX GFLOP/s / torch GFLOP/s over those shapes (best wall time of ``repeats`` rounds)
+    ceiling              = JAX GFLOP/s / torch GFLOP/s over those shapes (best wall time of ``repeats`` calls)
     fraction_of_ceiling  = the benchmark's JAX/torch ratio / ceiling  (>= 1: JAX beats its matmul handicap)
 
 plus ``ceiling_cpu`` (the same from process CPU time, steadier on a busy machine) and the GFLOP/s of each side.
@@ -93,7 +93,7 @@ def keys(jax_side: dict, torch_side: dict, ratio: float) -> dict:
     """The benchmark's ceiling keys from both children's :func:`measure` results and its JAX/torch ``ratio``."""
     ceiling = jax_side["gflops"] / torch_side["gflops"]
     ceiling_cpu = jax_side["cpu_gflops"] / torch_side["cpu_gflops"]
-    print(f"matmul ceiling over {len(jax_side['shapes'])} dominant shapes: JAX {jax_side['gflops']:.1f} GFLOP/s, "
+    print(f"ceiling over {len(jax_side['shapes'])} dominant shapes: JAX {jax_side['gflops']:.1f} GFLOP/s, "
           f"torch {torch_side['gflops']:.1f} GFLOP/s -> ceiling {ceiling:.3f} (CPU time {ceiling_cpu:.3f}); "
           f"ratio {ratio:.3f} is {ratio / ceiling:.3f} of it")
     return {

@@ -30,6 +30,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import ceiling  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs.flux import FluxDiTConfig  # noqa: E402
 from configs.nexus_decoders import SamplerConfig  # noqa: E402
@@ -128,7 +129,11 @@ def measure(side: str, args) -> tuple[dict, dict]:
         step_t = timed(torch_step, args.iters)
         images = torch_sample().numpy().transpose(0, 2, 3, 1)
         sample_t = timed(torch_sample, args.iters)
-    return {"step": step_t, "sample": sample_t}, {"step": step_out, "images": images}
+    m = b * ((h // 2) * (w // 2) + 81)  # the DiT's tokens: its dominant matmuls (double / single block projections)
+    d, mlp = DIT.hidden_size, DIT.mlp_dim
+    shapes = [(m, d, 3 * d), (m, d, d), (m, d, mlp), (m, mlp, d), (m, d, 3 * d + mlp), (m, d + mlp, d)]
+    dots = ceiling.measure(side, shapes, repeats=1 if args.smoke else 5)
+    return {"step": step_t, "sample": sample_t, "ceiling": dots}, {"step": step_out, "images": images}
 
 
 def combine(res: dict, arrays: dict, args) -> dict:
@@ -158,6 +163,9 @@ def combine(res: dict, arrays: dict, args) -> dict:
         step_max_abs_err=step_err, sample_image_max_abs_err=img_err, steps=args.steps, batch=b,
         height=args.height, width=args.width, iters=args.iters, load_avg=round(os.getloadavg()[0], 1),
         single_thread=args.threads == 1, torch_threads=res["torch"]["torch_threads"],
+        **ceiling.keys(res["jax"]["ceiling"], res["torch"]["ceiling"], step_ratio),
+        sample_fraction_of_ceiling=round(sample_ratio * res["torch"]["ceiling"]["gflops"]
+                                         / res["jax"]["ceiling"]["gflops"], 3),
     )
 
 

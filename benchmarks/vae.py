@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import ceiling  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from configs.vae import FluxVAEConfig  # noqa: E402
 from conversion import load  # noqa: E402
@@ -81,7 +82,22 @@ def measure(side: str, args) -> tuple[dict, dict]:
         out = ref.decode(raw).sample.numpy().transpose(0, 2, 3, 1)
         compile_s = time.perf_counter() - start
         wall, cpu = median_seconds(lambda: ref.decode(raw), args.iters)
-    return {"s_per_batch": wall, "cpu_s_per_batch": cpu, "first_call_s": compile_s}, {"images": out}
+    conv = ceiling.measure_conv(side, conv_shapes(cfg, args), repeats=1 if args.smoke else 3)
+    return {"s_per_batch": wall, "cpu_s_per_batch": cpu, "first_call_s": compile_s, "ceiling": conv}, {"images": out}
+
+
+def conv_shapes(cfg: FluxVAEConfig, args, keep: int = 4) -> list[tuple[int, int, int, int, int]]:
+    """The decoder's ``keep`` costliest 3x3 convolutions (batch, h, w, in, out): one resnet conv per level and each
+    upsampler's conv (at twice the level's size), by FLOPs."""
+    f = cfg.downsample_factor
+    h, w = args.height // f, args.width // f
+    chans = list(reversed(cfg.block_out_channels))
+    shapes = []
+    for j, c in enumerate(chans):
+        shapes.append((args.batch, h << j, w << j, c, c))
+        if j < len(chans) - 1:
+            shapes.append((args.batch, h << (j + 1), w << (j + 1), c, c))
+    return sorted(shapes, key=lambda s: -s[1] * s[2] * s[3] * s[4])[:keep]
 
 
 def combine(res: dict, arrays: dict, args) -> dict:
@@ -107,6 +123,7 @@ def combine(res: dict, arrays: dict, args) -> dict:
         width=args.width,
         iters=args.iters,
         max_abs_err=max_err,
+        **ceiling.keys(j["ceiling"], t["ceiling"], jax_ips / torch_ips),
     )
 
 

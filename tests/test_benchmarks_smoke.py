@@ -66,6 +66,7 @@ def test_run_all_rewrites_only_the_marked_table(tmp_path):
 def test_vae_benchmark_smoke():
     out = _smoke("vae")
     assert out["ratio"] > 0 and out["max_abs_err"] < 1e-3
+    assert out["ceiling"] > 0 and out["fraction_of_ceiling"] > 0  # conv ceiling (benchmarks/ceiling.py)
 
 
 def test_inference_benchmark_smoke():
@@ -90,6 +91,7 @@ def test_vision_benchmark_smoke():
 def test_decoder_benchmark_smoke():
     out = _smoke("decoder")
     assert out["step_ratio"] > 0 and out["sample_ratio"] > 0
+    assert out["ceiling"] > 0 and out["fraction_of_ceiling"] > 0 and out["sample_fraction_of_ceiling"] > 0
     assert out["step_max_abs_err"] < 1e-4 and out["sample_image_max_abs_err"] < 1e-3
 
 
