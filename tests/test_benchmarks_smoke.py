@@ -107,6 +107,7 @@ def test_text_decoder_benchmark_smoke():
 def test_train_step_benchmark_smoke():
     out = _smoke("train_step")
     assert out["ratio"] > 0 and out["loader_headroom"] > 0
+    assert out["ceiling"] > 0 and out["fraction_of_ceiling"] > 0
     assert abs(out["first_step_loss"]["jax"] - out["first_step_loss"]["torch"]) < 1e-3
 
 
