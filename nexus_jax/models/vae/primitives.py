@@ -84,11 +84,22 @@ class GroupNorm(nnx.Module):
         self.bias = make_param(rngs, nnx.initializers.zeros_init(), (num_channels,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, H, W, C] -> same shape and dtype."""
+        """x [B, H, W, C] -> same shape and dtype.
+
+        Two-pass statistics, each as a per-channel sum over H, W (a streaming reduce over the leading axes) followed
+        by a sum over the group's channels: XLA:CPU reduced the [B, H, W, G, C/G] form over axes (1, 2, 4) ~7x more
+        slowly ([2, 256, 384, 32]: 36 -> 5 ms per norm), and the split sums are also closer to float64 (8e-7 vs 3e-5).
+        """
         b, h, w, c = x.shape
-        g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        per = c // self.num_groups
+        n = h * w * per
+        x32 = x.astype(jnp.float32)
+
+        def group_mean(t: jax.Array) -> jax.Array:  # [B, H, W, C] -> per-channel copy of its group mean [B, 1, 1, C]
+            m = jnp.sum(t, axis=(1, 2)).reshape(b, self.num_groups, per).sum(-1) / n
+            return jnp.repeat(m, per, axis=-1)[:, None, None, :]
+
+        d = x32 - group_mean(x32)
+        y = d * jax.lax.rsqrt(group_mean(jnp.square(d)) + self.eps)
         y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
