@@ -124,13 +124,16 @@ def merger_state(cfg: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return d
 
 
-def _dit_state(cfg: Any, seed: int) -> dict[str, np.ndarray]:
+def _dit_state(cfg: Any, seed: int, own_init: bool = False) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from conversion.tables.flux_dit import diffsynth_mapping
     from nexus_jax.models.flux import FluxDiT
 
-    dit = randomize_params(nnx.eval_shape(lambda: FluxDiT(cfg.dit, rngs=nnx.Rngs(0))), seed)
+    if own_init:
+        dit = FluxDiT(cfg.dit, rngs=nnx.Rngs(seed))
+    else:
+        dit = randomize_params(nnx.eval_shape(lambda: FluxDiT(cfg.dit, rngs=nnx.Rngs(0))), seed)
     return {f"pipe.dit.{k}": v for k, v in _torch_arrays(dit, diffsynth_mapping(cfg.dit)).items()}
 
 
@@ -161,9 +164,11 @@ def _hf_ar_config(cfg: Any) -> dict:
 
 
 def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int = 256 * 2**10,
-          configs: dict[str, Any] | None = None) -> dict[str, Any]:
+          configs: dict[str, Any] | None = None, own_init: bool = False) -> dict[str, Any]:
     """Write a random-weight checkpoint to ``out`` (created; must not exist). ``configs``: as
-    :func:`default_configs` returns (its default). Returns a short description."""
+    :func:`default_configs` returns (its default). ``own_init``: the AR model and the DiTs take the modules' own
+    initialisers (what training from scratch starts from; a ViT whose features tell images apart) instead of
+    :func:`randomize_params`. Returns a short description."""
     from flax import nnx
 
     from conversion import config_io, io
@@ -177,7 +182,10 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
     root = Path(out)
     with io.atomic_output_dir(root) as tmp:
         # AR model: sharded safetensors + index, 4.49 names
-        ar = randomize_params(nnx.eval_shape(lambda: NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(0))), seed)
+        if own_init:
+            ar = NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(seed))
+        else:
+            ar = randomize_params(nnx.eval_shape(lambda: NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(0))), seed)
         state = _torch_arrays(ar, nexus_ar_mapping(cfgs["ar"]))
         (tmp / "ar").mkdir()
         entries = [(k, v.shape, v.dtype) for k, v in state.items()]
@@ -190,8 +198,9 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
         # decoders: torch pickles with the V2 key schemes
         rng = np.random.default_rng(seed + 1)
         _save_bin(tmp / "generation_decoder.bin", adapter_state(cfgs["generation"], rng) | _dit_state(
-            cfgs["generation"], seed + 2))
-        _save_bin(tmp / "edit_decoder.bin", merger_state(cfgs["editing"], rng) | _dit_state(cfgs["editing"], seed + 3))
+            cfgs["generation"], seed + 2, own_init))
+        _save_bin(tmp / "edit_decoder.bin", merger_state(cfgs["editing"], rng) | _dit_state(cfgs["editing"], seed + 3,
+                                                                                          own_init))
         # VAE in BFL ae.safetensors names
         vae = randomize_params(nnx.eval_shape(lambda: FluxVAE(cfgs["vae"], rngs=nnx.Rngs(0))), seed + 4, scale=0.1)
         vstate = _torch_arrays(vae, bfl_mapping(cfgs["vae"]))

@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SEED = 0
-AR_RECORDS = 1800  # a third each: understanding, generation, editing
+AR_RECORDS = 6000  # a third each: understanding, generation, editing
 DECODER_RECORDS = 900  # per decoder
 VAE_PHASES = ((1000, 2e-3), (1200, 1e-3))  # (steps, peak lr): phase 2 restarts Adam from phase 1's weights
-STEPS = {"vae": 2200, "ar": 1500, "gen": 1500, "edit": 1500}
+STEPS = {"vae": 2200, "ar": 6000, "gen": 5000, "edit": 5000}
 BATCH = {"vae": 16, "ar": 8, "gen": 16, "edit": 16}
 LR = {"vae": 2e-3, "ar": 2e-3, "gen": 1e-3, "edit": 1e-3}
 SAMPLER = dict(num_steps=20, cfg_scale=1.0, height=32, width=32)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: shapes.write_shapes_dataset(work / "data", AR_RECORDS, seed=SEED))
 
     def init_stage():  # random weights, upstream layout, converted (its VAE is replaced after the vae stage)
-        default_checkpoint.build(work / "init", SEED, configs=cfgs)
+        default_checkpoint.build(work / "init", SEED, configs=cfgs, own_init=True)
         if main_job.convert(work / "init", work / "init_converted") != 0:
             raise SystemExit("converting the initial checkpoint failed")
 
