@@ -1,16 +1,18 @@
 """The main job: default checkpoint -> converter -> batch inference on the shipped example requests.
 
-    1. build the embedded default checkpoint (small Nexus-Gen-shaped model, random weights, UPSTREAM PyTorch layout:
-       AR safetensors shards + index, generation_decoder.bin / edit_decoder.bin, FLUX ae.safetensors, empty-prompt
-       conditioning) into ``<work-dir>/default_checkpoint``;
+    1. unpack the embedded default checkpoint (a tiny Nexus-Gen trained on coloured shapes by
+       ``scripts/train_default_model.py``, shipped in the UPSTREAM PyTorch layout: AR safetensors + index,
+       generation_decoder.bin / edit_decoder.bin, FLUX-structured ae.safetensors, empty-prompt conditioning) into
+       ``<work-dir>/default_checkpoint`` (``--seed N``: a random-weight model of the same layout instead);
     2. convert every component with ``conversion`` (torch layout -> Orbax + config.json) into
        ``<work-dir>/converted``;
     3. run ``nexus-jax infer`` on ``examples/requests.jsonl`` (understanding, generation and editing requests),
        writing PNGs, ``results.jsonl`` and ``summary.json`` to ``<output-dir>``.
 
 Steps whose outputs already exist are reused, and inference resumes, so a rerun is cheap. Run
-``python -m nexus_jax.main_job`` (the README's ``bash scripts/main.sh``). With random weights the images are noise
-and the answers are gibberish; docs/inference.md shows the same flow with the real Nexus-GenV2 checkpoints.
+``python -m nexus_jax.main_job`` (the README's ``bash scripts/main.sh``). The trained default draws, names and edits
+"a <colour> <shape> on a <colour> background" (6 colours, circle / square / triangle); docs/inference.md shows the
+same flow with the real Nexus-GenV2 checkpoints.
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ def log(msg: str) -> None:
     print(f"[main] {msg}", file=sys.stderr, flush=True)
 
 
-def build_checkpoint(path: Path, seed: int) -> None:
+def build_checkpoint(path: Path, seed: int | None = None) -> None:
+    """The shipped trained default (``seed`` None) or a random-weight model of the same layout (``seed``)."""
     from nexus_jax import default_checkpoint
 
     if path.exists():
         log(f"default checkpoint: reusing {path}")
         return
     t = time.perf_counter()
+    if seed is None:
+        default_checkpoint.unpack_trained(path)
+        log(f"default checkpoint: unpacked the trained default to {path} in {time.perf_counter() - t:.1f}s")
+        return
     default_checkpoint.build(path, seed)
-    log(f"default checkpoint: built {path} in {time.perf_counter() - t:.1f}s (seed {seed})")
+    log(f"default checkpoint: built {path} in {time.perf_counter() - t:.1f}s (random weights, seed {seed})")
 
 
 def convert(source: Path, out: Path) -> int:
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="outputs", help="PNGs, results.jsonl, summary.json")
     p.add_argument("--work-dir", default=None, help="checkpoints (default: <output-dir>/work)")
     p.add_argument("--requests", default=str(EXAMPLES), help="requests JSONL (default: the shipped examples)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the default checkpoint's random weights")
+    p.add_argument("--seed", type=int, default=None,
+                   help="use a random-weight checkpoint with this seed instead of the shipped trained one")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         return rc
     infer_args = ["--checkpoint", str(work / "converted"), "--input", str(requests), "--output", str(out),
-                  "--batch-size", str(args.batch_size)]
+                  "--batch-size", str(args.batch_size), "--max-new-tokens", "64"]  # room for a whole caption
     rc = infer_cli.main(infer_args + (["--no-progress"] if args.no_progress else []))
     log(f"done in {time.perf_counter() - start:.1f}s: results in {out / 'results.jsonl'}, images in {out / 'images'}")
     return rc
