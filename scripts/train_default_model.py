@@ -36,7 +36,7 @@ SEED = 0
 AR_RECORDS = 6000  # a third each: understanding, generation, editing
 DECODER_RECORDS = 900  # per decoder
 VAE_PHASES = ((1000, 2e-3), (1200, 1e-3))  # (steps, peak lr): phase 2 restarts Adam from phase 1's weights
-STEPS = {"vae": 2200, "ar": 6000, "gen": 5000, "edit": 5000}
+STEPS = {"vae": 2200, "ar": 6000, "gen": 9000, "edit": 5000}
 BATCH = {"vae": 16, "ar": 8, "gen": 16, "edit": 16}
 LR = {"vae": 2e-3, "ar": 2e-3, "gen": 1e-3, "edit": 1e-3}
 SAMPLER = dict(num_steps=20, cfg_scale=1.0, height=32, width=32)
