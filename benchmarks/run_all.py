@@ -57,7 +57,7 @@ def measured_cell(result: dict, keys: tuple[str, ...]) -> str:
     """The README's measured column for one result: headline values, threads, cores and load."""
     if "error" in result:
         return f"failed ({result['error']})"
-    values = ", ".join(f"{result[k]:.3g}" if isinstance(result.get(k), float) else str(result.get(k)) for k in keys)
+    values = ", ".join(f"{result[k]:.2f}" if isinstance(result.get(k), float) else str(result.get(k)) for k in keys)
     load = "/".join(f"{x:.1f}" for x in result.get("load", []))
     busy = "; BUSY machine, do not quote" if result.get("busy") else ""
     return f"{values} (pinned harness, {result.get('threads')} thread(s) per side, load {load}{busy})"
@@ -104,7 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="threads per side (default: each script's default)")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    ap.add_argument("--from-summary", action="store_true",
+                    help="run nothing: rewrite README.md's table from the stored benchmarks/results/summary.json")
     args = ap.parse_args(argv)
+    if args.from_summary:
+        with open(os.path.join(RESULTS, "summary.json")) as f:
+            summary = json.load(f)
+        update_readme(summary["results"])
+        return summary
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = {}
     for name in [n for n in BENCHMARKS if n in args.only]:
