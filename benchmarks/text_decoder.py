@@ -62,6 +62,38 @@ def matmul_gflops(side: str, n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / 1e9 / t
 
 
+def decode_matmul_seconds(side: str, cfg, batch: int, repeats: int = 5) -> float:
+    """Best wall seconds of one decode step's matmuls alone (per layer q, k, v, o, gate, up, down with their own
+    weights, then the lm_head; x [batch, hidden]): the step with no attention, norms or sampling. Its batch-b /
+    batch-1 throughput is the decode batch-scaling ceiling of this side's dot on this machine (weights stream from
+    memory at batch 1; at batch 16 the small-M dot's speed decides)."""
+    rng = np.random.default_rng(1)
+    h, q, kv, m = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    layer_shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
+    weights = [[(0.02 * rng.standard_normal(s)).astype(np.float32) for s in layer_shapes]
+               for _ in range(cfg.num_layers)]
+    head = (0.02 * rng.standard_normal((h, cfg.vocab_size))).astype(np.float32)
+    x = rng.standard_normal((batch, h)).astype(np.float32)
+
+    def step(xp, act, x, weights, head):
+        for wq, wk, wv, wo, wg, wu, wd in weights:
+            k, v = x @ wk, x @ wv  # computed as the step does; folded into x so they are not dead code
+            x = x + (x @ wq) @ wo + (k.sum() + v.sum()) * 1e-6
+            x = x + (act(x @ wg) * (x @ wu)) @ wd
+        return x @ head
+
+    if side == "jax":
+        args = jax.device_put((jnp.asarray(x), weights, head))
+        fn = jax.jit(lambda *a: step(jnp, jax.nn.silu, *a))
+        fn(*args).block_until_ready()
+        return min(timed(lambda: fn(*args).block_until_ready())[0] for _ in range(repeats))
+    tw = [[torch.tensor(w) for w in layer] for layer in weights]
+    tx, th = torch.tensor(x), torch.tensor(head)
+    with torch.no_grad():
+        step(torch, torch.nn.functional.silu, tx, tw, th)
+        return min(timed(lambda: step(torch, torch.nn.functional.silu, tx, tw, th))[0] for _ in range(repeats))
+
+
 def _config(args):
     head_dim = args.hidden // 8
     hw = (head_dim // 2 - head_dim // 8) // 2  # M-RoPE split in Qwen2.5-VL proportions (16, 24, 24 of 64)
@@ -134,7 +166,7 @@ def add_args(p) -> None:
 def _smoke(args) -> None:
     if args.smoke:
         args.layers, args.hidden, args.prompt_len, args.new_tokens, args.decode_batches, args.repeats = (
-            1, 128, 16, 3, [1], 1)
+            1, 128, 16, 3, [1, 2], 1)
 
 
 def measure(side: str, args) -> tuple[dict, dict]:
@@ -148,7 +180,9 @@ def measure(side: str, args) -> tuple[dict, dict]:
     shapes = [(m, cfg.hidden_size, cfg.q_size), (m, cfg.hidden_size, cfg.kv_size), (m, cfg.q_size, cfg.hidden_size),
               (m, cfg.hidden_size, cfg.intermediate_size), (m, cfg.intermediate_size, cfg.hidden_size),
               (m, cfg.hidden_size, cfg.vocab_size)]
-    return fwd | {"decode": dec, "reference": type(hf).__name__,
+    dec_mm = {str(b): decode_matmul_seconds(side, cfg, b, repeats=1 if args.smoke else 5)
+              for b in args.decode_batches}
+    return fwd | {"decode": dec, "decode_matmuls": dec_mm, "reference": type(hf).__name__,
                   "ceiling": ceiling.measure(side, shapes, repeats=1 if args.smoke else 5)}, {"last_logits": logits}
 
 
@@ -182,12 +216,21 @@ def combine(res: dict, arrays: dict, args) -> dict:
     first, last = args.decode_batches[0], args.decode_batches[-1]
     scaling = dec[last]["tok_s_jax"] / dec[first]["tok_s_jax"]
     print(f"JAX decode batch {last} / batch {first} tok/s: {scaling:.2f}")
+    mm = {side: {b: float(res[side]["decode_matmuls"][str(b)]) for b in args.decode_batches} for side in res}
+    mm_scaling = {side: (last / v[last]) / (first / v[first]) for side, v in mm.items()}
+    print(f"decode-step matmuls alone, batch {first} / {last}: jax {mm['jax'][first] * 1e3:.2f} / "
+          f"{mm['jax'][last] * 1e3:.2f} ms, torch {mm['torch'][first] * 1e3:.2f} / {mm['torch'][last] * 1e3:.2f} ms; "
+          f"scaling ceiling jax {mm_scaling['jax']:.2f}, torch {mm_scaling['torch']:.2f}; JAX decode scaling "
+          f"{scaling:.2f} is {scaling / mm_scaling['jax']:.3f} of its ceiling")
     return {
         "forward_ratio": round(fwd_jax[0] / fwd_torch[0], 4),
         "decode_ratio": round(dec[first]["ratio"], 4),
         "decode_batch": first,
         "decode_batch_scaling": round(scaling, 3),
         "decode_batch_scaling_batches": [first, last],
+        "decode_scaling_ceiling": round(mm_scaling["jax"], 3),
+        "decode_scaling_fraction_of_ceiling": round(scaling / mm_scaling["jax"], 3),
+        "decode_matmul_ms": {side: {str(b): round(t * 1e3, 3) for b, t in v.items()} for side, v in mm.items()},
         "decode_ratio_by_batch": {str(b): round(d["ratio"], 4) for b, d in dec.items()},
         "forward_cpu_ratio": round(fwd_jax[1] / fwd_torch[1], 4),
         "decode_cpu_ratio_by_batch": {str(b): round(d["cpu_ratio"], 4) for b, d in dec.items()},

@@ -191,6 +191,10 @@ TINY_SAMPLE = _add(PlanConfig(  # 2 heads: tensor=2 must divide the head count (
     mesh=(2, 1, 2), remat="none", global_batch=4, image_size=64, context_len=81, num_steps=4,
     compute_dtype="float32",
 ))
+TINY_UNIPIC = _add(PlanConfig(  # v6e:2x4 with fsdp 8: XLA windows the weight all-gathers (see launch.compiled)
+    name="tiny_unipic_train", workload="unipic_train", model=unipic.tiny(), topology="v6e:2x4", mesh=(1, -1, 1),
+    remat="full", global_batch=8, seq_len=32, image_size=256,  # bf16 compute, as the full plan
+))
 
 
 def get_plan(name: str) -> PlanConfig:

@@ -55,6 +55,18 @@ class Program:
 
     fn: Any  # the jax.jit-wrapped function
     args: tuple[Any, ...]
+    compiler_options: Mapping[str, Any] | None = None  # XLA options for ``.compile()`` (e.g. NO_WINDOWED_EINSUM)
+
+
+# XLA's SPMD partitioner turns an fsdp all-gather (reduce-scatter) feeding a matmul into a "windowed einsum": a while
+# loop overlapping each shard's transfer with its part of the matmul. The cost model then counts one window of the
+# loop, so depth extrapolation refuses such programs. Planning with these options compiles the same step with plain
+# all-gathers / reduce-scatters: same FLOPs, same collective bytes, no overlap (the estimate is pessimistic where the
+# real run would overlap), and the weights gathered whole (temporaries an upper bound of the windowed program's).
+NO_WINDOWED_EINSUM: Mapping[str, Any] = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Measurement:
     optimal_seconds: float
     has_while: bool
     compile_seconds: float
+    windowed_einsum: bool = False  # the optimised HLO holds XLA SPMD windowed-einsum loops
 
     @property
     def total_bytes(self) -> int:
@@ -93,7 +106,8 @@ def compile_and_measure(program: Program) -> Measurement:
     """Lower + compile ``program`` for the devices its argument shardings name; return per-device figures."""
     start = time.perf_counter()
     try:
-        compiled = program.fn.lower(*program.args).compile()
+        lowered = program.fn.lower(*program.args)
+        compiled = lowered.compile(dict(program.compiler_options)) if program.compiler_options else lowered.compile()
     except Exception as exc:  # XLA reports "does not fit" as a compile error
         oom = _parse_oom(str(exc))
         if oom is None:
@@ -113,9 +127,16 @@ def compile_and_measure(program: Program) -> Measurement:
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         optimal_seconds=float(cost.get("optimal_seconds", 0.0)),
-        has_while=has_while_loop(compiled.as_text()),
+        has_while=has_while_loop(hlo := compiled.as_text()),
         compile_seconds=seconds,
+        windowed_einsum="windowed_dot_general" in hlo,
     )
+
+
+def _while_hint(m: Measurement) -> str:
+    if m.windowed_einsum:
+        return (" (XLA's windowed-einsum loops: give the workload compiler_options=launch.compiled.NO_WINDOWED_EINSUM)")
+    return ""
 
 
 def extrapolate(
@@ -132,7 +153,8 @@ def extrapolate(
     base_depths = {**(fixed or {}), **{k: 1 for k in depths}}
     base = compile_and_measure(build(base_depths))
     if base.has_while:
-        raise ValueError("depth extrapolation needs loop-free programs, but the 1-block program has a while loop")
+        raise ValueError("depth extrapolation needs loop-free programs, but the 1-block program has a while loop"
+                         + _while_hint(base))
     total = linear_fields(base)
     measured = [base]
     for knob, full in depths.items():
@@ -142,7 +164,8 @@ def extrapolate(
             continue
         two = compile_and_measure(build({**base_depths, knob: 2}))
         if two.has_while:
-            raise ValueError(f"depth extrapolation needs loop-free programs, but the {knob}=2 program has a while loop")
+            raise ValueError(f"depth extrapolation needs loop-free programs, but the {knob}=2 program has a while loop"
+                             + _while_hint(two))
         measured.append(two)
         for name, value in linear_fields(two).items():
             total[name] += (full - 1) * (value - linear_fields(base)[name])

@@ -22,6 +22,7 @@ such candidates).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -49,8 +50,12 @@ def measure(workload: Workload, mesh: Any, full: bool) -> tuple[compiled.Measure
     fixed = {"steps": 1} if workload.cost_multiplier > 1 else {}
     seconds = 0.0
     full_m = None
+
+    def build(overrides):
+        return dataclasses.replace(workload.build(mesh, overrides), compiler_options=workload.compiler_options)
+
     if full:
-        program = workload.build(mesh, None)
+        program = build(None)
         try:
             full_m = compiled.compile_and_measure(program)
         except compiled.CompilerOutOfMemory as oom:
@@ -58,7 +63,7 @@ def measure(workload: Workload, mesh: Any, full: bool) -> tuple[compiled.Measure
         seconds += full_m.compile_seconds
         if not full_m.has_while and workload.cost_multiplier == 1:
             return full_m, "full compile", "unrolled compile (loop-free program)", seconds
-    fields, parts = compiled.extrapolate(lambda o: workload.build(mesh, o), workload.depths, fixed)
+    fields, parts = compiled.extrapolate(build, workload.depths, fixed)
     seconds += sum(p.compile_seconds for p in parts)
     for name in ("flops", "bytes_accessed", "optimal_seconds"):
         fields[name] *= workload.cost_multiplier
@@ -129,6 +134,7 @@ def report(plan: PlanConfig, topo: Topology, sizes: tuple[int, int, int], remat:
         "estimated_mfu": model_per_device / (step_seconds * peak) if step_seconds > 0 else 0.0,
         "peak_bf16_flops_per_device": peak,
         "compile_seconds": round(seconds, 1),
+        "compiler_options": dict(workload.compiler_options or {}),
         "notes": dict(workload.notes),
     }
 

@@ -99,6 +99,8 @@ def test_decoder_benchmark_smoke():
 def test_text_decoder_benchmark_smoke():
     out = _smoke("text_decoder")
     assert out["forward_ratio"] > 0 and out["decode_ratio"] > 0 and out["decode_batch_scaling"] > 0
+    assert out["decode_batch_scaling_batches"] == [1, 2] and out["decode_scaling_ceiling"] > 0
+    assert set(out["decode_matmul_ms"]["jax"]) == {"1", "2"}
     assert out["ceiling"] > 0 and out["fraction_of_ceiling"] > 0
     assert out["forward_last_logits_max_abs_err"] < 1e-3
 
