@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +117,35 @@ def test_argmax_first_equals_jnp_argmax_including_ties():
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
     assert got.tolist()[2] == 7 and got.tolist()[4] == 999 and got.tolist()[5] == 0
+
+
+def test_cpu_decode_compiles_with_its_options_and_matches_the_plain_program(pair, prompts):
+    """On CPU ``decode`` is compiled with CPU_DECODE_COMPILER_OPTIONS (Eigen dots instead of YNNPACK's); it returns
+    what the program without the options returns."""
+    gen = importlib.import_module("nexus_jax.generation.generate")  # the module (the package exports the function)
+    _, model = pair
+    _, ids, mask = prompts
+    cfg = GenerationConfig(max_new_tokens=13)  # a length no other test compiles
+    before = decode._tuned._cache_size(), decode._plain._cache_size()
+    tuned = generate(model, ids, mask, config=cfg)
+    assert (decode._tuned._cache_size(), decode._plain._cache_size()) == (before[0] + 1, before[1])
+    plain_decode = gen.BackendTunedJit(gen._decode, platform="tpu", options={}, static_argnames=(
+        "graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids", "return_cache"))
+    gen_decode, gen.decode = gen.decode, plain_decode
+    try:
+        plain = generate(model, ids, mask, config=cfg)
+    finally:
+        gen.decode = gen_decode
+    assert plain_decode._plain._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(tuned.tokens), np.asarray(plain.tokens))
+
+
+def test_backend_tuned_jit_falls_back_when_an_option_is_unknown(caplog):
+    gen = importlib.import_module("nexus_jax.generation.generate")
+    f = gen.BackendTunedJit(lambda x, *, k: x * k, static_argnames=("k",), platform="cpu",
+                            options={"xla_cpu_no_such_option_here": "1"})
+    with caplog.at_level("WARNING"):
+        out = f(jnp.arange(3.0), k=2)
+    np.testing.assert_array_equal(np.asarray(out), [0.0, 2.0, 4.0])
+    assert "rejected" in caplog.text and not f._options_ok
+    assert f(jnp.ones(2), k=3).tolist() == [3.0, 3.0]  # the plain program from then on

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -101,13 +102,7 @@ def prefill(graphdef, state, input_ids, attention_mask, positions, key, temperat
     return token, out.cache, next_positions(positions, attention_mask)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids", "return_cache"
-    ),
-)
-def decode(
+def _decode(
     graphdef,
     state,
     cache: KVCache,
@@ -169,6 +164,63 @@ def decode(
     carry = (jnp.ones((), jnp.int32), tokens, cache, first_token, done, count, key)
     _, tokens, cache, _, _, count, _ = jax.lax.while_loop(cond, body, carry)
     return GenerationOutput(tokens, count, cache if return_cache else None)
+
+
+# XLA:CPU hands plain f32 dots (and the elementwise ops fused with them) to YNNPACK, which repacks the weight matrix
+# on every call. A decode step multiplies a few rows by every weight of the model, so at batch 16 its matmuls ran at
+# 25 GFLOP/s on one core of the 2-core VM (weights streamed ~3x) against 63 with XLA's Eigen dot; large-M matmuls
+# (prefill, DiT, training) are 2x faster with YNNPACK. So only the decode program, and only on CPU, is compiled with
+# YNNPACK's dot / elementwise fusions off (its reductions kept): batch-16 decode step 40.4 -> 22.7 ms, batch 1 equal
+# (1 thread, benchmarks/text_decoder.py config).
+CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+class BackendTunedJit:
+    """``jax.jit(fn)`` that compiles with extra XLA ``options`` when its array arguments live on ``platform``.
+
+    Inside another trace (tracer arguments) the plain jit is used: the outer program's options apply. If this
+    jaxlib does not know an option, the plain jit is used from then on (logged once)."""
+
+    def __init__(self, fn, *, static_argnames: tuple[str, ...], platform: str, options: dict[str, str]):
+        self._plain = jax.jit(fn, static_argnames=static_argnames)
+        self._tuned = jax.jit(fn, static_argnames=static_argnames, compiler_options=options)
+        self._platform, self._options, self._options_ok = platform, options, True
+        functools.update_wrapper(self, fn)
+
+    def _on_platform(self, args, kwargs) -> bool:
+        for leaf in jax.tree.leaves((args, kwargs)):
+            if isinstance(leaf, jax.Array):
+                try:
+                    return next(iter(leaf.devices())).platform == self._platform
+                except Exception:  # a tracer: no devices
+                    return False
+        return jax.default_backend() == self._platform
+
+    def __call__(self, *args, **kwargs):
+        if self._options_ok and self._on_platform(args, kwargs):
+            try:
+                return self._tuned(*args, **kwargs)
+            except jax.errors.JaxRuntimeError as exc:
+                if "compile option" not in str(exc) and "valid enum value" not in str(exc):
+                    raise
+                self._options_ok = False
+                logging.getLogger(__name__).warning("XLA options %s rejected (%s); compiling without them",
+                                                    self._options, str(exc).splitlines()[0])
+        return self._plain(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        jitted = self._tuned if self._options_ok and self._on_platform(args, kwargs) else self._plain
+        return jitted.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._plain._cache_size() + self._tuned._cache_size()
+
+
+decode = BackendTunedJit(
+    _decode, platform="cpu", options=CPU_DECODE_COMPILER_OPTIONS,
+    static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids",
+                     "return_cache"),
+)
 
 
 def generate(
