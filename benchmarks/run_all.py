@@ -25,7 +25,7 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 # name -> (the README's headline keys, extra arguments of the full run)
 BENCHMARKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "text_decoder": (("forward_ratio", "decode_ratio"), ()),
+    "text_decoder": (("forward_ratio", "decode_ratio", "decode_batch_scaling"), ()),
     "vision": (("ratio",), ()),
     "prefill_slots": (("ratio",), ()),
     "decoder": (("step_ratio", "sample_ratio"), ()),
@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
                "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
                "cpus": len(os.sched_getaffinity(0)), "results": results}
     os.makedirs(RESULTS, exist_ok=True)
-    write_json(os.path.join(RESULTS, "summary_smoke.json" if args.smoke else "summary.json"), summary)
+    path = os.path.join(RESULTS, "summary_smoke.json" if args.smoke else "summary.json")
+    for r in results.values():
+        r["date_utc"] = summary["date_utc"]
+    if set(args.only) != set(BENCHMARKS) and os.path.exists(path):  # a partial run updates its rows only
+        with open(path) as f:
+            summary["results"] = json.load(f)["results"] | results
+    write_json(path, summary)
     if not args.smoke and not args.no_readme:
         update_readme(results)
     print(json.dumps({k: {"wall_s": v.get("wall_s"), "busy": v.get("busy"), "error": v.get("error")}

@@ -32,6 +32,7 @@ from flax import nnx  # noqa: E402
 from benchmarks import ceiling  # noqa: E402
 from configs.qwen2_5 import bench  # noqa: E402
 from nexus_jax.generation import GenerationConfig, generate  # noqa: E402
+from nexus_jax.generation.generate import CPU_DECODE_COMPILER_OPTIONS  # noqa: E402
 from tests.helpers.qwen2_reference import reference_pair  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def decode_matmul_seconds(side: str, cfg, batch: int, repeats: int = 5) -> float
     """Best wall seconds of one decode step's matmuls alone (per layer q, k, v, o, gate, up, down with their own
     weights, then the lm_head; x [batch, hidden]): the step with no attention, norms or sampling. Its batch-b /
     batch-1 throughput is the decode batch-scaling ceiling of this side's dot on this machine (weights stream from
-    memory at batch 1; at batch 16 the small-M dot's speed decides)."""
+    memory at batch 1; at batch 16 the small-M dot's speed decides). JAX compiles them as its decode program does."""
     rng = np.random.default_rng(1)
     h, q, kv, m = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
     layer_shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
@@ -84,7 +85,9 @@ def decode_matmul_seconds(side: str, cfg, batch: int, repeats: int = 5) -> float
 
     if side == "jax":
         args = jax.device_put((jnp.asarray(x), weights, head))
-        fn = jax.jit(lambda *a: step(jnp, jax.nn.silu, *a))
+        # compiled as the decode program is (generation.generate.decode: CPU_DECODE_COMPILER_OPTIONS on CPU)
+        options = CPU_DECODE_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        fn = jax.jit(lambda *a: step(jnp, jax.nn.silu, *a), compiler_options=options)
         fn(*args).block_until_ready()
         return min(timed(lambda: fn(*args).block_until_ready())[0] for _ in range(repeats))
     tw = [[torch.tensor(w) for w in layer] for layer in weights]
