@@ -114,6 +114,15 @@ def test_decoder_two_processes_equal_one(tmp_path, task):
     _equal_over_process_counts(tmp_path, f"tiny_{task}", _decoder_data(tmp_path, task), 4)
 
 
+@pytest.mark.slow  # two tiny UniPic train-step compiles per process count
+def test_unipic_t2i_two_processes_equal_one(tmp_path):
+    """UniPic-1 training runs the shared loop's multi-process path: 2 x 4 devices == 1 x 8, step by step."""
+    from tests.test_unipic_train import write_unipic_records
+
+    data = write_unipic_records(tmp_path / "data", "generation", 16, seed=4)
+    _equal_over_process_counts(tmp_path, "tiny_unipic_t2i", data, 2)
+
+
 @pytest.mark.slow
 def test_sigkill_of_one_process_stops_the_others_and_a_restart_resumes_exactly(tmp_path):
     """Process 1 is SIGKILLed after the step-2 checkpoint: process 0 exits with the coordination service's error
