@@ -144,6 +144,7 @@ def test_sharded_equals_unsharded(requests, one_by_one):
         assert np.array_equal(sharded[rid], one_by_one[rid])
 
 
+@pytest.mark.slow  # ~40 s of compiles; keeps the default run under 15 min on 2 cores
 def test_runner_rejects_bad_calls(requests):
     runner = build_runner()
     runner.decoders["generation"] = None

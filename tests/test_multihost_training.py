@@ -75,6 +75,7 @@ def _resume_elsewhere(tmp_path: Path, data: Path, ref: dict[int, dict], procs: i
           f"({time.perf_counter() - t0:.1f} s)")
 
 
+@pytest.mark.slow  # ~110 s: keeps the default run under 15 min on 2 cores (test_inference_multihost stays default)
 def test_ar_two_processes_equal_one_and_resume_on_one(tmp_path):
     """AR: 2 x 4 == 1 x 8 at every step; the 2-process checkpoint of step 2 resumes on 1 process and continues
     with the same records and losses (model, optimiser and data-iterator state)."""
