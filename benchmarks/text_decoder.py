@@ -32,7 +32,7 @@ from flax import nnx  # noqa: E402
 from benchmarks import ceiling  # noqa: E402
 from configs.qwen2_5 import bench  # noqa: E402
 from nexus_jax.generation import GenerationConfig, generate  # noqa: E402
-from nexus_jax.generation.generate import CPU_DECODE_COMPILER_OPTIONS  # noqa: E402
+from nexus_jax.generation.generate import CPU_DECODE_COMPILER_OPTIONS, BackendTunedJit  # noqa: E402
 from tests.helpers.qwen2_reference import reference_pair  # noqa: E402
 
 
@@ -85,9 +85,9 @@ def decode_matmul_seconds(side: str, cfg, batch: int, repeats: int = 5) -> float
 
     if side == "jax":
         args = jax.device_put((jnp.asarray(x), weights, head))
-        # compiled as the decode program is (generation.generate.decode: CPU_DECODE_COMPILER_OPTIONS on CPU)
-        options = CPU_DECODE_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-        fn = jax.jit(lambda *a: step(jnp, jax.nn.silu, *a), compiler_options=options)
+        # compiled as generation.generate.decode is (its options on CPU, through the same BackendTunedJit)
+        fn = BackendTunedJit(lambda *a: step(jnp, jax.nn.silu, *a), static_argnames=(), platform="cpu",
+                             options=CPU_DECODE_COMPILER_OPTIONS)
         fn(*args).block_until_ready()
         return min(timed(lambda: fn(*args).block_until_ready())[0] for _ in range(repeats))
     tw = [[torch.tensor(w) for w in layer] for layer in weights]

@@ -119,7 +119,7 @@ def test_argmax_first_equals_jnp_argmax_including_ties():
     assert got.tolist()[2] == 7 and got.tolist()[4] == 999 and got.tolist()[5] == 0
 
 
-def test_cpu_decode_compiles_with_its_options_and_matches_the_plain_program(pair, prompts):
+def test_cpu_decode_compiles_with_its_options_and_matches_the_plain_program(pair, prompts, monkeypatch):
     """On CPU ``decode`` is compiled with CPU_DECODE_COMPILER_OPTIONS (Eigen dots instead of YNNPACK's); it returns
     what the program without the options returns."""
     gen = importlib.import_module("nexus_jax.generation.generate")  # the module (the package exports the function)
@@ -129,13 +129,10 @@ def test_cpu_decode_compiles_with_its_options_and_matches_the_plain_program(pair
     before = decode._tuned._cache_size(), decode._plain._cache_size()
     tuned = generate(model, ids, mask, config=cfg)
     assert (decode._tuned._cache_size(), decode._plain._cache_size()) == (before[0] + 1, before[1])
-    plain_decode = gen.BackendTunedJit(gen._decode, platform="tpu", options={}, static_argnames=(
-        "graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids", "return_cache"))
-    gen_decode, gen.decode = gen.decode, plain_decode
-    try:
-        plain = generate(model, ids, mask, config=cfg)
-    finally:
-        gen.decode = gen_decode
+    plain_decode = gen.BackendTunedJit(gen._decode, static_argnames=gen.DECODE_STATIC_ARGNAMES, platform="tpu",
+                                       options={})
+    monkeypatch.setattr(gen, "decode", plain_decode)
+    plain = generate(model, ids, mask, config=cfg)
     assert plain_decode._plain._cache_size() == 1
     np.testing.assert_array_equal(np.asarray(tuned.tokens), np.asarray(plain.tokens))
 

@@ -216,11 +216,10 @@ class BackendTunedJit:
         return self._plain._cache_size() + self._tuned._cache_size()
 
 
-decode = BackendTunedJit(
-    _decode, platform="cpu", options=CPU_DECODE_COMPILER_OPTIONS,
-    static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids",
-                     "return_cache"),
-)
+DECODE_STATIC_ARGNAMES = ("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "suppress_token_ids",
+                          "return_cache")
+decode = BackendTunedJit(_decode, static_argnames=DECODE_STATIC_ARGNAMES, platform="cpu",
+                         options=CPU_DECODE_COMPILER_OPTIONS)
 
 
 def generate(
