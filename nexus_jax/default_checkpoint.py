@@ -164,11 +164,12 @@ def _hf_ar_config(cfg: Any) -> dict:
 
 
 def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int = 256 * 2**10,
-          configs: dict[str, Any] | None = None, own_init: bool = False) -> dict[str, Any]:
+          configs: dict[str, Any] | None = None, own_init: bool = False, ar_module: Any = None) -> dict[str, Any]:
     """Write a random-weight checkpoint to ``out`` (created; must not exist). ``configs``: as
     :func:`default_configs` returns (its default). ``own_init``: the AR model and the DiTs take the modules' own
     initialisers (what training from scratch starts from; a ViT whose features tell images apart) instead of
-    :func:`randomize_params`. Returns a short description."""
+    :func:`randomize_params`. ``ar_module``: write this :class:`NexusGenAR` (of ``configs["ar"]``) instead of a
+    new one (e.g. one whose vision tower was pre-trained). Returns a short description."""
     from flax import nnx
 
     from conversion import config_io, io
@@ -182,7 +183,9 @@ def build(out: str | os.PathLike, seed: int = DEFAULT_SEED, max_shard_bytes: int
     root = Path(out)
     with io.atomic_output_dir(root) as tmp:
         # AR model: sharded safetensors + index, 4.49 names
-        if own_init:
+        if ar_module is not None:
+            ar = ar_module
+        elif own_init:
             ar = NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(seed))
         else:
             ar = randomize_params(nnx.eval_shape(lambda: NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(0))), seed)

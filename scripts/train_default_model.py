@@ -5,8 +5,10 @@
 Stages (each skipped when its output exists, so a killed run resumes; timings go to ``<work-dir>/timings.json``):
 
 1. ``data``: procedural records (:mod:`nexus_jax.data.shapes`, training combinations only) -> ``data/records.jsonl``;
-2. ``init``: random tiny Nexus-Gen in the upstream PyTorch layout (:func:`nexus_jax.default_checkpoint.build`, decoder
-   samplers at 64x64, no CFG);
+2. ``init``: tiny Nexus-Gen with the modules' own initialisers whose vision tower is first pre-trained to classify
+   colour / shape / background (:func:`pretrain_vision`: upstream starts from a pre-trained Qwen2.5-VL ViT too),
+   written in the upstream PyTorch layout (:func:`nexus_jax.default_checkpoint.build`; decoder samplers at 32x32,
+   no CFG);
 3. ``vae``: the tiny FLUX-structured VAE trained on the shape images (a small optax loop: ``nexus-jax train`` has no
    VAE stage), written over ``init/ae.safetensors``; then ``init`` is converted (``init_converted``);
 4. ``ar``: ``nexus-jax train --preset tiny_ar --init-from init_converted`` (ViT frozen), ``convert from-run``;
@@ -33,13 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SEED = 0
-AR_RECORDS = 6000  # a third each: understanding, generation, editing
-DECODER_RECORDS = 900  # per decoder
+AR_RECORDS = 18000  # a third each: understanding, generation, editing
+DECODER_RECORDS = 2400  # per decoder
 VAE_PHASES = ((1000, 2e-3), (1200, 1e-3))  # (steps, peak lr): phase 2 restarts Adam from phase 1's weights
-STEPS = {"vae": 2200, "ar": 6000, "gen": 9000, "edit": 5000}
-BATCH = {"vae": 16, "ar": 8, "gen": 16, "edit": 16}
-LR = {"vae": 2e-3, "ar": 2e-3, "gen": 1e-3, "edit": 1e-3}
-SAMPLER = dict(num_steps=20, cfg_scale=1.0, height=32, width=32)
+STEPS = {"vision": 800, "vae": 2200, "ar": 6000, "gen": 15000, "edit": 12000}
+BATCH = {"vision": 32, "vae": 16, "ar": 8, "gen": 16, "edit": 16}
+LR = {"vision": 2e-3, "vae": 2e-3, "ar": 2e-3, "gen": 1e-3, "edit": 1e-3}
+SAMPLER = dict(num_steps=50, cfg_scale=1.0, height=32, width=32)
 IMAGE = 32  # decoder / VAE image size (the AR sees the 84x84 records: 9 input tokens, 9 slots)
 
 
@@ -69,6 +71,10 @@ def model_configs() -> dict:
     cfgs = default_checkpoint.default_configs()
     for key in ("generation", "editing"):
         cfgs[key] = dataclasses.replace(cfgs[key], sampler=cfgs[key].sampler.replace(**SAMPLER))
+    # the editing reference at the records' own 84x84 (6x6 patches), where the vision tower was pre-trained, instead
+    # of the tiny preset's stretched 112x168
+    cfgs["editing"] = dataclasses.replace(cfgs["editing"], merger=dataclasses.replace(cfgs["editing"].merger,
+                                                                                      ref_grid=(6, 6)))
     return cfgs
 
 
@@ -127,6 +133,90 @@ def write_vae(vae, cfg, directory: Path) -> None:
     for k, v in state.items():
         w.write(k, np.asarray(v, np.float32))
     w.close()
+
+
+# --- vision tower ------------------------------------------------------------------------------------------------
+def pretrain_vision(ar, steps: int, batch: int, lr: float, seed: int) -> dict:
+    """Pre-train ``ar``'s vision tower in place: linear heads on its mean merged token classify the colour, shape and
+    background of training-combination images (cross-entropy). Stands in for the pre-trained Qwen2.5-VL ViT that
+    upstream Nexus-Gen starts from and keeps frozen (a randomly initialised tower separates colours but hardly shapes:
+    the AR then learns colour pair -> shape shortcuts). Returns the last training batch's and a held-out batch's
+    accuracies."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from nexus_jax.data import shapes
+    from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
+    from nexus_jax.processing.image_processor import Qwen2VLImageProcessor
+
+    v = ar.config.vl.vision
+    proc = Qwen2VLImageProcessor(min_pixels=shapes.SIZE**2, max_pixels=shapes.SIZE**2, patch_size=v.patch_size,
+                                 merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+    grid = proc.preprocess_one(shapes.draw(shapes.TRAIN_COMBOS[0]))[1]
+    layout = {k: jnp.asarray(a) for k, a in vision_layout(np.tile(grid, (batch, 1)), v).arrays().items()}
+    per_image = int(np.prod(grid)) // v.spatial_merge_size**2
+    colours, names = list(shapes.COLOURS), list(shapes.SHAPES)
+    sizes = (len(colours), len(names), len(colours))
+
+    class Probe(nnx.Module):
+        def __init__(self, model, rngs):
+            self.model = model  # only its vision tower gets gradients
+            self.heads = nnx.Linear(v.out_hidden_size, sum(sizes), rngs=rngs)
+
+        def __call__(self, pixels):
+            feats = self.model.image_features(pixels, layout)[: batch * per_image].reshape(batch, per_image, -1)
+            return self.heads(feats.mean(axis=1))
+
+    probe = Probe(ar, nnx.Rngs(seed))
+    opt = nnx.Optimizer(probe, optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.05), weight_decay=0.0),
+                        wrt=nnx.Param)
+
+    def loss_fn(model, pixels, labels):
+        logits = jnp.split(model(pixels), np.cumsum(sizes)[:-1], axis=-1)
+        losses = [optax.softmax_cross_entropy_with_integer_labels(lg, labels[:, i]).mean()
+                  for i, lg in enumerate(logits)]
+        accs = jnp.stack([jnp.mean(jnp.argmax(lg, -1) == labels[:, i]) for i, lg in enumerate(logits)])
+        return sum(losses), accs
+
+    @nnx.jit
+    def step(model, opt, pixels, labels):
+        (loss, accs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, pixels, labels)
+        opt.update(model, grads)
+        return loss, accs
+
+    def batch_of(combos):
+        pixels = np.concatenate([proc.preprocess_one(shapes.draw(c, np.random.default_rng(rng.integers(2**31))))[0]
+                                 for c in combos])
+        labels = np.asarray([(colours.index(c), names.index(s), colours.index(b)) for c, s, b in combos], np.int32)
+        return jnp.asarray(pixels), jnp.asarray(labels)
+
+    def token_norm(images: jnp.ndarray) -> float:  # mean L2 norm of the tower's merged tokens
+        return float(jnp.linalg.norm(ar.image_features(images, layout), axis=-1).mean())
+
+    rng = np.random.default_rng(seed)
+    probe_images = batch_of([shapes.TRAIN_COMBOS[j] for j in rng.integers(len(shapes.TRAIN_COMBOS), size=batch)])[0]
+    norm_before = token_norm(probe_images)
+    for i in range(steps):
+        combos = [shapes.TRAIN_COMBOS[j] for j in rng.integers(len(shapes.TRAIN_COMBOS), size=batch)]
+        loss, accs = step(probe, opt, *batch_of(combos))
+        if i % 100 == 0 or i == steps - 1:
+            log(f"vision step {i}: loss {float(loss):.4f} accuracy colour/shape/background {np.round(accs, 3)}")
+    # the held-out combinations (never trained on): does the tower read their attributes too?
+    held = [shapes.HELD_OUT[i % len(shapes.HELD_OUT)] for i in range(batch)]
+    held_accs = nnx.jit(loss_fn)(probe, *batch_of(held))[1]
+    # Classification drives the token norms up ~200x (35 vs 0.18); the 2-layer LLM then sees image rows that swamp
+    # its 0.2-norm token embeddings and learned captions by heart (held-out answers were garbled). The merger ends
+    # in a Linear: scaling it brings the tokens back to the initial tower's norm without changing what they encode.
+    norm_after = token_norm(probe_images)
+    last = ar.visual.merger.mlp_2
+    for p in (last.kernel, last.bias):
+        p.value = p.value * (norm_before / norm_after)
+    out = {"token_norm": {"initial": norm_before, "trained": norm_after, "rescaled": token_norm(probe_images)},
+           "train_batch": dict(zip(("colour", "shape", "background"), np.asarray(accs).tolist())),
+           "held_out": dict(zip(("colour", "shape", "background"), np.asarray(held_accs).tolist()))}
+    log(f"vision tower: {out}")
+    return out
 
 
 # --- decoder records from the trained AR ---------------------------------------------------------------------------
@@ -237,8 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     run("data", (work / "data" / "records.jsonl").exists(),
         lambda: shapes.write_shapes_dataset(work / "data", AR_RECORDS, seed=SEED))
 
-    def init_stage():  # random weights, upstream layout, converted (its VAE is replaced after the vae stage)
-        default_checkpoint.build(work / "init", SEED, configs=cfgs, own_init=True)
+    def init_stage():  # own-init weights + a pre-trained vision tower, upstream layout, converted (its VAE is
+        # replaced after the vae stage)
+        from flax import nnx
+
+        from nexus_jax.models.nexus_ar import NexusGenAR
+
+        ar = NexusGenAR(cfgs["ar"], rngs=nnx.Rngs(SEED))
+        accs = pretrain_vision(ar, STEPS["vision"], BATCH["vision"], LR["vision"], SEED)
+        (work / "vision_accuracy.json").write_text(json.dumps(accs) + "\n")
+        default_checkpoint.build(work / "init", SEED, configs=cfgs, own_init=True, ar_module=ar)
         if main_job.convert(work / "init", work / "init_converted") != 0:
             raise SystemExit("converting the initial checkpoint failed")
 

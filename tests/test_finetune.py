@@ -263,3 +263,17 @@ def test_decoder_finetune_from_run_export_matches_torch(converted, tmp_path):
                                                                        "config.json"), "--no-progress"]) == 0
     back = load_arrays(tmp_path / "back")
     assert set(back) == set(trained) and all(np.array_equal(back[k], v) for k, v in trained.items())
+
+
+def test_config_differences_ignore_input_geometry_only():
+    """The editing merger's reference grid and the sampler shape no weight (the run takes the checkpoint's); a
+    different merger width does and is named."""
+    from configs.nexus_decoders import NexusDecoderConfig
+    from nexus_jax.training.init_from import config_differences
+
+    preset = NexusDecoderConfig.tiny()
+    regridded = dataclasses.replace(preset, merger=dataclasses.replace(preset.merger, ref_grid=(6, 6)),
+                                    sampler=preset.sampler.replace(num_steps=50))
+    assert config_differences(preset, regridded) == []
+    wider = dataclasses.replace(preset, merger=dataclasses.replace(preset.merger, out_dim=40))
+    assert config_differences(preset, wider) == ["merger.out_dim: preset 32, checkpoint 40"]

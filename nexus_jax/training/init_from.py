@@ -7,8 +7,9 @@
 AR runs take every parameter from ``ar/`` (the trained LLM and heads and the frozen ViT); decoder runs take the
 decoder (DiT + adapter / merger) from ``generation_decoder/`` or ``edit_decoder/``, the frozen VAE from ``vae/`` and the
 pooled CLIP("") vector from ``empty_prompt.safetensors``. The model configs come from the checkpoint's ``config.json``
-files; a preset whose model config differs is an error naming the differing fields (``remat`` and the decoder's
-sampler settings do not count). Weights are restored by Orbax straight into the train state's shardings.
+files; a preset whose model config differs is an error naming the differing fields (``remat``, the decoder's
+sampler settings and the editing merger's reference grid do not count: no weight depends on them). Weights are
+restored by Orbax straight into the train state's shardings.
 
 :func:`write_run_info` records the models of a run (``<run-dir>/nexus_jax_run.json``) so that
 ``nexus-jax convert from-run`` can write a converted checkpoint from the run's train checkpoints.
@@ -32,8 +33,9 @@ AR_DIR, GEN_DIR, EDIT_DIR, VAE_DIR = "ar", "generation_decoder", "edit_decoder",
 EMPTY_PROMPT = "empty_prompt.safetensors"
 DECODER_DIRS = {"generation_decoder": GEN_DIR, "editing_decoder": EDIT_DIR}
 RUN_INFO = "nexus_jax_run.json"
-# model-config fields that may differ between the preset and the checkpoint (training-only or inference-only)
-IGNORED_FIELDS = ("remat", "sampler")
+# model-config fields that may differ between the preset and the checkpoint (training-only or inference-only, or,
+# for the editing merger's reference grid, input geometry that no weight depends on); the run takes the checkpoint's
+IGNORED_FIELDS = ("remat", "sampler", "ref_grid")
 
 InitParams = Callable[[dict[str, Any]], dict[str, Any]]
 

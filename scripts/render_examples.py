@@ -1,0 +1,80 @@
+"""The README / docs image of the main job's outputs: one tile per request (input image, output image or answer, task
+and prompt), from a finished ``nexus-jax infer`` output directory.
+
+    .venv/bin/python scripts/render_examples.py [--outputs outputs] [--requests examples/requests.jsonl]
+        [--out docs/default_model_examples.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+TILE, CELL, TEXT_H, COLUMNS = 96, 200, 52, 4  # image side, tile width, caption height, tiles per row
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The last user message's text (image parts and ``<image>`` placeholders dropped)."""
+    content = [m for m in messages if m["role"] == "user"][-1]["content"]
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return content.replace("<image>", "").strip()
+
+
+def input_images(request: dict) -> list[str]:
+    paths = list(request.get("images", []))
+    for m in request["messages"]:
+        if isinstance(m["content"], list):
+            paths += [p["image"] for p in m["content"] if p.get("type") == "image"]
+    return paths
+
+
+def tile(request: dict, result: dict, requests_dir: Path, outputs: Path) -> Image.Image:
+    """[TEXT_H + TILE, CELL] tile: input image(s), then the output image or the answer; task + prompt below."""
+    canvas = Image.new("RGB", (2 * TILE + 8, TILE + TEXT_H), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for path in input_images(request)[:1]:
+        canvas.paste(Image.open(requests_dir / path).convert("RGB").resize((TILE, TILE)), (x, 0))
+        x += TILE + 4
+    if result.get("image"):
+        canvas.paste(Image.open(outputs / result["image"]).convert("RGB").resize((TILE, TILE)), (x, 0))
+    else:
+        draw.multiline_text((x + 2, 4), "\n".join(textwrap.wrap("-> " + result.get("text", "?"), 16)), fill="black")
+    caption = f"{request['task']}:\n" + "\n".join(textwrap.wrap(prompt_text(request["messages"]), 30)[:2])
+    draw.multiline_text((0, TILE + 4), caption, fill=(60, 60, 60))
+    return canvas
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--outputs", default=str(REPO / "outputs"))
+    p.add_argument("--requests", default=str(REPO / "examples" / "requests.jsonl"))
+    p.add_argument("--out", default=str(REPO / "docs" / "default_model_examples.png"))
+    args = p.parse_args(argv)
+    outputs, requests_path = Path(args.outputs), Path(args.requests)
+    results = {r["id"]: r for r in map(json.loads, (outputs / "results.jsonl").read_text().splitlines())}
+    requests = [json.loads(line) for line in requests_path.read_text().splitlines() if line.strip()]
+    missing = [r["id"] for r in requests if r["id"] not in results]
+    if missing:
+        raise SystemExit(f"{outputs / 'results.jsonl'} has no result for {missing}: run the main job first")
+    tiles = [tile(r, results[r["id"]], requests_path.parent, outputs) for r in requests]
+    rows = -(-len(tiles) // COLUMNS)
+    sheet = Image.new("RGB", (COLUMNS * CELL, rows * (TILE + TEXT_H + 8)), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % COLUMNS) * CELL, (i // COLUMNS) * (TILE + TEXT_H + 8)))
+    tmp = Path(args.out).with_suffix(".tmp.png")
+    sheet.save(tmp)
+    tmp.replace(args.out)
+    print(f"wrote {args.out} ({len(tiles)} requests)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
