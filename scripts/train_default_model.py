@@ -38,7 +38,7 @@ SEED = 0
 AR_RECORDS = 18000  # a third each: understanding, generation, editing
 DECODER_RECORDS = 2400  # per decoder
 VAE_PHASES = ((1000, 2e-3), (1200, 1e-3))  # (steps, peak lr): phase 2 restarts Adam from phase 1's weights
-STEPS = {"vision": 800, "vae": 2200, "ar": 6000, "gen": 15000, "edit": 12000}
+STEPS = {"vision": 800, "vae": 2200, "ar": 12000, "gen": 15000, "edit": 12000}
 BATCH = {"vision": 32, "vae": 16, "ar": 8, "gen": 16, "edit": 16}
 LR = {"vision": 2e-3, "vae": 2e-3, "ar": 2e-3, "gen": 1e-3, "edit": 1e-3}
 SAMPLER = dict(num_steps=50, cfg_scale=1.0, height=32, width=32)
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def ar_stage():
         nexus_train("tiny_ar", work / "init_converted", work / "data" / "records.jsonl", work / "runs" / "ar", "ar",
-                    ["--set", "ar_loss.image_weight=3.0", "--set", "data.length_buckets=256,512"])
+                    ["--set", "ar_loss.image_weight=3.0", "--set", "data.length_buckets=256,512",
+                     "--set", "optim.weight_decay=0.05"])
         from_run(work / "runs" / "ar", work / "ar_converted", work / "init_converted")
 
     run("ar", (work / "ar_converted").exists(), ar_stage)

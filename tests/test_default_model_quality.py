@@ -79,22 +79,35 @@ def score(out: Path, expected: dict[str, tuple[str, str, str]]) -> dict[str, dic
                    "all": float(np.mean([h[2] for h in v])), "n": len(v)} for task, v in hits.items()}
 
 
-@pytest.mark.slow  # unpack + convert + 72 requests: about a minute on 2 CPU cores
-@pytest.mark.xfail(strict=True, reason=(
-    "generation shape below target (measured 2026-12-06 on the 72 held-out requests): generation colour 1.0 / shape "
-    "0.708, understanding 0.917 / 0.833, editing 0.917 / 0.833; the AR's slot predictions for unseen combinations "
-    "draw the right shape less often than for trained ones (0.92) (docs/default_model.md)"))
-def test_shipped_default_on_held_out_prompts(tmp_path):
-    work = tmp_path / "work"
+@pytest.fixture(scope="module")
+def held_out_accuracy(tmp_path_factory) -> dict[str, dict[str, float]]:
+    """The shipped model through the main job's path on the held-out requests, scored once for all tasks."""
+    tmp = tmp_path_factory.mktemp("held_out")
+    work = tmp / "work"
     main_job.build_checkpoint(work / "default_checkpoint", seed=None)  # the shipped trained model
     assert main_job.convert(work / "default_checkpoint", work / "converted") == 0
-    requests, expected = held_out_requests(tmp_path)
-    path = tmp_path / "held_out.jsonl"
+    requests, expected = held_out_requests(tmp)
+    path = tmp / "held_out.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))
-    out = tmp_path / "out"
+    out = tmp / "out"
     assert infer_cli.main(["--checkpoint", str(work / "converted"), "--input", str(path), "--output", str(out),
                            "--batch-size", "8", "--max-new-tokens", "64", "--no-progress"]) == 0
     acc = score(out, expected)
     print("held-out accuracy:", json.dumps(acc))
-    for task, a in acc.items():
-        assert a["colour"] >= COLOUR_TARGET and a["shape"] >= SHAPE_TARGET, (task, acc)
+    return acc
+
+
+@pytest.mark.slow  # unpack + convert + 72 requests (one run for the three tasks): about 40 s on 2 CPU cores
+@pytest.mark.parametrize("task", [
+    "understanding",
+    "editing",
+    pytest.param("generation", marks=pytest.mark.xfail(strict=True, reason=(
+        "shape below target (measured 2026-12-06 on the 24 held-out generation requests): colour 1.0, shape 0.708; "
+        "the same decoder draws the right shape for 0.92 of trained combinations, so the AR's slot predictions for "
+        "unseen captions fall short (docs/default_model.md)"))),
+])
+def test_shipped_default_on_held_out_prompts(held_out_accuracy, task):
+    """Measured 2026-12-06: understanding colour 1.0 / shape 0.917, editing 1.0 / 0.917, generation 1.0 / 0.708."""
+    a = held_out_accuracy[task]
+    assert a["n"] == 24
+    assert a["colour"] >= COLOUR_TARGET and a["shape"] >= SHAPE_TARGET, (task, held_out_accuracy)
