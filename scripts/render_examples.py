@@ -16,38 +16,26 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nexus_jax.inference.requests import Request, parse_request  # noqa: E402
+
 TILE, CELL, TEXT_H, COLUMNS = 96, 200, 52, 4  # image side, tile width, caption height, tiles per row
 
 
-def prompt_text(messages: list[dict]) -> str:
-    """The last user message's text (image parts and ``<image>`` placeholders dropped)."""
-    content = [m for m in messages if m["role"] == "user"][-1]["content"]
-    if isinstance(content, list):
-        content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
-    return content.replace("<image>", "").strip()
-
-
-def input_images(request: dict) -> list[str]:
-    paths = list(request.get("images", []))
-    for m in request["messages"]:
-        if isinstance(m["content"], list):
-            paths += [p["image"] for p in m["content"] if p.get("type") == "image"]
-    return paths
-
-
-def tile(request: dict, result: dict, requests_dir: Path, outputs: Path) -> Image.Image:
-    """[TEXT_H + TILE, CELL] tile: input image(s), then the output image or the answer; task + prompt below."""
+def tile(request: Request, result: dict, outputs: Path) -> Image.Image:
+    """[TEXT_H + TILE, CELL] tile: the first input image, then the output image or the answer; task + prompt below."""
     canvas = Image.new("RGB", (2 * TILE + 8, TILE + TEXT_H), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for path in input_images(request)[:1]:
-        canvas.paste(Image.open(requests_dir / path).convert("RGB").resize((TILE, TILE)), (x, 0))
+    for path in request.images[:1]:
+        canvas.paste(Image.open(path).convert("RGB").resize((TILE, TILE)), (x, 0))
         x += TILE + 4
     if result.get("image"):
         canvas.paste(Image.open(outputs / result["image"]).convert("RGB").resize((TILE, TILE)), (x, 0))
     else:
         draw.multiline_text((x + 2, 4), "\n".join(textwrap.wrap("-> " + result.get("text", "?"), 16)), fill="black")
-    caption = f"{request['task']}:\n" + "\n".join(textwrap.wrap(prompt_text(request["messages"]), 30)[:2])
+    caption = f"{request.task}:\n" + "\n".join(textwrap.wrap(request.prompt, 30)[:2])
     draw.multiline_text((0, TILE + 4), caption, fill=(60, 60, 60))
     return canvas
 
@@ -60,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     outputs, requests_path = Path(args.outputs), Path(args.requests)
     results = {r["id"]: r for r in map(json.loads, (outputs / "results.jsonl").read_text().splitlines())}
-    requests = [json.loads(line) for line in requests_path.read_text().splitlines() if line.strip()]
-    missing = [r["id"] for r in requests if r["id"] not in results]
+    lines = [line for line in requests_path.read_text().splitlines() if line.strip()]
+    requests = [parse_request(line, i, str(requests_path.parent)) for i, line in enumerate(lines)]
+    missing = [r.id for r in requests if r.id not in results]
     if missing:
         raise SystemExit(f"{outputs / 'results.jsonl'} has no result for {missing}: run the main job first")
-    tiles = [tile(r, results[r["id"]], requests_path.parent, outputs) for r in requests]
+    tiles = [tile(r, results[r.id], outputs) for r in requests]
     rows = -(-len(tiles) // COLUMNS)
     sheet = Image.new("RGB", (COLUMNS * CELL, rows * (TILE + TEXT_H + 8)), "white")
     for i, t in enumerate(tiles):

@@ -148,12 +148,10 @@ def pretrain_vision(ar, steps: int, batch: int, lr: float, seed: int) -> dict:
 
     from nexus_jax.data import shapes
     from nexus_jax.models.qwen2_5_vl.vision_layout import vision_layout
-    from nexus_jax.processing.image_processor import Qwen2VLImageProcessor
+    from nexus_jax.nexus.batch import process_input_images
 
     v = ar.config.vl.vision
-    proc = Qwen2VLImageProcessor(min_pixels=shapes.SIZE**2, max_pixels=shapes.SIZE**2, patch_size=v.patch_size,
-                                 merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
-    grid = proc.preprocess_one(shapes.draw(shapes.TRAIN_COMBOS[0]))[1]
+    grid = process_input_images([shapes.draw(shapes.TRAIN_COMBOS[0])], ar.config)[1][0]  # the AR's input images'
     layout = {k: jnp.asarray(a) for k, a in vision_layout(np.tile(grid, (batch, 1)), v).arrays().items()}
     per_image = int(np.prod(grid)) // v.spatial_merge_size**2
     colours, names = list(shapes.COLOURS), list(shapes.SHAPES)
@@ -185,21 +183,23 @@ def pretrain_vision(ar, steps: int, batch: int, lr: float, seed: int) -> dict:
         opt.update(model, grads)
         return loss, accs
 
-    def batch_of(combos):
-        pixels = np.concatenate([proc.preprocess_one(shapes.draw(c, np.random.default_rng(rng.integers(2**31))))[0]
-                                 for c in combos])
+    def batch_of(combos):  # preprocessed as the AR's input images are
+        pixels = process_input_images([shapes.draw(c, np.random.default_rng(rng.integers(2**31))) for c in combos],
+                                      ar.config)[0]
         labels = np.asarray([(colours.index(c), names.index(s), colours.index(b)) for c, s, b in combos], np.int32)
         return jnp.asarray(pixels), jnp.asarray(labels)
 
     def token_norm(images: jnp.ndarray) -> float:  # mean L2 norm of the tower's merged tokens
         return float(jnp.linalg.norm(ar.image_features(images, layout), axis=-1).mean())
 
+    def training_batch():
+        return batch_of([shapes.TRAIN_COMBOS[j] for j in rng.integers(len(shapes.TRAIN_COMBOS), size=batch)])
+
     rng = np.random.default_rng(seed)
-    probe_images = batch_of([shapes.TRAIN_COMBOS[j] for j in rng.integers(len(shapes.TRAIN_COMBOS), size=batch)])[0]
+    probe_images = training_batch()[0]
     norm_before = token_norm(probe_images)
     for i in range(steps):
-        combos = [shapes.TRAIN_COMBOS[j] for j in rng.integers(len(shapes.TRAIN_COMBOS), size=batch)]
-        loss, accs = step(probe, opt, *batch_of(combos))
+        loss, accs = step(probe, opt, *training_batch())
         if i % 100 == 0 or i == steps - 1:
             log(f"vision step {i}: loss {float(loss):.4f} accuracy colour/shape/background {np.round(accs, 3)}")
     # the held-out combinations (never trained on): does the tower read their attributes too?
