@@ -126,12 +126,23 @@ class ARLossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FlowLossConfig:
-    """Flow-matching decoder loss: shifted sigmas (shift 3), Gaussian timestep weighting as in DiffSynth."""
+    """Flow-matching decoder loss: shifted sigmas (shift 3), Gaussian timestep weighting as in DiffSynth.
+
+    ``embed_noise``: conditioning augmentation, off by default (upstream trains without it). Each record's target
+    embeddings ``embed`` [N, D] get Gaussian noise of std ``embed_noise * rms(embed)`` (that record's RMS) before the
+    conditioner, so a decoder trained on a few distinct AR predictions also serves the unseen ones near them.
+    """
 
     shift: float = 3.0
     num_train_timesteps: int = 1000
     weighted: bool = True
     guidance: float = 3.5
+    embed_noise: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.embed_noise <= 10.0:
+            raise ValueError(f"flow_loss.embed_noise must be in [0, 10] (a fraction of the embedding's RMS), "
+                             f"got {self.embed_noise}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,8 @@ frozen VAE encodes the target image to model-space latents ``x0``; a training ti
 ``sigma_i`` on the shift-3 schedule; ``x_t = (1 - sigma) x0
 + sigma * noise``; the DiT predicts the velocity from the conditioning (generation: ``adapter(embed)`` with zero text
 ids; editing: ``merger(embed, ref_embed)`` with the edit text ids); the loss is ``w_i * mean((v - (noise - x0))^2)``
-with DiffSynth's Gaussian timestep weights ``w`` (mean 1), averaged over the batch.
+with DiffSynth's Gaussian timestep weights ``w`` (mean 1), averaged over the batch. With ``embed_noise > 0`` the
+target embeddings are augmented first (:func:`noisy_embed`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class DecoderTrainModel(nnx.Module):
         return self.decoder.conditioning(batch["embed"], pooled)
 
 
+def noisy_embed(embed: jax.Array, rng: jax.Array, scale: float) -> jax.Array:
+    """embed [B, N, D] + N(0, (scale * rms_b)^2), rms_b the RMS of record b's embeddings."""
+    rms = jnp.sqrt(jnp.mean(jnp.square(embed.astype(jnp.float32)), axis=(1, 2), keepdims=True))
+    noise = jax.random.normal(rng, embed.shape, jnp.float32) * rms * scale
+    return (embed.astype(jnp.float32) + noise).astype(embed.dtype)
+
+
 def make_flow_loss(cfg: FlowLossConfig):
     """loss_fn(model, batch, rng): batch["pixels"] [B, H, W, 3] in [-1, 1], "embed" [B, N, D] (+ "ref_embed")."""
     sigmas_np, weights_np = flow_match.training_schedule(cfg.shift, cfg.num_train_timesteps)
@@ -62,6 +70,9 @@ def make_flow_loss(cfg: FlowLossConfig):
         x0_img = jax.lax.stop_gradient(model.vae.encode(batch["pixels"]))  # posterior mean, model space
         b, h, w, _ = x0_img.shape
         x0 = pack_latents(x0_img)
+        if cfg.embed_noise > 0:  # its own key first, so runs without it keep their random streams
+            rng, k_e = jax.random.split(rng)
+            batch = {**batch, "embed": noisy_embed(batch["embed"], k_e, cfg.embed_noise)}
         k_t, k_n = jax.random.split(rng)
         sigma, weight = flow_match.sample_training_sigmas(k_t, b, sigmas_np, weights_np)
         sigma = sigma.astype(x0.dtype)
