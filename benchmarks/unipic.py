@@ -46,8 +46,9 @@ from tests.helpers import unipic_torch  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "unipic.json")
 G = 2  # images; the CFG batch is 2G
-# Dominant matmuls of the encoder + bridge: 2G rows x (16 buffers + the 128-slot visible bucket), MAR blocks (512 wide,
-# MLP 2048) and LLM layers (512 wide, MLP 1376, 2 KV heads of 64).
+# Dominant matmuls of the encoder + bridge: 2G rows x (16 buffers + a 128-slot visible bucket), MAR blocks (512 wide,
+# MLP 2048) and LLM layers (512 wide, MLP 1376, 2 KV heads of 64); a speed ratio at that scale (the timed step's
+# bucket is 96 slots since the buckets follow the schedule: segment_capacities).
 CEILING_SHAPES = ((576, 512, 1536), (576, 512, 512), (576, 512, 2048), (576, 2048, 512), (576, 512, 1376),
                   (576, 1376, 512))
 
@@ -271,7 +272,10 @@ def combine(res: dict, arrays: dict, args) -> dict:
                     tokens=n, buffers=nb, head_width=cfg.head.width, head_depth=cfg.head.depth, head_steps=s,
                     cfg_batch=2 * G, prompt_lengths=lengths, step=step, num_iter=sampling.num_iter,
                     predicted=count, padded_to=max_pred, visible_buckets=sampling.visible_buckets,
-                    llm_segment_image_slots=capacity),
+                    llm_segment_image_slots=capacity,
+                    # the whole sampling: image slots the LLM runs on (the buckets) vs visible tokens (torch's count)
+                    schedule_llm_image_slots=sum(jsample.segment_capacities(n, sampling)),
+                    schedule_visible_tokens=int(maskgit.mask_schedule(n, sampling.num_iter).num_visible.sum())),
         iters=args.iters, single_thread=args.threads == 1, torch_threads=res["torch"]["torch_threads"],
         jax_device="cpu", load_avg=round(os.getloadavg()[0], 1),
         **ceiling.keys(res["jax"]["ceiling"], res["torch"]["ceiling"], enc_ratio),

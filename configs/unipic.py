@@ -43,8 +43,10 @@ class SamplingConfig:
     """Masked-AR sampling defaults (unipic.md 3.1 / 3.4): iterations, CFG scale and schedule, noise temperature.
 
     ``visible_buckets`` (JAX only): 1 runs the LLM bridge on all N image slots every iteration (one compiled
-    iteration); k > 1 gathers the visible tokens into a segment rounded up to a multiple of ceil(N / k) slots (at
-    most k + 1 compiled iteration shapes), which saves most of the LLM work of the early, mostly-masked iterations.
+    iteration); k > 1 gathers the visible tokens into a segment of one of at most k capacities (+ the empty first
+    step), chosen over the whole schedule to minimise the image slots the LLM runs on
+    (:func:`nexus_jax.unipic.sample.segment_capacities`), which saves most of the LLM work of the early, mostly-masked
+    iterations.
     """
 
     num_iter: int = 32
@@ -62,13 +64,6 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.visible_buckets < 1:
             raise ValueError(f"visible_buckets must be >= 1, got {self.visible_buckets}")
-
-    def visible_capacity(self, visible: int, seq_len: int) -> int | None:
-        """The LLM segment's image slots for ``visible`` known tokens (None = all N, no gathering)."""
-        if self.visible_buckets == 1:
-            return None
-        size = -(-seq_len // self.visible_buckets)
-        return min(seq_len, -(-visible // size) * size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,3 +163,45 @@ def test_sharded_iteration_equals_unsharded(models):
     err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
     print(f"sharded (data 2 x tensor 4) vs unsharded iteration: max abs err {err:.2e} (max |token| {scale:.1f})")
     assert err <= 1e-5 * scale and not np.array_equal(got[:, :, 0], np.asarray(_start_tokens())[:, :, 0])
+
+
+def _brute_force_capacities(counts, buckets, limit, multiple=8):
+    """Every choice of at most ``buckets`` capacities among the rounded counts: the smallest total."""
+    import itertools
+
+    cands = sorted({min(limit, -(-c // multiple) * multiple) for c in counts if c > 0})
+    best = None
+    for k in range(1, buckets + 1):
+        for caps in itertools.combinations(cands, k):
+            if caps[-1] < max(counts):
+                continue
+            total = sum(0 if c == 0 else min(q for q in caps if q >= c) for c in counts)
+            best = total if best is None else min(best, total)
+    return best if best is not None else 0
+
+
+def test_bucket_capacities_are_the_cheapest_cover():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        limit = int(rng.integers(1, 120))
+        counts = sorted(int(c) for c in rng.integers(0, limit + 1, int(rng.integers(1, 12))))
+        buckets = int(rng.integers(1, 5))
+        caps = jsample.bucket_capacities(counts, buckets, limit)
+        assert all(c <= q <= limit for c, q in zip(counts, caps)), (counts, caps)
+        assert all(q % 8 == 0 or q == limit for q in caps) and all((q == 0) == (c == 0) for c, q in zip(counts, caps))
+        assert len({q for q in caps if q}) <= buckets
+        assert sum(caps) == _brute_force_capacities(counts, buckets, limit), (counts, buckets, limit, caps)
+    with pytest.raises(ValueError, match="counts"):
+        jsample.bucket_capacities([3, 40], 2, 32)
+
+
+def test_segment_capacities_spend_fewer_slots_than_uniform_buckets():
+    """The benchmark's schedule (256 tokens, 16 iterations, 4 buckets): 1720 image slots over the sampling instead of
+    1920 with buckets at multiples of N / 4 (1371 visible tokens in all)."""
+    sampling = SamplingConfig(num_iter=16, visible_buckets=4)
+    caps = jsample.segment_capacities(256, sampling)
+    visible = maskgit.mask_schedule(256, 16).num_visible
+    uniform = [min(256, -(-int(v) // 64) * 64) for v in visible]
+    assert len({c for c in caps if c}) <= 4 and all(c >= v for c, v in zip(caps, visible))
+    assert (sum(caps), sum(uniform), int(sum(visible))) == (1720, 1920, 1371)
+    assert jsample.segment_capacities(256, SamplingConfig(num_iter=16, visible_buckets=1)) == [None] * 16

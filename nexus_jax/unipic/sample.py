@@ -68,10 +68,51 @@ def step_tables(seq_len: int, sampling: SamplingConfig) -> tuple[StepTables, int
     return tables, sched.max_pred
 
 
+CAPACITY_MULTIPLE = 8  # LLM segment capacities are multiples of 8 image slots (TPU sublanes), capped at N
+
+
+def bucket_capacities(counts: list[int], buckets: int, limit: int, multiple: int = CAPACITY_MULTIPLE) -> list[int]:
+    """Per-entry capacity >= ``counts[i]`` from at most ``buckets`` distinct positive values (multiples of
+    ``multiple``, at most ``limit``; a count of 0 gets 0) that minimise ``sum(capacities)``: an exact dynamic
+    programme over the sorted distinct counts, O(buckets * m^2) for m distinct counts."""
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    if any(c < 0 or c > limit for c in counts):
+        raise ValueError(f"counts must lie in [0, {limit}], got {counts}")
+    values = sorted({c for c in counts if c > 0})
+    if not values:
+        return [0] * len(counts)
+    size = [sum(1 for c in counts if c == v) for v in values]
+    below = np.concatenate([[0], np.cumsum(size)])  # entries with counts <= values[j - 1]
+
+    def rounded(v: int) -> int:
+        return min(limit, -(-v // multiple) * multiple)
+
+    m, inf = len(values), float("inf")
+    cost = np.full((buckets + 1, m + 1), inf)  # cost[g, b]: the b smallest values served by g buckets
+    cut = np.zeros((buckets + 1, m + 1), np.int64)
+    cost[0, 0] = 0.0
+    for g in range(1, buckets + 1):
+        for b in range(1, m + 1):
+            options = [cost[g - 1, a] + rounded(values[b - 1]) * (below[b] - below[a]) for a in range(b)]
+            cut[g, b] = int(np.argmin(options))
+            cost[g, b] = options[cut[g, b]]
+    g, b, caps = int(np.argmin(cost[1:, m])) + 1, m, []
+    while b > 0:
+        caps.append(rounded(values[b - 1]))
+        b, g = int(cut[g, b]), g - 1
+    caps.sort()
+    return [0 if c == 0 else next(cap for cap in caps if cap >= c) for c in counts]
+
+
 def segment_capacities(seq_len: int, sampling: SamplingConfig) -> list[int | None]:
-    """Per-step LLM segment capacity (``SamplingConfig.visible_capacity`` of each step's visible count)."""
-    sched = maskgit.mask_schedule(seq_len, sampling.num_iter)
-    return [sampling.visible_capacity(int(v), seq_len) for v in sched.num_visible]
+    """Per-step LLM segment capacity: None (all N image slots) with ``visible_buckets == 1``, else
+    :func:`bucket_capacities` of the schedule's visible counts (at most ``visible_buckets`` shapes + the empty
+    first step, the fewest image slots summed over the ``num_iter`` steps)."""
+    if sampling.visible_buckets == 1:
+        return [None] * sampling.num_iter
+    visible = [int(v) for v in maskgit.mask_schedule(seq_len, sampling.num_iter).num_visible]
+    return bucket_capacities(visible, sampling.visible_buckets, seq_len)
 
 
 def _head_noise(init: jax.Array, steps: jax.Array) -> tuple[jax.Array, jax.Array]:
