@@ -9,8 +9,10 @@
     3. run ``nexus-jax infer`` on ``examples/requests.jsonl`` (understanding, generation and editing requests),
        writing PNGs, ``results.jsonl`` and ``summary.json`` to ``<output-dir>``.
 
-Steps whose outputs already exist are reused, and inference resumes, so a rerun is cheap. Run
-``python -m nexus_jax.main_job`` (the README's ``bash scripts/main.sh``). The trained default draws, names and edits
+Steps whose outputs already exist are reused, and inference resumes, so a rerun is cheap. ``<work-dir>`` records which
+default checkpoint it holds (``nexus_main_checkpoint.json``); when that changes (a new package version's trained
+default, or another ``--seed``) the work dir is rebuilt and the earlier results move to ``<output-dir>/previous-<n>/``.
+Run ``python -m nexus_jax.main_job`` (the README's ``bash scripts/main.sh``). The trained default draws, names and edits
 "a <colour> <shape> on a <colour> background" (6 colours, circle / square / triangle); docs/inference.md shows the
 same flow with the real Nexus-GenV2 checkpoints.
 """
@@ -18,6 +20,8 @@ same flow with the real Nexus-GenV2 checkpoints.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -34,6 +38,48 @@ COMPONENTS = (
     ("ae.safetensors", "vae", "vae", "ae_config.json"),
 )
 COPIED = ("empty_prompt.safetensors", "nexus_jax_tokenizer.json", "tokenizer.json")  # the pointer: new, old name
+
+
+IDENTITY_FILE = "nexus_main_checkpoint.json"  # in <work-dir>: the default checkpoint the work dir and outputs hold
+RESULT_NAMES = ("results.jsonl", "summary.json", "images")  # + the inference journals (journal*.jsonl)
+
+
+def checkpoint_identity(seed: int | None) -> str:
+    """``"trained default <sha256[:16]>"`` of the shipped assets, or ``"random weights, seed N"``."""
+    if seed is not None:
+        return f"random weights, seed {seed}"
+    from nexus_jax import default_checkpoint
+
+    digest = hashlib.sha256()
+    for f in sorted(p for p in default_checkpoint.TRAINED.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(default_checkpoint.TRAINED).as_posix().encode() + b"\0")
+        digest.update(f.read_bytes())
+    return f"trained default {digest.hexdigest()[:16]}"
+
+
+def retire_stale(out: Path, work: Path, identity: str) -> None:
+    """If ``work`` holds another checkpoint (or one of unknown origin), delete it (derived: rebuilt next) and move
+    ``out``'s results of it to ``out/previous-<n>/``; then record ``identity``."""
+    stamp = work / IDENTITY_FILE
+    held = json.loads(stamp.read_text())["checkpoint"] if stamp.is_file() else None
+    if held != identity:
+        results = [p for p in out.iterdir() if p.name in RESULT_NAMES or
+                   (p.name.startswith("journal") and p.suffix == ".jsonl")] if out.is_dir() else []
+        if work.exists() or results:
+            log(f"{work} holds {held or 'a checkpoint of unknown origin'}, not {identity}: rebuilding it")
+            shutil.rmtree(work, ignore_errors=True)
+        if results:
+            n = 1
+            while (out / f"previous-{n}").exists():
+                n += 1
+            (out / f"previous-{n}").mkdir()
+            for p in results:
+                p.rename(out / f"previous-{n}" / p.name)
+            log(f"results of that checkpoint moved to {out / f'previous-{n}'}")
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"checkpoint": identity}) + "\n")
+    tmp.replace(stamp)
 
 
 def log(msg: str) -> None:
@@ -102,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         write_examples(EXAMPLES.parent)
         log(f"wrote the example requests to {EXAMPLES}")
     start = time.perf_counter()
+    retire_stale(out, work, checkpoint_identity(args.seed))
     build_checkpoint(work / "default_checkpoint", args.seed)
     rc = convert(work / "default_checkpoint", work / "converted")
     if rc != 0:
