@@ -113,3 +113,11 @@ class NexusDecoderConfig:
         sampler = SamplerConfig(**{**dict(num_steps=8, height=64, width=96), **sampler_overrides})
         return cls(dit=FluxDiTConfig.tiny(), adapter=AdapterConfig.tiny(in_dim=48), merger=MergerConfig.tiny(),
                    sampler=sampler)
+
+    @classmethod
+    def shapes(cls, **sampler_overrides: Any) -> NexusDecoderConfig:
+        """The trained default's generation decoder (docs/default_model.md): the tiny preset with a DiT of 5 heads
+        x 16 (width 80) and 3 + 3 blocks, whose flow loss on the coloured shapes ends 10x below the width-48 one's."""
+        tiny = cls.tiny(**sampler_overrides)
+        return dataclasses.replace(tiny, dit=FluxDiTConfig.tiny(num_heads=5, num_double_blocks=3,
+                                                                num_single_blocks=3))

@@ -230,6 +230,8 @@ TINY_GENERATION_DECODER = TrainConfig(
     loop=LoopConfig(total_steps=40, batch_size=4, log_every=5, compute_dtype="float32"),
 )
 TINY_EDITING_DECODER = dataclasses.replace(TINY_GENERATION_DECODER, task="editing_decoder")
+# the trained default model's generation decoder (a wider, deeper tiny DiT; scripts/train_default_model.py)
+SHAPES_GENERATION_DECODER = dataclasses.replace(TINY_GENERATION_DECODER, model_preset="shapes")
 
 # --- UniPic-1 presets (../shared/reference/unipic.md 4.2, stage 3/4 settings: AdamW (0.9, 0.95), eps 1e-15, wd 0.02,
 # clip 1.0, cosine, global batch 512; generation / editing at 1024 px, understanding at 512 px). One task per preset;
@@ -267,6 +269,7 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny_ar": TINY_AR,
     "tiny_generation_decoder": TINY_GENERATION_DECODER,
     "tiny_editing_decoder": TINY_EDITING_DECODER,
+    "shapes_generation_decoder": SHAPES_GENERATION_DECODER,
     "unipic_t2i": UNIPIC_T2I,
     "unipic_edit": UNIPIC_EDIT,
     "unipic_understanding": UNIPIC_UNDERSTANDING,

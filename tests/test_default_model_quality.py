@@ -22,6 +22,7 @@ from nexus_jax.data import shapes
 from nexus_jax.inference import cli as infer_cli
 
 COLOUR_TARGET, SHAPE_TARGET = 0.90, 0.80
+GENERATION_SHAPE_FLOOR = 0.75  # the shipped model's 19 of 24 less one request (18 of 24): a regression floor
 
 
 def test_checker_reads_drawn_shapes():
@@ -98,16 +99,20 @@ def held_out_accuracy(tmp_path_factory) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.slow  # unpack + convert + 72 requests (one run for the three tasks): about 40 s on 2 CPU cores
-@pytest.mark.parametrize("task", [
-    "understanding",
-    "editing",
-    pytest.param("generation", marks=pytest.mark.xfail(strict=True, reason=(
-        "shape below target (measured 2026-12-06 on the 24 held-out generation requests): colour 1.0, shape 0.708; "
-        "the same decoder draws the right shape for 0.92 of trained combinations, so the AR's slot predictions for "
-        "unseen captions fall short (docs/default_model.md)"))),
-])
+@pytest.mark.parametrize("task", ["understanding", "editing", "generation"])
 def test_shipped_default_on_held_out_prompts(held_out_accuracy, task):
-    """Measured 2026-12-06: understanding colour 1.0 / shape 0.917, editing 1.0 / 0.917, generation 1.0 / 0.708."""
+    """Measured 2026-12-07: understanding colour 1.0 / shape 0.917, editing 1.0 / 0.917, generation 1.0 / 0.792.
+    Generation is held to its measured shape accuracy less one request (a regression floor); its target is below."""
     a = held_out_accuracy[task]
     assert a["n"] == 24
-    assert a["colour"] >= COLOUR_TARGET and a["shape"] >= SHAPE_TARGET, (task, held_out_accuracy)
+    shape_floor = GENERATION_SHAPE_FLOOR if task == "generation" else SHAPE_TARGET
+    assert a["colour"] >= COLOUR_TARGET and a["shape"] >= shape_floor, (task, held_out_accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "generation shape below the 0.80 target (measured 2026-12-07 on the 24 held-out requests: 0.792, 19 of 24; "
+    "48 other seeds: 0.792): held-out triangles on two backgrounds come out round although the AR's slot "
+    "predictions sit nearest their own combination (docs/default_model.md)"))
+def test_generation_reaches_the_shape_target(held_out_accuracy):
+    assert held_out_accuracy["generation"]["shape"] >= SHAPE_TARGET, held_out_accuracy["generation"]

@@ -49,3 +49,21 @@ def test_pretrain_vision_trains_the_tower_only_and_keeps_its_token_norm(tmp_path
     assert back.keys() == after.keys()
     for k in after:
         np.testing.assert_array_equal(back[k], after[k], err_msg=k)
+
+
+def test_decoder_presets_match_the_models_the_script_builds():
+    """`nexus-jax train --init-from` refuses a preset whose model differs from the checkpoint's: the script's decoder
+    stages name presets that build exactly the decoders its init stage writes (the generation one wider)."""
+    from configs.nexus_decoders import NexusDecoderConfig
+    from configs.training import PRESETS
+    from nexus_jax.training.decoder_loop import decoder_parts
+    from nexus_jax.training.init_from import config_differences
+
+    script = load_script()
+    cfgs = script.model_configs()
+    for stage, preset, key in script.DECODER_STAGES:
+        train_cfg = PRESETS[preset]
+        parts = decoder_parts(train_cfg.task, train_cfg.model_preset)
+        assert config_differences(parts.decoder, cfgs[key]) == [], (stage, preset)
+    assert cfgs["generation"].dit == NexusDecoderConfig.shapes().dit != NexusDecoderConfig.tiny().dit
+    assert cfgs["generation"].dit.hidden_size == 80 and cfgs["editing"].dit == NexusDecoderConfig.tiny().dit

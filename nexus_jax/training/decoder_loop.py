@@ -121,16 +121,19 @@ class DecoderParts:
 
 
 def decoder_parts(task: str, preset: str, remat: str = "none") -> DecoderParts:
-    """task 'generation_decoder' | 'editing_decoder'; preset 'tiny' | 'flux_dev'; ``remat`` per DiT block."""
+    """task 'generation_decoder' | 'editing_decoder'; preset 'tiny' | 'shapes' | 'flux_dev'; ``remat`` per DiT
+    block."""
     if task not in ("generation_decoder", "editing_decoder"):
         raise ValueError(f"decoder task must be 'generation_decoder' or 'editing_decoder', got {task!r}")
     editing = task == "editing_decoder"
     if preset == "tiny":
         dec, vae = NexusDecoderConfig.tiny(), FluxVAEConfig.tiny()
+    elif preset == "shapes":  # the trained default's generation decoder (scripts/train_default_model.py)
+        dec, vae = NexusDecoderConfig.shapes(), FluxVAEConfig.tiny()
     elif preset == "flux_dev":
         dec, vae = NexusDecoderConfig.editing() if editing else NexusDecoderConfig.generation(), FluxVAEConfig.full()
     else:
-        raise ValueError(f"unknown decoder model preset {preset!r}; choose 'tiny' or 'flux_dev'")
+        raise ValueError(f"unknown decoder model preset {preset!r}; choose 'tiny', 'shapes' or 'flux_dev'")
     if remat != "none":
         dec = dataclasses.replace(dec, dit=dataclasses.replace(dec.dit, remat=remat))
     return DecoderParts(dec, vae, editing)
