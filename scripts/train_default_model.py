@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/train_default_model.py [--work-dir DIR] [--out nexus_jax/assets/default_model]
 
-Stages (each skipped when its output exists, so a killed run resumes; timings go to ``<work-dir>/timings.json``):
+Stages (each skipped when its output exists, so a killed run resumes; timings go to
+``<work-dir>/timings_<stages>.json``):
 
 1. ``data``: procedural records (:mod:`nexus_jax.data.shapes`, training combinations only) -> ``data/records.jsonl``;
 2. ``init``: tiny Nexus-Gen with the modules' own initialisers whose vision tower is first pre-trained to classify
@@ -14,7 +15,8 @@ Stages (each skipped when its output exists, so a killed run resumes; timings go
 4. ``ar``: ``nexus-jax train --preset tiny_ar --init-from init_converted`` (ViT frozen), ``convert from-run``;
 5. ``embeds``: the trained AR's slot predictions (and the editing references' ViT features) for the decoder records,
    through the inference runner (so the decoders train on what they get at inference);
-6. ``gen`` / ``edit``: ``nexus-jax train --preset tiny_generation_decoder / tiny_editing_decoder --init-from``;
+6. ``gen`` / ``edit``: ``nexus-jax train --preset shapes_generation_decoder`` (a wider tiny DiT) /
+   ``tiny_editing_decoder``, ``--init-from`` the trained AR + VAE;
 7. ``export``: the trained parts -> the upstream PyTorch layout in ``--out`` (AR safetensors shards + index,
    ``generation_decoder.bin``, ``edit_decoder.bin``, ``ae.safetensors``, empty prompt, configs).
 """
