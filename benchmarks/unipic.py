@@ -234,9 +234,11 @@ def combine(res: dict, arrays: dict, args) -> dict:
     sampling = cfg.sampling
     n, nb = cfg.seq_len, cfg.mar.buffer_size
     tables, max_pred = jsample.step_tables(n, sampling)
-    capacity = jsample.segment_capacities(n, sampling)[sampling.num_iter // 2]
     step = sampling.num_iter // 2
-    count = int(maskgit.mask_schedule(n, sampling.num_iter).num_pred[step])
+    capacities = jsample.segment_capacities(n, sampling)  # None: all N image slots (visible_buckets 1)
+    capacity = capacities[step]
+    sched = maskgit.mask_schedule(n, sampling.num_iter)
+    count = int(sched.num_pred[step])
     s, lengths = int(args.head_steps), [57, 41, 24, 24]
     jax_t = {k: v for k, v in res["jax"].items() if k not in ("affinity", "torch_threads", "ceiling")}
     torch_t = {k: v for k, v in res["torch"].items() if k not in ("affinity", "torch_threads", "ceiling")}
@@ -274,8 +276,8 @@ def combine(res: dict, arrays: dict, args) -> dict:
                     predicted=count, padded_to=max_pred, visible_buckets=sampling.visible_buckets,
                     llm_segment_image_slots=capacity,
                     # the whole sampling: image slots the LLM runs on (the buckets) vs visible tokens (torch's count)
-                    schedule_llm_image_slots=sum(jsample.segment_capacities(n, sampling)),
-                    schedule_visible_tokens=int(maskgit.mask_schedule(n, sampling.num_iter).num_visible.sum())),
+                    schedule_llm_image_slots=sum(n if c is None else c for c in capacities),
+                    schedule_visible_tokens=int(sched.num_visible.sum())),
         iters=args.iters, single_thread=args.threads == 1, torch_threads=res["torch"]["torch_threads"],
         jax_device="cpu", load_avg=round(os.getloadavg()[0], 1),
         **ceiling.keys(res["jax"]["ceiling"], res["torch"]["ceiling"], enc_ratio),

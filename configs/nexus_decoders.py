@@ -117,7 +117,7 @@ class NexusDecoderConfig:
     @classmethod
     def shapes(cls, **sampler_overrides: Any) -> NexusDecoderConfig:
         """The trained default's generation decoder (docs/default_model.md): the tiny preset with a DiT of 5 heads
-        x 16 (width 80) and 3 + 3 blocks, whose flow loss on the coloured shapes ends 10x below the width-48 one's."""
+        x 16 (width 80) and 3 + 3 blocks, whose flow loss on the coloured shapes ends at ~0.015 (width 48: ~0.28)."""
         tiny = cls.tiny(**sampler_overrides)
         return dataclasses.replace(tiny, dit=FluxDiTConfig.tiny(num_heads=5, num_double_blocks=3,
                                                                 num_single_blocks=3))

@@ -41,7 +41,6 @@ COPIED = ("empty_prompt.safetensors", "nexus_jax_tokenizer.json", "tokenizer.jso
 
 
 IDENTITY_FILE = "nexus_main_checkpoint.json"  # in <work-dir>: the default checkpoint the work dir and outputs hold
-RESULT_NAMES = ("results.jsonl", "summary.json", "images")  # + the inference journals (journal*.jsonl)
 
 
 def checkpoint_identity(seed: int | None) -> str:
@@ -60,11 +59,15 @@ def checkpoint_identity(seed: int | None) -> str:
 def retire_stale(out: Path, work: Path, identity: str) -> None:
     """If ``work`` holds another checkpoint (or one of unknown origin), delete it (derived: rebuilt next) and move
     ``out``'s results of it to ``out/previous-<n>/``; then record ``identity``."""
+    from nexus_jax import paths
+    from nexus_jax.inference import outputs
+
     stamp = work / IDENTITY_FILE
     held = json.loads(stamp.read_text())["checkpoint"] if stamp.is_file() else None
     if held != identity:
-        results = [p for p in out.iterdir() if p.name in RESULT_NAMES or
-                   (p.name.startswith("journal") and p.suffix == ".jsonl")] if out.is_dir() else []
+        names = (outputs.RESULTS, outputs.SUMMARY, outputs.IMAGES_DIR)
+        results = [p for p in out.iterdir() if p.name in names or outputs.JOURNAL_NAME.match(p.name)] \
+            if out.is_dir() else []
         if work.exists() or results:
             log(f"{work} holds {held or 'a checkpoint of unknown origin'}, not {identity}: rebuilding it")
             shutil.rmtree(work, ignore_errors=True)
@@ -77,9 +80,7 @@ def retire_stale(out: Path, work: Path, identity: str) -> None:
                 p.rename(out / f"previous-{n}" / p.name)
             log(f"results of that checkpoint moved to {out / f'previous-{n}'}")
     work.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"checkpoint": identity}) + "\n")
-    tmp.replace(stamp)
+    paths.atomic_write_text(stamp, json.dumps({"checkpoint": identity}) + "\n")
 
 
 def log(msg: str) -> None:

@@ -13,7 +13,7 @@ def _fake_run(out, work, tag):
     (work / "converted" / "marker").write_text(tag)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "images" / "a.png").write_bytes(tag.encode())
-    for name in ("results.jsonl", "summary.json", "journal.jsonl", "journal.p1of2.jsonl"):
+    for name in ("results.jsonl", "summary.json", "journal.jsonl", "journal-00001-of-00002.jsonl"):
         (out / name).write_text(tag)
 
 
@@ -30,7 +30,7 @@ def test_a_changed_checkpoint_rebuilds_work_and_moves_results_aside(tmp_path):
     assert not (work / "converted").exists()
     assert json.loads((work / main_job.IDENTITY_FILE).read_text()) == {"checkpoint": "trained default abc"}
     prev = out / "previous-1"
-    assert sorted(p.name for p in prev.iterdir()) == ["images", "journal.jsonl", "journal.p1of2.jsonl",
+    assert sorted(p.name for p in prev.iterdir()) == ["images", "journal-00001-of-00002.jsonl", "journal.jsonl",
                                                         "results.jsonl", "summary.json"]
     assert (prev / "images" / "a.png").read_bytes() == b"seed1"
     assert sorted(p.name for p in out.iterdir()) == ["previous-1", "work"]
