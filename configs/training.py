@@ -131,6 +131,12 @@ class FlowLossConfig:
     ``embed_noise``: conditioning augmentation, off by default (upstream trains without it). Each record's target
     embeddings ``embed`` [N, D] get Gaussian noise of std ``embed_noise * rms(embed)`` (that record's RMS) before the
     conditioner, so a decoder trained on a few distinct AR predictions also serves the unseen ones near them.
+
+    ``cond_dropout``: classifier-free-guidance training, off by default (upstream's decoders are fine-tuned from FLUX,
+    which already knows the empty prompt). That fraction of each batch's rows (``round(cond_dropout * batch)``, the
+    last rows of the shuffled batch; at least one) is conditioned on the empty prompt (T5("") + CLIP(""), the negative
+    branch of true CFG at sampling) instead of its embeddings, so ``cfg_scale != 1`` has an unconditional velocity to
+    guide against. Needs ``--init-from`` (the checkpoint's ``empty_prompt.safetensors``).
     """
 
     shift: float = 3.0
@@ -138,11 +144,25 @@ class FlowLossConfig:
     weighted: bool = True
     guidance: float = 3.5
     embed_noise: float = 0.0
+    cond_dropout: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.embed_noise <= 10.0:
             raise ValueError(f"flow_loss.embed_noise must be in [0, 10] (a fraction of the embedding's RMS), "
                              f"got {self.embed_noise}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"flow_loss.cond_dropout must be in [0, 1) (the fraction of rows conditioned on the empty "
+                             f"prompt), got {self.cond_dropout}")
+
+    def dropped_rows(self, batch: int) -> int:
+        """How many of ``batch`` rows :attr:`cond_dropout` conditions on the empty prompt (0 when it is off)."""
+        if self.cond_dropout == 0.0:
+            return 0
+        k = max(1, round(self.cond_dropout * batch))
+        if k >= batch:
+            raise ValueError(f"flow_loss.cond_dropout {self.cond_dropout} drops all {batch} rows of the batch; lower "
+                             "it or raise the batch size")
+        return k
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,6 +121,18 @@ def test_init_from_mismatch_and_missing_are_named(converted, tmp_path):
         model_setup(dec, tmp_path / "c")
 
 
+def test_decoder_init_from_reads_the_empty_prompt(converted, tmp_path):
+    """Decoder runs get CLIP("") pooled and T5("") (flow_loss.cond_dropout's negative context) from the checkpoint."""
+    from safetensors.numpy import load_file
+
+    empty = load_file(str(converted / "empty_prompt.safetensors"))
+    cfg = config_from_args(build_parser().parse_args(_args("tiny_generation_decoder", "x", tmp_path)))
+    setup = model_setup(cfg, converted)
+    np.testing.assert_array_equal(setup.pooled, empty["pooled"].reshape(-1))
+    np.testing.assert_array_equal(setup.negative_context, empty["t5"].reshape(empty["t5"].shape[-2:]))
+    assert setup.negative_context.shape[1] == setup.model_cfg.decoder.dit.context_dim
+
+
 # ----------------------------------------------------------------------------------------------- slow: full flow
 def _steps(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "steps.jsonl").read_text().splitlines())

@@ -17,7 +17,7 @@ def train_task(cfg: Any, setup: Any, tokenizer_dir: str = "") -> Any:
         return ar_task(cfg, text_encoder(cfg, tokenizer_dir), model_cfg=setup.model_cfg)
     from nexus_jax.training.decoder_loop import decoder_task
 
-    return decoder_task(cfg, setup.model_cfg, pooled=setup.pooled)
+    return decoder_task(cfg, setup.model_cfg, pooled=setup.pooled, negative_context=setup.negative_context)
 
 
 FAMILY = Family(

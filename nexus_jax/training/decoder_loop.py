@@ -6,7 +6,8 @@ frozen VAE encodes the target image to model-space latents ``x0``; a training ti
 + sigma * noise``; the DiT predicts the velocity from the conditioning (generation: ``adapter(embed)`` with zero text
 ids; editing: ``merger(embed, ref_embed)`` with the edit text ids); the loss is ``w_i * mean((v - (noise - x0))^2)``
 with DiffSynth's Gaussian timestep weights ``w`` (mean 1), averaged over the batch. With ``embed_noise > 0`` the
-target embeddings are augmented first (:func:`noisy_embed`).
+target embeddings are augmented first (:func:`noisy_embed`); with ``cond_dropout > 0`` the batch's last rows are
+conditioned on the empty prompt instead (classifier-free-guidance training, a second DiT call on those rows).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from nexus_jax.data.sources import open_source
 from nexus_jax.diffusion import flow_match
 from nexus_jax.diffusion.sampler import Conditioning
 from nexus_jax.models.flux.packing import image_ids, pack_latents
-from nexus_jax.models.nexus_decoders import EditingDecoder, GenerationDecoder
+from nexus_jax.models.nexus_decoders import EditingDecoder, GenerationDecoder, negative_conditioning
 from nexus_jax.models.vae import FluxVAE
 from nexus_jax.training.loop import TrainTask, local_batch_size
 
@@ -60,11 +61,16 @@ def noisy_embed(embed: jax.Array, rng: jax.Array, scale: float) -> jax.Array:
     return (embed.astype(jnp.float32) + noise).astype(embed.dtype)
 
 
-def make_flow_loss(cfg: FlowLossConfig):
-    """loss_fn(model, batch, rng): batch["pixels"] [B, H, W, 3] in [-1, 1], "embed" [B, N, D] (+ "ref_embed")."""
+def make_flow_loss(cfg: FlowLossConfig, negative_context: np.ndarray | None = None):
+    """loss_fn(model, batch, rng): batch["pixels"] [B, H, W, 3] in [-1, 1], "embed" [B, N, D] (+ "ref_embed").
+    ``negative_context``: T5("") [Lt, context_dim], the context of the rows ``cfg.cond_dropout`` drops."""
     sigmas_np, weights_np = flow_match.training_schedule(cfg.shift, cfg.num_train_timesteps)
     if not cfg.weighted:
         weights_np = np.ones_like(weights_np)
+    if cfg.cond_dropout > 0 and negative_context is None:
+        raise ValueError("flow_loss.cond_dropout needs the empty prompt's T5 context (train with --init-from a "
+                         "checkpoint holding empty_prompt.safetensors)")
+    neg_context = None if negative_context is None else np.asarray(negative_context, np.float32)[None]
 
     def loss_fn(model: DecoderTrainModel, batch: dict[str, jax.Array], rng: jax.Array):
         x0_img = jax.lax.stop_gradient(model.vae.encode(batch["pixels"]))  # posterior mean, model space
@@ -80,8 +86,17 @@ def make_flow_loss(cfg: FlowLossConfig):
         xt = flow_match.add_noise(x0, noise, sigma)
         cond = model.conditioning(batch, (h, w))
         guidance = jnp.full((b,), cfg.guidance, x0.dtype)
-        v = model.decoder.dit(xt, sigma, cond.context, cond.pooled.astype(x0.dtype), cond.txt_ids,
-                              image_ids(h, w), guidance)
+        dit, ids = model.decoder.dit, image_ids(h, w)
+        dropped = cfg.dropped_rows(b)
+        if dropped == 0:
+            v = dit(xt, sigma, cond.context, cond.pooled.astype(x0.dtype), cond.txt_ids, ids, guidance)
+        else:  # rows [0, n) on their embeddings, [n, b) on the empty prompt (contexts of different lengths)
+            n = b - dropped
+            neg = negative_conditioning(jnp.asarray(neg_context, cond.context.dtype), cond.pooled[:1], dropped)
+            v = jnp.concatenate([
+                dit(xt[:n], sigma[:n], cond.context[:n], cond.pooled[:n].astype(x0.dtype), cond.txt_ids, ids,
+                    guidance[:n]),
+                dit(xt[n:], sigma[n:], neg.context, neg.pooled.astype(x0.dtype), neg.txt_ids, ids, guidance[n:])])
         target = flow_match.velocity_target(x0, noise).astype(jnp.float32)
         per_sample = jnp.mean(jnp.square(v.astype(jnp.float32) - target), axis=(1, 2))
         if "weight" not in batch:
@@ -140,14 +155,20 @@ def decoder_parts(task: str, preset: str, remat: str = "none") -> DecoderParts:
 
 
 def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | None = None,
-                 image_root: str | Path | None = None) -> TrainTask:
-    """The decoder :class:`TrainTask` (records at ``cfg.data.path``)."""
+                 negative_context: np.ndarray | None = None, image_root: str | Path | None = None) -> TrainTask:
+    """The decoder :class:`TrainTask` (records at ``cfg.data.path``). ``pooled``: CLIP("") [pooled_dim] (zeros when
+    None); ``negative_context``: T5("") [Lt, context_dim], needed by ``flow_loss.cond_dropout``."""
     root = str(image_root if image_root is not None else (cfg.data.image_root or Path(cfg.data.path).parent))
     encoder = DecoderEncoder(cfg.data.image_size, parts.embed_rows, parts.embed_dim, parts.ref_rows, root)
     pooled_dim = parts.decoder.dit.pooled_dim
     pooled = np.zeros(pooled_dim, np.float32) if pooled is None else np.asarray(pooled, np.float32)
     if pooled.shape != (pooled_dim,):
         raise ValueError(f"pooled vector has shape {pooled.shape}, expected ({pooled_dim},) (CLIP('') pooled output)")
+    if negative_context is not None:
+        negative_context = np.asarray(negative_context, np.float32)
+        if negative_context.ndim != 2 or negative_context.shape[1] != parts.decoder.dit.context_dim:
+            raise ValueError(f"empty-prompt T5 context has shape {negative_context.shape}, expected (Lt, "
+                             f"{parts.decoder.dit.context_dim}) (the DiT's context_dim)")
 
     decoder_cls = EditingDecoder if parts.editing else GenerationDecoder
 
@@ -166,7 +187,7 @@ def decoder_task(cfg: TrainConfig, parts: DecoderParts, *, pooled: np.ndarray | 
     return TrainTask(
         name=cfg.task,
         model_ctor=ctor,
-        loss_fn=make_flow_loss(cfg.flow_loss),
+        loss_fn=make_flow_loss(cfg.flow_loss, negative_context),
         make_batches=lambda seed: batches(cfg.data.path, seed, cfg.data.num_epochs),
         make_eval_batches=(lambda: batches(cfg.data.eval_path, 0, 1)) if cfg.data.eval_path else None,
         count_tokens=count,

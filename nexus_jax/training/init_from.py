@@ -6,10 +6,10 @@
 
 AR runs take every parameter from ``ar/`` (the trained LLM and heads and the frozen ViT); decoder runs take the
 decoder (DiT + adapter / merger) from ``generation_decoder/`` or ``edit_decoder/``, the frozen VAE from ``vae/`` and the
-pooled CLIP("") vector from ``empty_prompt.safetensors``. The model configs come from the checkpoint's ``config.json``
-files; a preset whose model config differs is an error naming the differing fields (``remat``, the decoder's
-sampler settings and the editing merger's reference grid do not count: no weight depends on them). Weights are
-restored by Orbax straight into the train state's shardings.
+pooled CLIP("") vector and the T5("") context (for ``flow_loss.cond_dropout``) from ``empty_prompt.safetensors``.
+The model configs come from the checkpoint's ``config.json`` files; a preset whose model config differs is an error
+naming the differing fields (``remat``, the decoder's sampler settings and the editing merger's reference grid do not
+count: no weight depends on them). Weights are restored by Orbax straight into the train state's shardings.
 
 :func:`write_run_info` records the models of a run (``<run-dir>/nexus_jax_run.json``) so that
 ``nexus-jax convert from-run`` can write a converted checkpoint from the run's train checkpoints.
@@ -46,7 +46,8 @@ class ModelSetup:
 
     ``model_cfg``: the AR :class:`~configs.nexus_gen.NexusGenConfig` or the decoder
     :class:`~nexus_jax.training.decoder_loop.DecoderParts`; ``components``: converted-directory name ->
-    (family, config) of what the run trains or carries (without remat); ``pooled``: CLIP("") pooled vector or None.
+    (family, config) of what the run trains or carries (without remat); ``pooled``: CLIP("") pooled vector or None;
+    ``negative_context``: T5("") [Lt, context_dim] or None.
     """
 
     model_cfg: Any
@@ -54,6 +55,7 @@ class ModelSetup:
     init_params: InitParams | None = None
     pooled: np.ndarray | None = None
     init_from: str = ""
+    negative_context: np.ndarray | None = None
 
 
 def config_differences(preset: Any, found: Any, prefix: str = "") -> list[str]:
@@ -167,7 +169,8 @@ def load_into(abstract: dict[str, Any], sources: dict[str, Path], extra: dict[st
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _read_pooled(root: Path) -> np.ndarray:
+def _read_empty_prompt(root: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(CLIP("") pooled [pooled_dim], T5("") context [Lt, context_dim] or None when the file holds none)."""
     from safetensors.numpy import load_file
 
     path = root / EMPTY_PROMPT
@@ -176,7 +179,8 @@ def _read_pooled(root: Path) -> np.ndarray:
     d = load_file(str(path))
     if "pooled" not in d:
         raise ValueError(f"--init-from {path}: no 'pooled' tensor")
-    return np.asarray(d["pooled"], np.float32).reshape(-1)
+    t5 = None if "t5" not in d else np.asarray(d["t5"], np.float32)
+    return np.asarray(d["pooled"], np.float32).reshape(-1), None if t5 is None else t5.reshape(t5.shape[-2:])
 
 
 def _ar_root(path: Path) -> tuple[Path, Path]:
@@ -224,13 +228,13 @@ def nexus_gen_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> Mode
     vae = read_component(root / VAE_DIR, "vae")
     _check(parts.decoder, dec, root / sub)
     _check(parts.vae, vae, root / VAE_DIR)
-    pooled = _read_pooled(root)
+    pooled, negative_context = _read_empty_prompt(root)
     new = DecoderParts(dataclasses.replace(dec, dit=dataclasses.replace(dec.dit, remat=parts.decoder.dit.remat)),
                        vae, parts.editing)
     sources = {"decoder.": root / sub / "params", "vae.": root / VAE_DIR / "params"}
     return ModelSetup(new, {sub: (family, dec), VAE_DIR: ("vae", vae)},
                       lambda abstract: load_into(abstract, sources, {"pooled": pooled}, where=str(root)),
-                      pooled=pooled, init_from=str(root.absolute()))
+                      pooled=pooled, init_from=str(root.absolute()), negative_context=negative_context)
 
 
 def unipic_setup(cfg: TrainConfig, init_from: str | os.PathLike = "") -> ModelSetup:
