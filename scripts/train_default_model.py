@@ -9,14 +9,15 @@ Stages (each skipped when its output exists, so a killed run resumes; timings go
 2. ``init``: tiny Nexus-Gen with the modules' own initialisers whose vision tower is first pre-trained to classify
    colour / shape / background (:func:`pretrain_vision`: upstream starts from a pre-trained Qwen2.5-VL ViT too),
    written in the upstream PyTorch layout (:func:`nexus_jax.default_checkpoint.build`; decoder samplers at 32x32,
-   no CFG);
-3. ``vae``: the tiny FLUX-structured VAE trained on the shape images (a small optax loop: ``nexus-jax train`` has no
-   VAE stage), written over ``init/ae.safetensors``; then ``init`` is converted (``init_converted``);
+   CFG 3 for generation, none for editing);
+3. ``vae``: the tiny FLUX-structured VAE trained on the shape images (:data:`VAE_PHASES`; a small optax loop:
+   ``nexus-jax train`` has no VAE stage);
 4. ``ar``: ``nexus-jax train --preset tiny_ar --init-from init_converted`` (ViT frozen), ``convert from-run``;
 5. ``embeds``: the trained AR's slot predictions (and the editing references' ViT features) for the decoder records,
-   through the inference runner (so the decoders train on what they get at inference);
-6. ``gen`` / ``edit``: ``nexus-jax train --preset shapes_generation_decoder`` (a wider tiny DiT) /
-   ``tiny_editing_decoder``, ``--init-from`` the trained AR + VAE;
+   through the inference runner (so the decoders train on what they get at inference), plus generation records on
+   ViT features (:func:`vit_feature_records`);
+6. ``gen`` / ``edit``: ``nexus-jax train --preset shapes_generation_decoder`` (a wider tiny DiT, conditioning
+   dropout for CFG) / ``tiny_editing_decoder``, ``--init-from`` the trained AR + VAE;
 7. ``export``: the trained parts -> the upstream PyTorch layout in ``--out`` (AR safetensors shards + index,
    ``generation_decoder.bin``, ``edit_decoder.bin``, ``ae.safetensors``, empty prompt, configs).
 """
@@ -39,11 +40,18 @@ sys.path.insert(0, str(REPO))
 SEED = 0
 AR_RECORDS = 18000  # a third each: understanding, generation, editing
 DECODER_RECORDS = 2400  # per decoder
+# the generation decoder's extra records conditioned on ViT features (vit_feature_records): of its own targets, and
+# of shapes in random colours
+GENERATION_VIT_RECORDS, GENERIC_RECORDS, GENERIC_SEED = True, 2400, 12345
 VAE_PHASES = ((1000, 2e-3), (1200, 1e-3))  # (steps, peak lr): phase 2 restarts Adam from phase 1's weights
 STEPS = {"vision": 800, "vae": 2200, "ar": 12000, "gen": 15000, "edit": 12000}
 BATCH = {"vision": 32, "vae": 16, "ar": 8, "gen": 16, "edit": 16}
 LR = {"vision": 2e-3, "vae": 2e-3, "ar": 2e-3, "gen": 1e-3, "edit": 1e-3}
-SAMPLER = dict(num_steps=50, cfg_scale=1.0, height=32, width=32)
+SAMPLER = dict(num_steps=50, height=32, width=32)
+# true CFG: upstream's defaults (generation 3.0 against the empty prompt, editing 1.0 = one DiT pass a step); the
+# generation decoder learns the empty prompt's velocity from conditioning dropout (FLOW_LOSS)
+CFG_SCALE = {"generation": 3.0, "editing": 1.0}
+FLOW_LOSS = {"gen": {"cond_dropout": 0.25}, "edit": {}}  # per decoder stage: `--set flow_loss.<key>=<value>`
 IMAGE = 32  # decoder / VAE image size (the AR sees the 84x84 records: 9 input tokens, 9 slots)
 
 
@@ -76,7 +84,8 @@ def model_configs() -> dict:
     # ends at ~0.015 instead of ~0.28 and the drawn shapes are sharp, not blobs (held-out shape 0.708 -> 0.79-0.81)
     cfgs["generation"] = dataclasses.replace(cfgs["generation"], dit=NexusDecoderConfig.shapes().dit)
     for key in ("generation", "editing"):
-        cfgs[key] = dataclasses.replace(cfgs[key], sampler=cfgs[key].sampler.replace(**SAMPLER))
+        cfgs[key] = dataclasses.replace(cfgs[key], sampler=cfgs[key].sampler.replace(**SAMPLER,
+                                                                                    cfg_scale=CFG_SCALE[key]))
     # the editing reference at the records' own 84x84 (6x6 patches), where the vision tower was pre-trained, instead
     # of the tiny preset's stretched 112x168
     cfgs["editing"] = dataclasses.replace(cfgs["editing"], merger=dataclasses.replace(cfgs["editing"].merger,
@@ -278,8 +287,41 @@ def write_decoder_records(converted: Path, out: Path, num: int, seed: int) -> No
                     np.save(out / f"{rid}_ref.npy", refs[row])
                     rec["ref_embed"] = f"{rid}_ref.npy"
                 lines.append(json.dumps(rec))
+        if task == "generation":
+            lines = vit_feature_records(runner, ckpt, out, [json.loads(x) for x in lines]) + lines
         (out / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
         log(f"{task}: {len(lines)} decoder records")
+
+
+def vit_feature_records(runner, ckpt, out: Path, generation: list[dict]) -> list[str]:
+    """Extra generation-decoder records conditioned on ViT features (what the AR's slots imitate) instead of AR
+    predictions: the features of each generation record's own target image (``gt<id>``, when
+    :data:`GENERATION_VIT_RECORDS`) and :data:`GENERIC_RECORDS` shapes in random RGB colours (``r<i>``; never one
+    that reads as a held-out combination: ``shapes.draw_random_colours``). Returns the JSONL lines."""
+    from PIL import Image
+
+    from nexus_jax.data import shapes
+    from nexus_jax.inference.batching import collate_references, group_batches
+    from nexus_jax.inference.reader import prepare_request
+    from nexus_jax.inference.requests import parse_request
+
+    cfg, ref_grid = ckpt.ar.config, ckpt.editing.model.cfg.merger.ref_grid
+    images = [(f"gt{r['id']}", r["image"]) for r in generation] if GENERATION_VIT_RECORDS else []
+    rng = np.random.default_rng(GENERIC_SEED)
+    for i in range(GENERIC_RECORDS):
+        Image.fromarray(shapes.draw_random_colours(rng)).save(out / f"r{i}.png")
+        images.append((f"r{i}", f"r{i}.png"))
+    prepared = [prepare_request(parse_request(json.dumps({"id": rid, "task": "editing", "images": [image], "messages": [
+        {"role": "user", "content": "<image> x"}]}), i, str(out)), cfg, ckpt.codec.encode, 8, ref_grid)
+        for i, (rid, image) in enumerate(images)]
+    lines = []
+    for batch in group_batches(prepared, 16):  # the ViT features as the editing references get them
+        refs = np.asarray(runner.reference_embeddings(collate_references(batch, cfg), batch.size), np.float32)
+        for row, p in enumerate(batch.items):
+            rid, image = images[p.request.index]
+            np.save(out / f"{rid}_embed.npy", refs[row])
+            lines.append(json.dumps({"id": rid, "image": image, "embed": f"{rid}_embed.npy"}))
+    return lines
 
 
 # --- training through the project's own CLI -----------------------------------------------------------------------
@@ -295,6 +337,16 @@ def nexus_train(preset: str, init_from: Path, data: Path, run_dir: Path, stage: 
     rc = cli.main(args)
     if rc != 0:
         raise SystemExit(f"nexus-jax train ({stage}) failed with status {rc}")
+
+
+def apply_samplers(converted: Path, cfgs: dict) -> None:
+    """Write :func:`model_configs`' sampler settings into the converted decoders' ``config.json`` (inference-only: no
+    weight depends on them, so a work dir made before a sampler change exports the current ones)."""
+    for sub, key in (("generation_decoder", "generation"), ("edit_decoder", "editing")):
+        path = converted / sub / "config.json"
+        doc = json.loads(path.read_text())
+        doc["config"]["sampler"] = dataclasses.asdict(cfgs[key].sampler)
+        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def from_run(run_dir: Path, out: Path, base: Path) -> None:
@@ -397,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     for stage, preset, task in DECODER_STAGES:
         def dec_stage(stage=stage, preset=preset, task=task):
             base = dec_init()
+            flow = [a for k, v in FLOW_LOSS[stage].items() for a in ("--set", f"flow_loss.{k}={v}")]
             nexus_train(preset, base, work / "dec_data" / f"{task}.jsonl", work / "runs" / stage, stage,
-                        ["--set", f"data.image_size={IMAGE}"])
+                        ["--set", f"data.image_size={IMAGE}", *flow])
             from_run(work / "runs" / stage, work / f"{stage}_converted", base)
 
         run(stage, (work / f"{stage}_converted").exists(), dec_stage)
@@ -411,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         for sub, stage in (("generation_decoder", "gen"), ("edit_decoder", "edit")):
             shutil.rmtree(final / sub)
             shutil.copytree(work / f"{stage}_converted" / sub, final / sub)
+        apply_samplers(final, cfgs)
         out = Path(args.out)
         if out.exists():
             shutil.rmtree(out)

@@ -67,3 +67,34 @@ def test_decoder_presets_match_the_models_the_script_builds():
         assert config_differences(parts.decoder, cfgs[key]) == [], (stage, preset)
     assert cfgs["generation"].dit == NexusDecoderConfig.shapes().dit != NexusDecoderConfig.tiny().dit
     assert cfgs["generation"].dit.hidden_size == 80 and cfgs["editing"].dit == NexusDecoderConfig.tiny().dit
+
+
+def test_export_applies_the_scripts_sampler_settings_and_flow_loss_settings_parse(tmp_path):
+    """The export writes model_configs()' samplers (generation CFG 3, editing none) into the decoders' configs, so a
+    work dir from before a sampler change exports the current ones; the stages' flow-loss settings are valid
+    ``--set`` overrides (conditioning dropout for the generation decoder's CFG)."""
+    import json
+
+    from configs.training import PRESETS, apply_overrides
+
+    script = load_script()
+    cfgs = script.model_configs()
+    assert (cfgs["generation"].sampler.cfg_scale, cfgs["editing"].sampler.cfg_scale) == (3.0, 1.0)
+    for sub in ("generation_decoder", "edit_decoder"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "config.json").write_text(json.dumps(
+            {"family": sub, "config": {"dit": {"num_heads": 5}, "sampler": {"cfg_scale": 7.0, "num_steps": 2}}}))
+    script.apply_samplers(tmp_path, cfgs)
+    gen = json.loads((tmp_path / "generation_decoder" / "config.json").read_text())
+    edit = json.loads((tmp_path / "edit_decoder" / "config.json").read_text())
+    assert gen["family"] == "generation_decoder" and gen["config"]["dit"] == {"num_heads": 5}
+    assert (gen["config"]["sampler"]["cfg_scale"], gen["config"]["sampler"]["num_steps"]) == (3.0, 50)
+    assert edit["config"]["sampler"]["cfg_scale"] == 1.0
+
+    for stage, preset, _ in script.DECODER_STAGES:
+        sets = [f"flow_loss.{k}={v}" for k, v in script.FLOW_LOSS[stage].items()]
+        flow = apply_overrides(PRESETS[preset], sets).flow_loss
+        assert flow.dropped_rows(script.BATCH[stage]) == round(script.FLOW_LOSS[stage].get("cond_dropout", 0)
+                                                               * script.BATCH[stage])
+    assert script.FLOW_LOSS["gen"]["cond_dropout"] > 0
+

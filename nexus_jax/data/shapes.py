@@ -58,14 +58,22 @@ def draw(combo: Combo, rng: np.random.Generator | None = None, size: int = SIZE)
     colour, shape, background = combo
     if shape not in SHAPES or colour not in COLOURS or background not in COLOURS:
         raise ValueError(f"unknown combination {combo}; colours {list(COLOURS)}, shapes {list(SHAPES)}")
+    return draw_rgb(shape, COLOURS[colour], COLOURS[background], rng, size)
+
+
+def draw_rgb(shape: str, fill: tuple[int, int, int], background: tuple[int, int, int],
+             rng: np.random.Generator | None = None, size: int = SIZE) -> np.ndarray:
+    """:func:`draw` with any RGB colours: [size, size, 3] uint8."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; shapes {list(SHAPES)}")
     rng = rng or np.random.default_rng(0)
     half = size * (0.3 + rng.uniform(-0.03, 0.03))
     cx, cy = size / 2 + rng.uniform(-2, 2), size / 2 + rng.uniform(-2, 2)
     scale = 4  # drawn at 4x and downsampled: smooth edges
-    img = Image.new("RGB", (size * scale, size * scale), COLOURS[background])
+    img = Image.new("RGB", (size * scale, size * scale), tuple(background))
     d = ImageDraw.Draw(img)
     box = [(cx - half) * scale, (cy - half) * scale, (cx + half) * scale, (cy + half) * scale]
-    fill = COLOURS[colour]
+    fill = tuple(fill)
     if shape == "circle":
         d.ellipse(box, fill=fill)
     elif shape == "square":
@@ -73,6 +81,21 @@ def draw(combo: Combo, rng: np.random.Generator | None = None, size: int = SIZE)
     else:
         d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
     return np.asarray(img.resize((size, size), Image.Resampling.BOX), np.uint8)
+
+
+def draw_random_colours(rng: np.random.Generator, size: int = SIZE,
+                        exclude: tuple[Combo, ...] = HELD_OUT) -> np.ndarray:
+    """A shape in a uniformly random RGB colour on another random colour (at least 100 apart, above
+    :func:`classify`'s 80), never one that reads as a combination in ``exclude``: nearest palette colours + shape.
+    The autoencoder's generic images (FLUX's VAE, too, was trained on all kinds of images, not on captions)."""
+    while True:
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        fill, background = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if np.linalg.norm(fill - background) < 100.0:
+            continue
+        if (_nearest(fill), shape, _nearest(background)) in exclude:
+            continue
+        return draw_rgb(shape, tuple(int(v) for v in fill), tuple(int(v) for v in background), rng, size)
 
 
 def _nearest(rgb: np.ndarray) -> str:
