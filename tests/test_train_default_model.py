@@ -7,7 +7,9 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flax import nnx
+from PIL import Image
 
 from conversion.pipeline import load_model
 from nexus_jax import default_checkpoint, main_job
@@ -98,3 +100,29 @@ def test_export_applies_the_scripts_sampler_settings_and_flow_loss_settings_pars
                                                                * script.BATCH[stage])
     assert script.FLOW_LOSS["gen"]["cond_dropout"] > 0
 
+
+
+@pytest.mark.slow  # a tiny checkpoint built, converted and run through the inference runner: ~1 min on 2 cores
+def test_decoder_records_add_vit_feature_records(tmp_path, monkeypatch):
+    """The embeds stage: generation records on the AR's predictions, then (first in the file) records on the ViT
+    features of the same targets and of random-colour shapes; editing records keep their references."""
+    import json
+
+    from nexus_jax.data import shapes
+
+    script = load_script()
+    monkeypatch.setattr(script, "GENERIC_RECORDS", 3)
+    default_checkpoint.build(tmp_path / "ck", 0, configs=script.model_configs(), own_init=True)
+    assert main_job.convert(tmp_path / "ck", tmp_path / "conv") == 0
+    script.write_decoder_records(tmp_path / "conv", tmp_path / "dec", 4, seed=1)
+    gen = [json.loads(x) for x in (tmp_path / "dec" / "generation.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in gen] == [f"gtg{i}" for i in range(4)] + [f"r{i}" for i in range(3)] + [
+        f"g{i}" for i in range(4)]
+    shapes_seen = {np.load(tmp_path / "dec" / r["embed"]).shape for r in gen}
+    assert len(shapes_seen) == 1 and len(next(iter(shapes_seen))) == 2  # [slots, dim] for every kind
+    assert [r["image"] for r in gen[:4]] == [r["image"] for r in gen[7:]]  # ViT features of the same targets
+    for r in gen[4:7]:
+        got = shapes.classify(np.asarray(Image.open(tmp_path / "dec" / r["image"]).convert("RGB")))
+        assert (got["colour"], got["shape"], got["background"]) not in shapes.HELD_OUT
+    edit = [json.loads(x) for x in (tmp_path / "dec" / "editing.jsonl").read_text().splitlines()]
+    assert len(edit) == 4 and all("ref_embed" in r for r in edit)
