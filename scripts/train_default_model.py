@@ -342,11 +342,13 @@ def nexus_train(preset: str, init_from: Path, data: Path, run_dir: Path, stage: 
 def apply_samplers(converted: Path, cfgs: dict) -> None:
     """Write :func:`model_configs`' sampler settings into the converted decoders' ``config.json`` (inference-only: no
     weight depends on them, so a work dir made before a sampler change exports the current ones)."""
+    from conversion import orbax as orbax_io
+
     for sub, key in (("generation_decoder", "generation"), ("edit_decoder", "editing")):
-        path = converted / sub / "config.json"
-        doc = json.loads(path.read_text())
-        doc["config"]["sampler"] = dataclasses.asdict(cfgs[key].sampler)
-        path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        doc = orbax_io.read_config(converted / sub)
+        config = {**doc.pop("config"), "sampler": dataclasses.asdict(cfgs[key].sampler)}
+        orbax_io.write_config(converted / sub, doc.pop("family"), config,
+                              **{k: v for k, v in doc.items() if k != "format_version"})
 
 
 def from_run(run_dir: Path, out: Path, base: Path) -> None:

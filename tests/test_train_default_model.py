@@ -82,14 +82,17 @@ def test_export_applies_the_scripts_sampler_settings_and_flow_loss_settings_pars
     script = load_script()
     cfgs = script.model_configs()
     assert (cfgs["generation"].sampler.cfg_scale, cfgs["editing"].sampler.cfg_scale) == (3.0, 1.0)
+    from conversion import orbax as orbax_io
+
     for sub in ("generation_decoder", "edit_decoder"):
         (tmp_path / sub).mkdir()
-        (tmp_path / sub / "config.json").write_text(json.dumps(
-            {"family": sub, "config": {"dit": {"num_heads": 5}, "sampler": {"cfg_scale": 7.0, "num_steps": 2}}}))
+        orbax_io.write_config(tmp_path / sub, sub, {"dit": {"num_heads": 5},
+                                                    "sampler": {"cfg_scale": 7.0, "num_steps": 2}}, source="x")
     script.apply_samplers(tmp_path, cfgs)
     gen = json.loads((tmp_path / "generation_decoder" / "config.json").read_text())
     edit = json.loads((tmp_path / "edit_decoder" / "config.json").read_text())
     assert gen["family"] == "generation_decoder" and gen["config"]["dit"] == {"num_heads": 5}
+    assert gen["source"] == "x" and gen["format_version"] == orbax_io.FORMAT_VERSION  # provenance kept
     assert (gen["config"]["sampler"]["cfg_scale"], gen["config"]["sampler"]["num_steps"]) == (3.0, 50)
     assert edit["config"]["sampler"]["cfg_scale"] == 1.0
 

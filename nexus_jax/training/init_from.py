@@ -169,18 +169,15 @@ def load_into(abstract: dict[str, Any], sources: dict[str, Path], extra: dict[st
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _read_empty_prompt(root: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(CLIP("") pooled [pooled_dim], T5("") context [Lt, context_dim] or None when the file holds none)."""
-    from safetensors.numpy import load_file
+def _read_empty_prompt(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(CLIP("") pooled [pooled_dim], T5("") context [Lt, context_dim]) through the one empty-prompt reader."""
+    from nexus_jax.pipelines.decode import EmptyPrompt
 
     path = root / EMPTY_PROMPT
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {root}: {EMPTY_PROMPT} (the pooled CLIP('') vector) is missing")
-    d = load_file(str(path))
-    if "pooled" not in d:
-        raise ValueError(f"--init-from {path}: no 'pooled' tensor")
-    t5 = None if "t5" not in d else np.asarray(d["t5"], np.float32)
-    return np.asarray(d["pooled"], np.float32).reshape(-1), None if t5 is None else t5.reshape(t5.shape[-2:])
+    empty = EmptyPrompt.load(path)
+    return empty.pooled.reshape(-1), empty.t5[0]
 
 
 def _ar_root(path: Path) -> tuple[Path, Path]:
