@@ -40,6 +40,21 @@ def test_prompt_longer_than_cache_raises(model):
         model(jnp.asarray(ids), cache=init_cache_for(CFG, 1, 16))
 
 
+def test_truncated_cache_gives_the_same_continuation(model):
+    """A cache cut to the slots a continuation needs attends over fewer keys and gives the same numbers."""
+    rng = np.random.default_rng(0)
+    prompt, more = rng.integers(1, CFG.vocab_size, (2, 10)), rng.integers(1, CFG.vocab_size, (2, 5))
+    cache = model(jnp.asarray(prompt), cache=init_cache_for(CFG, 2, 40)).cache
+    full = model(jnp.asarray(more), cache=cache)
+    short_cache = cache.truncated(15)
+    short = model(jnp.asarray(more), cache=short_cache)
+    assert short_cache.capacity == 15 and short.cache.capacity == 15 and cache.truncated(40) is cache
+    np.testing.assert_allclose(np.asarray(short.logits), np.asarray(full.logits), rtol=0, atol=1e-6)
+    for bad in (0, 41):
+        with pytest.raises(ValueError, match=rf"truncated capacity must be in \[1, 40\], got {bad}"):
+            cache.truncated(bad)
+
+
 def test_bad_shapes_raise(model):
     msg = rf"inputs_embeds must be \[B, L, hidden_size={CFG.hidden_size}\], got \(1, 4, 8\)"
     with pytest.raises(ValueError, match=msg):

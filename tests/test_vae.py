@@ -249,3 +249,32 @@ def test_load_rejects_mismatched_state_dict(models):
     state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"][:, :4]
     with pytest.raises(ConversionError, match=r"conv_in.weight has shape \(24, 4, 3, 3\), expected \(24, 16, 3, 3\)"):
         vae_from_diffusers(CFG, state)
+
+
+@pytest.mark.parametrize("hw", [(7, 11), (1, 1)])
+def test_upsampler_matches_diffusers(hw):
+    """The folded 2x2-phase conv (``upsample_conv3x3``) equals diffusers' nearest x2 + 3x3 conv: odd sizes, 1x1."""
+    from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
+
+    from nexus_jax.models.vae.sampling import Upsample2D, upsample_conv3x3, upsample_nearest_2x
+
+    torch.manual_seed(0)
+    ref = TorchUpsample2D(12, use_conv=True).eval()
+    ours = Upsample2D(12, rngs=nnx.Rngs(0))
+    ours.conv.kernel[...] = jnp.asarray(ref.conv.weight.detach().numpy().transpose(2, 3, 1, 0))
+    ours.conv.bias[...] = jnp.asarray(ref.conv.bias.detach().numpy())
+    x = torch.randn(2, 12, *hw)
+    with torch.no_grad():
+        expected = nchw_to_nhwc(ref(x))
+    got = np.asarray(jax.jit(lambda m, v: m(v))(ours, jnp.asarray(nchw_to_nhwc(x))))
+    err = np.abs(got - expected).max()
+    print(f"upsampler {hw}: max abs err {err:.3e}")
+    assert got.shape == (2, 2 * hw[0], 2 * hw[1], 12) and err <= 1e-5
+
+    # channels in != out: the same as the plain conv of the nearest-upsampled input
+    xs = jnp.asarray(np.random.default_rng(1).standard_normal((2, *hw, 5)), jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(2).standard_normal((3, 3, 5, 3)), jnp.float32)
+    plain = jax.lax.conv_general_dilated(
+        upsample_nearest_2x(xs), kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    assert np.abs(np.asarray(upsample_conv3x3(xs, kernel)) - np.asarray(plain)).max() <= 1e-5

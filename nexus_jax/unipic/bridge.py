@@ -86,8 +86,9 @@ def bridge(
 
     h is the LLM's final-normed hidden state of the segment ``[image slots ; buffers]``, rotated back to buffers-first.
     ``capacity`` (static, >= every row's visible count): the LLM runs on the visible rows gathered in raster order
-    into ``capacity`` slots (padding excluded as keys) instead of all N, and the result is scattered back (masked rows
-    get no update). Same numbers at the visible rows, less work in the early iterations.
+    into ``capacity`` slots (padding excluded as keys) instead of all N, attending over the prefix's first
+    ``Lc + buffers + capacity`` slots only, and the result is scattered back (masked rows get no update). Same numbers
+    at the visible rows, less work in the early iterations.
     """
     b, total, _ = x_enc.shape
     n = visible.shape[1]
@@ -102,7 +103,9 @@ def bridge(
         raise ValueError(f"capacity must be in [0, N={n}], got {capacity}")
     idx, valid = gather_predicted(visible.astype(bool), capacity)
     gathered = take_rows(x_enc[:, nb:], idx)
+    # the segment is buffers + capacity rows: the prefix's slots past it would be empty keys of every layer
+    segment_prefix = prefix.truncated(ctx_mask.shape[1] + nb + capacity)
     delta = _segment_delta(llm, proj_in, proj_out, jnp.concatenate([x_enc[:, :nb], gathered], axis=1), valid,
-                           prefix, ctx_mask)
+                           segment_prefix, ctx_mask)
     image = put_rows(jnp.zeros((b, n, x_enc.shape[-1]), delta.dtype), delta[:, nb:], idx, valid)
     return x_enc + jnp.concatenate([delta[:, :nb], image], axis=1)

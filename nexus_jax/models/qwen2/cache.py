@@ -50,6 +50,16 @@ class KVCache:
     def batch_size(self) -> int:
         return self.valid.shape[0]
 
+    def truncated(self, capacity: int) -> KVCache:
+        """The first ``capacity`` slots (static): a cache whose later slots are unused, so attention over it scans
+        fewer keys. ``index`` is kept; it must stay <= ``capacity`` for later writes to land."""
+        if not 1 <= capacity <= self.capacity:
+            raise ValueError(f"truncated capacity must be in [1, {self.capacity}], got {capacity}")
+        if capacity == self.capacity:
+            return self
+        layers = tuple(LayerKVCache(layer.key[:, :capacity], layer.value[:, :capacity]) for layer in self.layers)
+        return KVCache(layers, self.valid[:, :capacity], self.index)
+
 
 def init_cache(
     num_layers: int,
