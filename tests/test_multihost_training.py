@@ -110,7 +110,10 @@ def _decoder_data(tmp_path: Path, task: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["generation_decoder", "editing_decoder"])
+@pytest.mark.parametrize(
+    "task",  # the editing run (~3 min) is heavy: the generation run covers the same two-process decoder path in CI
+    ["generation_decoder", pytest.param("editing_decoder", marks=pytest.mark.heavy)],
+)
 def test_decoder_two_processes_equal_one(tmp_path, task):
     _equal_over_process_counts(tmp_path, f"tiny_{task}", _decoder_data(tmp_path, task), 4)
 

@@ -78,6 +78,7 @@ def test_tiny_sampling_loop_uses_loop_scaling(devices):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~7 min of TPU compiles; the other plan workloads' depth extrapolation runs in CI
 def test_tiny_unipic_train_plans_without_windowed_einsum_loops():
     """Under fsdp 8 on v6e XLA windows the weight all-gathers into while loops (the cost model counts one window);
     the workload's compiler options switch that off, so depth extrapolation gets loop-free programs."""

@@ -96,6 +96,7 @@ def test_generation_decoder_exact_resume_after_sigkill(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~4 min; the generation decoder's resume (same loop, same checkpoints) runs in CI
 def test_editing_decoder_exact_resume_after_sigkill(tmp_path):
     data = _decoder_data(tmp_path, "editing_decoder")
     check_exact_resume("tiny_editing_decoder", data, tmp_path, records=12, batch=4)

@@ -188,6 +188,7 @@ def test_overfit(tmp_path, preset, steps, ratio):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~4.7 min; the resume machinery is CI-tested through the AR and generation-decoder runs
 def test_t2i_exact_resume_after_sigkill(tmp_path):
     from tests.test_training_resume import check_exact_resume
 
