@@ -1,12 +1,17 @@
 """Run every JAX-vs-torch benchmark on the pinned harness, store the last lines, refresh the README's table.
 
-    python benchmarks/run_all.py [--smoke] [--threads N] [--only vae vision ...] [--no-readme]
+    python benchmarks/run_all.py [--smoke] [--threads N] [--only vae vision ...] [--repeats 3] [--no-readme]
 
 Runs the benchmarks one after the other (each one runs its sides one after the other, see benchmarks/harness.py),
 writes ``benchmarks/results/summary.json`` (``summary_smoke.json`` with ``--smoke``): each benchmark's last-line JSON
 (with its ``load``/``busy``) plus the load before and after the whole run. A full run (not ``--smoke``) also rewrites
 the measured column of README.md's benchmark table between ``<!-- benchmarks:begin -->`` and
 ``<!-- benchmarks:end -->`` for the benchmarks it ran; other rows (conversion, plan reports) are kept as they are.
+
+``--repeats N`` runs the list N times over (round 1 of every benchmark, then round 2, ...: a slow spell of the VM
+hits one round of several benchmarks, not every round of one) and keeps, per benchmark, the run whose first headline
+key is the median; ``runs`` records every run's headline values, and the README cell gives their range. On the
+shared 2-core VMs single runs of one benchmark moved by up to 20% within minutes (each side runs once, in turn).
 """
 
 from __future__ import annotations
@@ -53,14 +58,35 @@ def run_one(name: str, smoke: bool, threads: int | None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall_s": round(wall, 1)}
 
 
+def median_run(runs: list[dict], keys: tuple[str, ...]) -> dict:
+    """The run whose ``keys[0]`` is the median (the lower middle of an even count) plus ``runs``: every run's
+    ``keys`` values, load and busy flag. Failed runs are kept in ``runs`` and skipped; all failed: the first run."""
+    ok = sorted((r for r in runs if "error" not in r and isinstance(r.get(keys[0]), (int, float))),
+                key=lambda r: r[keys[0]])
+    chosen = dict(ok[(len(ok) - 1) // 2] if ok else runs[0])
+    if len(runs) > 1:
+        chosen["runs"] = [{k: r.get(k) for k in (*keys, "load", "busy", "error") if k in r} for r in runs]
+    return chosen
+
+
 def measured_cell(result: dict, keys: tuple[str, ...]) -> str:
-    """The README's measured column for one result: headline values, threads, cores and load."""
+    """The README's measured column for one result: headline values (the range over ``runs`` if any), threads and
+    load."""
     if "error" in result:
         return f"failed ({result['error']})"
-    values = ", ".join(f"{result[k]:.2f}" if isinstance(result.get(k), float) else str(result.get(k)) for k in keys)
+    runs = [r for r in result.get("runs", []) if "error" not in r]
+
+    def value(k: str) -> str:
+        v = result.get(k)
+        text = f"{v:.2f}" if isinstance(v, float) else str(v)
+        seen = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        return f"{text} [{min(seen):.2f}-{max(seen):.2f}]" if len(seen) > 1 else text
+
+    values = ", ".join(value(k) for k in keys)
     load = "/".join(f"{x:.1f}" for x in result.get("load", []))
-    busy = "; BUSY machine, do not quote" if result.get("busy") else ""
-    return f"{values} (pinned harness, {result.get('threads')} thread(s) per side, load {load}{busy})"
+    busy = "; BUSY machine, do not quote" if result.get("busy") or any(r.get("busy") for r in runs) else ""
+    median = f"median of {len(runs)} runs [range], " if len(runs) > 1 else ""
+    return f"{values} ({median}pinned harness, {result.get('threads')} thread(s) per side, load {load}{busy})"
 
 
 def render_table(lines: list[str], results: dict[str, dict]) -> list[str]:
@@ -103,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="each benchmark's --smoke mode (no README update)")
     ap.add_argument("--threads", type=int, default=None, help="threads per side (default: each script's default)")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=sorted(BENCHMARKS))
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the list; per benchmark the median run "
+                                                            "(by its first headline key) is kept, all runs listed")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
     ap.add_argument("--from-summary", action="store_true",
                     help="run nothing: rewrite README.md's table from the stored benchmarks/results/summary.json")
@@ -112,11 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
             summary = json.load(f)
         update_readme(summary["results"])
         return summary
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     load_before = [round(x, 2) for x in os.getloadavg()]
-    results = {}
-    for name in [n for n in BENCHMARKS if n in args.only]:
-        print(f"=== {name}", flush=True)
-        results[name] = run_one(name, args.smoke, args.threads)
+    names = [n for n in BENCHMARKS if n in args.only]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for round_ in range(args.repeats):
+        for name in names:
+            print(f"=== {name}" + (f" (round {round_ + 1} of {args.repeats})" if args.repeats > 1 else ""), flush=True)
+            runs[name].append(run_one(name, args.smoke, args.threads))
+    results = {name: median_run(runs[name], BENCHMARKS[name][0]) for name in names}
     summary = {"mode": "smoke" if args.smoke else "full", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime()),
                "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],

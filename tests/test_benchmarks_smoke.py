@@ -63,6 +63,33 @@ def test_run_all_rewrites_only_the_marked_table(tmp_path):
     assert "BUSY machine" in readme.read_text()
 
 
+def test_run_all_repeats_keep_the_median_run_and_list_every_run(tmp_path, monkeypatch):
+    values = {"vae": [0.9, 1.1, 0.8], "decoder": [1.3, None, 1.0]}  # decoder's round 2 fails
+    calls = []
+
+    def fake_run_one(name, smoke, threads):
+        calls.append(name)
+        v = values[name][sum(c == name for c in calls) - 1]
+        if v is None:
+            return {"error": "exited 1", "wall_s": 1.0}
+        key = "ratio" if name == "vae" else "step_ratio"
+        return {key: v, "sample_ratio": 2 * v, "load": [0.1], "busy": False, "threads": 2}
+
+    monkeypatch.setattr(run_all, "run_one", fake_run_one)
+    monkeypatch.setattr(run_all, "RESULTS", str(tmp_path))
+    summary = run_all.main(["--only", "vae", "decoder", "--repeats", "3", "--no-readme"])
+    assert calls == ["decoder", "vae"] * 3  # round by round, not one benchmark three times in a row
+    vae, decoder = summary["results"]["vae"], summary["results"]["decoder"]
+    assert vae["ratio"] == 0.9 and [r["ratio"] for r in vae["runs"]] == [0.9, 1.1, 0.8]
+    assert decoder["step_ratio"] == 1.0 and decoder["sample_ratio"] == 2.0  # lower middle of the 2 that ran
+    assert decoder["runs"][1] == {"error": "exited 1"}
+    assert run_all.measured_cell(vae, ("ratio",)).startswith("0.90 [0.80-1.10] (median of 3 runs [range], pinned")
+    cell = run_all.measured_cell(decoder, ("step_ratio", "sample_ratio"))
+    assert cell.startswith("1.00 [1.00-1.30], 2.00 [2.00-2.60] (median of 2 runs")
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        run_all.main(["--repeats", "0", "--no-readme"])
+
+
 def test_vae_benchmark_smoke():
     out = _smoke("vae")
     assert out["ratio"] > 0 and out["max_abs_err"] < 1e-3
