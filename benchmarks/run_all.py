@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -70,17 +71,18 @@ def median_run(runs: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 def measured_cell(result: dict, keys: tuple[str, ...]) -> str:
-    """The README's measured column for one result: headline values (the range over ``runs`` if any), threads and
-    load."""
+    """The README's measured column for one result: headline values (with ``runs``: each key's median and range),
+    threads and load."""
     if "error" in result:
         return f"failed ({result['error']})"
     runs = [r for r in result.get("runs", []) if "error" not in r]
 
-    def value(k: str) -> str:
-        v = result.get(k)
-        text = f"{v:.2f}" if isinstance(v, float) else str(v)
+    def value(k: str) -> str:  # one run: its value; several: each key's own (lower) median and range
         seen = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
-        return f"{text} [{min(seen):.2f}-{max(seen):.2f}]" if len(seen) > 1 else text
+        if len(seen) > 1:
+            return f"{statistics.median_low(seen):.2f} [{min(seen):.2f}-{max(seen):.2f}]"
+        v = result.get(k)
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     values = ", ".join(value(k) for k in keys)
     load = "/".join(f"{x:.1f}" for x in result.get("load", []))

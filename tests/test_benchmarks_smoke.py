@@ -86,6 +86,10 @@ def test_run_all_repeats_keep_the_median_run_and_list_every_run(tmp_path, monkey
     assert run_all.measured_cell(vae, ("ratio",)).startswith("0.90 [0.80-1.10] (median of 3 runs [range], pinned")
     cell = run_all.measured_cell(decoder, ("step_ratio", "sample_ratio"))
     assert cell.startswith("1.00 [1.00-1.30], 2.00 [2.00-2.60] (median of 2 runs")
+    runs = [{"step_ratio": 1.2, "sample_ratio": 0.8}, {"step_ratio": 1.4, "sample_ratio": 1.1},
+            {"step_ratio": 1.3, "sample_ratio": 0.9}]  # each key's own median: 1.30 and 0.90
+    assert run_all.measured_cell(runs[2] | {"runs": runs}, ("step_ratio", "sample_ratio")).startswith(
+        "1.30 [1.20-1.40], 0.90 [0.80-1.10]")
     with pytest.raises(SystemExit, match="--repeats must be >= 1"):
         run_all.main(["--repeats", "0", "--no-readme"])
 
