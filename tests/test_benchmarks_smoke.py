@@ -38,9 +38,13 @@ def _smoke(name: str) -> dict:
 
 
 def test_pinned_child_runs_xla_on_one_thread():
-    # a jitted matmul loop in a child pinned to one core burns its CPU time on a single OS thread
+    """A jitted matmul loop in a child pinned to one core does its work one thread at a time: never more CPU time
+    than wall time, and at most two working threads (the caller and one PJRT worker: PJRT:CPU runs an execution on
+    the calling thread or hands it to a worker, and a default-suite run under xdist load once split the ticks 52/25
+    between them), never an N-thread Eigen pool."""
     out = harness.check_threads(1)
-    assert out["working_threads"] == 1, out
+    assert 1 <= out["working_threads"] <= 2, out
+    assert out["cpu_s"] <= 1.05 * out["wall_s"] + 0.02, out
 
 
 def test_busy_flag_and_argument_passthrough():
