@@ -52,17 +52,22 @@ class Conv2d(nnx.Module):
         bound = (in_channels * kernel_size * kernel_size) ** -0.5
         self.bias = make_param(rngs, _symmetric_uniform(bound), (out_channels,), ("conv_out",), param_dtype)
 
+    def operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(x, kernel, bias) in the compute dtype: ``dtype``, else the result type of x's and the kernel's."""
+        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
+        return x.astype(dtype), self.kernel[...].astype(dtype), self.bias[...].astype(dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, in] -> [B, H', W', out]."""
-        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
+        x, kernel, bias = self.operands(x)
         y = jax.lax.conv_general_dilated(
-            x.astype(dtype),
-            self.kernel[...].astype(dtype),
+            x,
+            kernel,
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return y + self.bias[...].astype(dtype)
+        return y + bias
 
 
 class GroupNorm(nnx.Module):

@@ -68,7 +68,5 @@ class Upsample2D(nnx.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = self.conv
-        dtype = conv.dtype or jnp.result_type(x.dtype, conv.kernel.dtype)
-        y = upsample_conv3x3(x.astype(dtype), conv.kernel[...].astype(dtype))
-        return y + conv.bias[...].astype(dtype)
+        x, kernel, bias = self.conv.operands(x)
+        return upsample_conv3x3(x, kernel) + bias
