@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+from launch import kernels
+
 _WHILE_RE = re.compile(r"=\s*[^=]*\bwhile\(")
 _SIZE_RE = re.compile(r"\(([\d.]+)([KMGT]?)\)")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -84,6 +86,7 @@ class Measurement:
     has_while: bool
     compile_seconds: float
     windowed_einsum: bool = False  # the optimised HLO holds XLA SPMD windowed-einsum loops
+    custom_calls: int = 0  # Mosaic kernel calls (launch.kernels): their work is missing from flops / optimal_seconds
 
     @property
     def total_bytes(self) -> int:
@@ -93,7 +96,7 @@ class Measurement:
 
 def linear_fields(m: Measurement) -> dict[str, float]:
     names = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "flops", "bytes_accessed",
-             "optimal_seconds")
+             "optimal_seconds", "custom_calls")
     return {n: float(getattr(m, n)) for n in names}
 
 
@@ -130,6 +133,7 @@ def compile_and_measure(program: Program) -> Measurement:
         has_while=has_while_loop(hlo := compiled.as_text()),
         compile_seconds=seconds,
         windowed_einsum="windowed_dot_general" in hlo,
+        custom_calls=kernels.count_custom_calls(hlo),
     )
 
 
@@ -179,7 +183,7 @@ def as_measurement(fields: Mapping[str, float], has_while: bool, compile_seconds
                                                "code_bytes")}
     return Measurement(**ints, flops=fields["flops"], bytes_accessed=fields["bytes_accessed"],
                        optimal_seconds=fields["optimal_seconds"], has_while=has_while,
-                       compile_seconds=compile_seconds)
+                       compile_seconds=compile_seconds, custom_calls=max(0, round(fields.get("custom_calls", 0))))
 
 
 def clear_caches() -> None:

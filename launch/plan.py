@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from configs.plans import REMAT_CHOICES, PlanConfig, get_plan
-from launch import compiled
+from launch import compiled, kernels
 from launch.checks import MESH_AXES, PlanError, check_plan, parse_mesh, resolve_mesh  # noqa: F401 (re-exported)
 from launch.topology import GiB, Topology, parse_topology, topology_devices
 from launch.workloads import Workload, make_workload
@@ -65,7 +65,7 @@ def measure(workload: Workload, mesh: Any, full: bool) -> tuple[compiled.Measure
             return full_m, "full compile", "unrolled compile (loop-free program)", seconds
     fields, parts = compiled.extrapolate(build, workload.depths, fixed)
     seconds += sum(p.compile_seconds for p in parts)
-    for name in ("flops", "bytes_accessed", "optimal_seconds"):
+    for name in ("flops", "bytes_accessed", "optimal_seconds", "custom_calls"):
         fields[name] *= workload.cost_multiplier
     knobs = ", ".join(f"{k}={v}" for k, v in workload.depths.items())
     cost_src = f"layer-difference extrapolation from loop-free 1-/2-block compiles ({knobs})"
@@ -101,9 +101,22 @@ def report(plan: PlanConfig, topo: Topology, sizes: tuple[int, int, int], remat:
     n = len(devices)
     hbm = topo.hbm_bytes_per_device
     peak = topo.peak_flops_per_device
-    step_seconds = m.optimal_seconds if m.optimal_seconds > 0 else max(m.flops / peak, m.bytes_accessed /
-                                                                       topo.chip.hbm_bandwidth)
+    bandwidth = topo.chip.hbm_bandwidth
     model_per_device = workload.model_flops / n
+    kernel = _kernel_cost(workload, m, sizes, peak, bandwidth)
+    if m.optimal_seconds > 0:
+        base_seconds, step_source = m.optimal_seconds, "XLA TPU cost model optimal_seconds, "
+    else:
+        base_seconds = max(m.flops / peak, m.bytes_accessed / bandwidth)
+        step_source = "roofline max(FLOPs / peak, bytes accessed / HBM bandwidth) (no cost-model estimate), "
+    step_seconds = base_seconds + kernel["kernel_seconds"] if base_seconds > 0 else 0.0
+    step_source += cost_src + kernel.pop("step_time_note")
+    roofline = max((m.flops + kernel["kernel_flops_per_device"]) / peak,
+                   (m.bytes_accessed + kernel["kernel_hbm_bytes_per_device"]) / bandwidth)
+    if kernel["kernel_flops_per_device"] and base_seconds > 0:
+        roof = kernel["kernel_roofline_seconds"]
+        kernel["estimated_mfu_by_kernel_efficiency"] = {
+            str(e): model_per_device / ((base_seconds + roof / e) * peak) for e in kernels.SENSITIVITY}
     return {
         "config": plan.name,
         "workload": workload.name,
@@ -129,14 +142,43 @@ def report(plan: PlanConfig, topo: Topology, sizes: tuple[int, int, int], remat:
         "model_flops_per_device": model_per_device,
         "flops_source": cost_src,
         "estimated_step_seconds": step_seconds,
-        "step_time_source": "XLA TPU cost model optimal_seconds, " + cost_src,
-        "roofline_step_seconds": max(m.flops / peak, m.bytes_accessed / topo.chip.hbm_bandwidth),
+        "step_time_source": step_source,
+        "roofline_step_seconds": roofline,
         "estimated_mfu": model_per_device / (step_seconds * peak) if step_seconds > 0 else 0.0,
+        **kernel,
         "peak_bf16_flops_per_device": peak,
         "compile_seconds": round(seconds, 1),
         "compiler_options": dict(workload.compiler_options or {}),
         "notes": dict(workload.notes),
     }
+
+
+def _kernel_cost(workload: Workload, m: compiled.Measurement, sizes: tuple[int, int, int], peak: float,
+                 bandwidth: float) -> dict[str, Any]:
+    """Report fields for the Mosaic kernels XLA's cost model does not price (launch.kernels).
+
+    The workload's kernel work per device, at ``kernels.KERNEL_EFFICIENCY`` x its roofline; custom calls the
+    workload cannot price are counted (``unpriced_custom_calls``) and the step time says it is under-stated."""
+    fields: dict[str, Any] = {"custom_calls": m.custom_calls, "kernel_flops_per_device": 0.0,
+                              "kernel_hbm_bytes_per_device": 0.0, "kernel_seconds": 0.0, "step_time_note": ""}
+    if workload.kernel_cost is None:
+        if m.custom_calls:
+            fields["unpriced_custom_calls"] = m.custom_calls
+            fields["step_time_note"] = (f"; UNDER-STATED: {m.custom_calls} Mosaic custom calls that this workload "
+                                        "cannot price (launch.kernels)")
+        return fields
+    if m.optimal_seconds == 0 and m.flops == 0:  # the compiler refused the program (does not fit)
+        return fields
+    if not m.custom_calls:
+        raise ValueError(f"workload {workload.name!r} prices Mosaic kernels but its compiled program has none (an "
+                         "interpreted kernel is plain XLA and already priced)")
+    cost = workload.kernel_cost(sizes)
+    fields.update(kernel_flops_per_device=cost.flops, kernel_hbm_bytes_per_device=cost.hbm_bytes,
+                  kernel_roofline_seconds=cost.roofline_seconds(peak, bandwidth),
+                  kernel_efficiency=kernels.KERNEL_EFFICIENCY, kernel_seconds=cost.seconds(peak, bandwidth),
+                  step_time_note=f" + Mosaic kernels at {kernels.KERNEL_EFFICIENCY} x their roofline "
+                                 "(matmul FLOPs at peak, HBM bytes at bandwidth; launch.kernels)")
+    return fields
 
 
 def fit_message(rep: dict[str, Any]) -> str:
@@ -166,8 +208,17 @@ def format_report(rep: dict[str, Any]) -> str:
         f"model {rep['model_flops_per_step']:.3e} ({rep['flops_source']})",
         f"  step time ~{rep['estimated_step_seconds']:.3f} s (roofline {rep['roofline_step_seconds']:.3f} s), "
         f"estimated MFU {rep['estimated_mfu']:.2f}",
-        "  " + fit_message(rep),
     ]
+    if rep.get("kernel_flops_per_device"):
+        by_eff = ", ".join(f"{e}: {v:.2f}" for e, v in rep["estimated_mfu_by_kernel_efficiency"].items())
+        lines.append(f"  kernels: {rep['custom_calls']} Mosaic calls, {rep['kernel_flops_per_device']:.3e} FLOPs and "
+                     f"{rep['kernel_hbm_bytes_per_device'] / GiB:.1f} GiB HBM traffic per device, roofline "
+                     f"{rep['kernel_roofline_seconds']:.3f} s, at {rep['kernel_efficiency']} of it "
+                     f"{rep['kernel_seconds']:.3f} s of the step; MFU by kernel efficiency {by_eff}")
+    elif rep.get("unpriced_custom_calls"):
+        lines.append(f"  WARNING: {rep['unpriced_custom_calls']} Mosaic custom calls are not priced: the step time is "
+                     "under-stated")
+    lines.append("  " + fit_message(rep))
     return "\n".join(lines)
 
 

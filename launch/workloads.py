@@ -21,10 +21,10 @@ from jax.sharding import Mesh, NamedSharding
 from configs.nexus_decoders import MergerConfig
 from configs.plans import PlanConfig
 from configs.training import OptimConfig
-from launch import flops
+from launch import flops, kernels
 from launch.compiled import NO_WINDOWED_EINSUM, Program
 from launch.train_program import LowerInContext, abstract_batch, train_program
-from nexus_jax import sharding
+from nexus_jax import layers, sharding
 
 Overrides = Mapping[str, int]
 
@@ -47,6 +47,9 @@ class Workload:
     cost_multiplier: int = 1
     notes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     compiler_options: Mapping[str, Any] | None = None  # XLA options every compile of the plan uses
+    # per-device work of the Mosaic kernels in the step for mesh (data, fsdp, tensor), which XLA's cost model does
+    # not price (launch.kernels); None = the program has no kernels
+    kernel_cost: Callable[[tuple[int, int, int]], kernels.KernelCost] | None = None
 
 
 def _optim(frozen: tuple[str, ...] = ()) -> OptimConfig:
@@ -92,7 +95,9 @@ def ar_workload(plan: PlanConfig, remat: str) -> Workload:
     from nexus_jax.models.nexus_ar import NexusGenAR
 
     cfg = plan.model
-    text = cfg.vl.text.replace(remat=remat)
+    # "auto" attention resolves as on the TPU the plan is for (the splash kernel), not as on this host
+    attention = layers.resolve_attention_impl(cfg.vl.text.attention_impl, platform="tpu")
+    text = cfg.vl.text.replace(remat=remat, attention_impl=attention)
     b, s, d = plan.global_batch, plan.seq_len, text.hidden_size
     if s < cfg.num_slots + 2:
         raise ValueError(f"seq_len={s} cannot hold the {cfg.num_slots} output-image slots plus their markers")
@@ -113,23 +118,69 @@ def ar_workload(plan: PlanConfig, remat: str) -> Workload:
                              _optim(frozen=(r"(^|/)visual/",)), plan.compute_dtype, mesh, sharding.TRAIN_RULES)
 
     model_flops = flops.ar_train_flops(text, b, s, extra_matmul_params=d * d)
+    kernel_cost = None
+    if attention == "splash":
+        attention_note = (f"Pallas splash kernel, causal, {layers.SPLASH_BLOCK}-token tiles (nexus_jax.layers."
+                          "splash_attention); priced outside XLA's cost model (launch.kernels)")
+
+        def kernel_cost(sizes: tuple[int, int, int]) -> kernels.KernelCost:
+            data, fsdp, tensor = sizes
+            heads = text.num_heads // tensor if text.num_kv_heads % tensor == 0 else text.num_heads
+            return text.num_layers * kernels.splash_cost(
+                b // (data * fsdp), heads, s, text.head_dim, causal=True, block=layers.SPLASH_BLOCK,
+                itemsize=jnp.dtype(plan.compute_dtype).itemsize, forward_passes=1 if remat == "none" else 2,
+                backward_passes=1)
+    elif attention in ("xla", "jax_nn"):
+        attention_note = (f"causal query chunks of 512 ({attention}; nexus_jax.models.qwen2.attention."
+                          "causal_chunked_attention)")
+    else:
+        raise ValueError(f"unexpected attention implementation {attention!r}")
     notes = {
         "loss": "nexus_jax.nexus.loss.nexus_ar_loss (token CE + 0.5 MSE + 0.5 (1 - cos) on output slots); CE over "
                 "LazyLogits: fp32 logits in 512-token chunks, recomputed in the backward pass",
-        "attention": "causal query chunks of 512 (nexus_jax.models.qwen2.attention.causal_chunked_attention)",
+        "attention": attention_note,
         "model": "nexus_jax.models.nexus_ar.NexusGenAR (ViT parameters frozen, held in HBM)",
         "inputs": "image targets are precomputed frozen-ViT features (the ViT forward is not in the step: "
                   "~0.4 TFLOP per 252x252 target vs ~190 TFLOP per 4096-token sequence)",
         "optimizer": "adamw + global-norm clip (nexus_jax.training.optim), grad_accum 1",
     }
     return Workload("ar_train", build, {"layers": text.num_layers}, model_flops, b * s, sharding.TRAIN_RULES,
-                    notes=notes)
+                    notes=notes, kernel_cost=kernel_cost)
 
 
 # --- generation decoder ---------------------------------------------------------------------------------------
+def _dit_attention(plan: PlanConfig) -> str:
+    """The DiT's attention as on the TPU the plan is for ("auto" -> the splash kernel)."""
+    return layers.resolve_attention_impl(plan.model.attention_impl, platform="tpu")
+
+
+def _dit_kernel(plan: PlanConfig, lengths: tuple[int, ...], forward_passes: int, backward_passes: int,
+                repeats: int = 1) -> tuple[Callable[[tuple[int, int, int]], kernels.KernelCost] | None, str]:
+    """(per-device splash work for a mesh, attention note) of DiT passes over sequences of ``lengths`` tokens
+    (image + context; one per pass kind, e.g. CFG's positive and negative), ``repeats`` times (sampling steps)."""
+    attention = _dit_attention(plan)
+    cfg = plan.model
+    if attention != "splash":
+        return None, f"full joint attention by XLA ({attention})"
+
+    def kernel_cost(sizes: tuple[int, int, int]) -> kernels.KernelCost:
+        data, fsdp, tensor = sizes
+        heads = cfg.num_heads // tensor if cfg.num_heads % tensor == 0 else cfg.num_heads
+        per_layer = kernels.KernelCost()
+        for n in lengths:
+            per_layer += kernels.splash_cost(plan.global_batch // (data * fsdp), heads, n, cfg.head_dim,
+                                             causal=False, block=layers.SPLASH_BLOCK,
+                                             itemsize=jnp.dtype(plan.compute_dtype).itemsize,
+                                             forward_passes=forward_passes, backward_passes=backward_passes)
+        return repeats * (cfg.num_double_blocks + cfg.num_single_blocks) * per_layer
+
+    return kernel_cost, (f"Pallas splash kernel, full joint attention over {' / '.join(map(str, lengths))} tokens, "
+                          f"{layers.SPLASH_BLOCK}-token tiles; priced outside XLA's cost model (launch.kernels)")
+
+
 def _dit_cfg(plan: PlanConfig, overrides: Overrides | None) -> Any:
     cfg = dataclasses.replace(plan.model, param_dtype=jnp.dtype(plan.param_dtype),
-                              dtype=jnp.dtype(plan.compute_dtype))
+                              dtype=jnp.dtype(plan.compute_dtype), attention_impl=_dit_attention(plan))
     if overrides:
         cfg = dataclasses.replace(cfg, num_double_blocks=overrides.get("double_blocks", cfg.num_double_blocks),
                                   num_single_blocks=overrides.get("single_blocks", cfg.num_single_blocks))
@@ -185,9 +236,10 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
         "inputs": "VAE latents precomputed (frozen VAE not in the step)",
         "param_dtype": plan.param_dtype,
     }
+    kernel_cost, notes["attention"] = _dit_kernel(plan, (t + plan.context_len,), 1 if remat == "none" else 2, 1)
     return Workload("editing_decoder_train" if editing else "decoder_train", build,
                     {"double_blocks": cfg0.num_double_blocks, "single_blocks": cfg0.num_single_blocks},
-                    model_flops, b * t, sharding.TRAIN_RULES, notes=notes)
+                    model_flops, b * t, sharding.TRAIN_RULES, notes=notes, kernel_cost=kernel_cost)
 
 
 # --- sampling (batch inference) -------------------------------------------------------------------------------
@@ -236,9 +288,11 @@ def decoder_sample_workload(plan: PlanConfig, remat: str) -> Workload:
         "model": "nexus_jax.models.nexus_decoders.GenerationDecoder = adapter + nexus_jax.models.flux.FluxDiT",
         "excluded": "VAE decode (separate program) and the AR prefill",
     }
+    lengths = (t + plan.context_len,) + ((t + NEGATIVE_TOKENS,) if plan.cfg_scale != 1.0 else ())
+    kernel_cost, notes["attention"] = _dit_kernel(plan, lengths, 1, 0, repeats=plan.num_steps)
     return Workload("decoder_sample", build,
                     {"double_blocks": cfg0.num_double_blocks, "single_blocks": cfg0.num_single_blocks},
-                    model_flops, b, rules, cost_multiplier=plan.num_steps, notes=notes)
+                    model_flops, b, rules, cost_multiplier=plan.num_steps, notes=notes, kernel_cost=kernel_cost)
 
 
 # --- UniPic-1 text-to-image training ---------------------------------------------------------------------------

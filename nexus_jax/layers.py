@@ -213,18 +213,19 @@ class SegmentMask:
         return mask
 
 
-def resolve_attention_impl(impl: str, mask: object = None) -> str:
+def resolve_attention_impl(impl: str, mask: object = None, platform: str | None = None) -> str:
     """The concrete implementation for a config value (one of ``ATTENTION_IMPLS``).
 
     "auto" = "splash" on TPU when the mask is None or a :class:`SegmentMask`, else "jax_nn". "xla" is this module's
     einsum reference, "jax_nn" is ``jax.nn.dot_product_attention`` (XLA lowering), "splash" the Pallas TPU kernel
-    (interpreted, i.e. slow but exact, off TPU).
+    (interpreted, i.e. slow but exact, off TPU). ``platform`` (default: the default backend) is where the program
+    runs, e.g. "tpu" when planning a TPU job from a CPU host.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
     if impl != "auto":
         return impl
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = (platform or jax.default_backend()) == "tpu"
     return "splash" if on_tpu and (mask is None or isinstance(mask, SegmentMask)) else "jax_nn"
 
 

@@ -3,6 +3,8 @@ are really sharded, and compiler FLOPs agree with the analytic model FLOPs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -10,6 +12,7 @@ pytest.importorskip("libtpu", reason="ahead-of-time TPU compilation needs libtpu
 
 from configs.plans import get_plan  # noqa: E402
 from launch import flops  # noqa: E402
+from launch import kernels as kernels_lib  # noqa: E402
 from launch import plan as planner  # noqa: E402
 from launch.topology import parse_topology, topology_devices  # noqa: E402
 from launch.workloads import make_workload  # noqa: E402
@@ -32,6 +35,11 @@ def _sharded_param_fraction(program) -> float:
     return split / total
 
 
+def _counted_flops(rep: dict) -> float:
+    """Compiler-counted FLOPs of the step plus the Mosaic kernels' (which the cost model does not count), slice-wide."""
+    return rep["flops_per_step"] + rep["kernel_flops_per_device"] * rep["num_devices"]
+
+
 @pytest.mark.slow
 def test_tiny_ar_train_step(devices):
     plan = get_plan("tiny_ar_train")
@@ -42,11 +50,42 @@ def test_tiny_ar_train_step(devices):
     text = plan.model.vl.text
     hand = flops.ar_train_flops(text, plan.global_batch, plan.seq_len, text.hidden_size**2)
     assert rep["model_flops_per_step"] == pytest.approx(hand)
-    # full remat recomputes the forward (x 4/3); the dense attention also computes the masked half; the frozen
-    # ViT is not run. So compiler FLOPs sit between the model FLOPs and ~2x them.
-    assert 1.0 <= rep["flops_per_step"] / rep["model_flops_per_step"] <= 2.0
+    # full remat recomputes the forward (x 4/3); the splash kernel computes whole diagonal tiles; the frozen ViT is
+    # not run. So compiler + kernel FLOPs sit between the model FLOPs and ~2x them.
+    assert 1.0 <= _counted_flops(rep) / rep["model_flops_per_step"] <= 2.0
     program = make_workload(plan, "full").build(planner._mesh(devices, (1, 4, 1)), None)
     assert _sharded_param_fraction(program) > 0.9
+
+
+@pytest.mark.slow
+def test_tiny_ar_plan_compiles_and_prices_the_splash_kernel(devices):
+    """"auto" attention is planned as the TPU runs it (the Mosaic splash kernel, not this host's XLA attention), and
+    the kernel's matmuls, which XLA's cost model does not price, are added to the step time at the assumed
+    efficiency."""
+    plan = get_plan("tiny_ar_train")
+    text = plan.model.vl.text
+    assert text.attention_impl == "auto"
+    rep = planner.report(plan, TOPO, plan.mesh, "full", devices=devices)
+    assert rep["custom_calls"] >= text.num_layers and "splash" in rep["notes"]["attention"]
+    # per device: 8 sequences / 4 fsdp shards, every query head, forward + remat recompute (2 x 2 matmuls) and the
+    # backward (7 matmuls) per computed tile (the tile count is checked against the kernel's own mask in
+    # tests/test_plan_kernels.py)
+    tiles = kernels_lib.splash_blocks(plan.seq_len, 128, causal=True)
+    hand = text.num_layers * (plan.global_batch // 4) * text.num_heads * tiles * 11 * (2.0 * 128 * 128 * text.head_dim)
+    assert rep["kernel_flops_per_device"] == pytest.approx(hand)
+    roofline = max(hand / rep["peak_bf16_flops_per_device"],
+                   rep["kernel_hbm_bytes_per_device"] / TOPO.chip.hbm_bandwidth)
+    assert rep["kernel_seconds"] == pytest.approx(roofline / kernels_lib.KERNEL_EFFICIENCY)
+    by_eff = rep["estimated_mfu_by_kernel_efficiency"]
+    assert by_eff[str(kernels_lib.KERNEL_EFFICIENCY)] == pytest.approx(rep["estimated_mfu"])
+    assert by_eff["1.0"] > by_eff["0.5"] > by_eff["0.25"] > 0
+    assert "Mosaic kernels" in rep["step_time_source"] and "kernels:" in planner.format_report(rep)
+    # the same step with XLA's attention: no custom calls, nothing priced outside the cost model
+    xla = plan.replace(model=plan.model.replace(vl=dataclasses.replace(plan.model.vl, text=text.replace(
+        attention_impl="jax_nn"))))
+    rep_xla = planner.report(xla, TOPO, plan.mesh, "full", devices=devices)
+    assert rep_xla["custom_calls"] == 0 and rep_xla["kernel_flops_per_device"] == rep_xla["kernel_seconds"] == 0
+    assert "causal query chunks" in rep_xla["notes"]["attention"]
 
 
 @pytest.mark.slow
@@ -54,7 +93,9 @@ def test_tiny_decoder_train_step(devices):
     plan = get_plan("tiny_decoder_train")
     rep = planner.report(plan, TOPO, plan.mesh, "full", devices=devices)
     assert rep["fits"] and all(k in rep for k in REQUIRED)
-    assert 1.0 <= rep["flops_per_step"] / rep["model_flops_per_step"] <= 2.0
+    # the DiT's joint attention runs the splash kernel (as "auto" does on TPU), priced outside the cost model
+    assert rep["custom_calls"] > 0 and rep["kernel_seconds"] > 0 and "splash" in rep["notes"]["attention"]
+    assert 1.0 <= _counted_flops(rep) / rep["model_flops_per_step"] <= 2.0
     program = make_workload(plan, "full").build(planner._mesh(devices, (1, 4, 1)), None)
     assert _sharded_param_fraction(program) > 0.9
 
@@ -63,8 +104,8 @@ def test_tiny_decoder_train_step(devices):
 def test_tiny_editing_decoder_train_step(devices):
     plan = get_plan("tiny_editing_decoder_train")
     rep = planner.report(plan, TOPO, plan.mesh, "full", devices=devices)
-    assert rep["fits"] and rep["workload"] == "editing_decoder_train"
-    assert 1.0 <= rep["flops_per_step"] / rep["model_flops_per_step"] <= 2.0
+    assert rep["fits"] and rep["workload"] == "editing_decoder_train" and rep["custom_calls"] > 0
+    assert 1.0 <= _counted_flops(rep) / rep["model_flops_per_step"] <= 2.0
 
 
 @pytest.mark.slow
@@ -74,7 +115,8 @@ def test_tiny_sampling_loop_uses_loop_scaling(devices):
     assert rep["fits"] and all(k in rep for k in REQUIRED)
     assert "x 4 loop steps" in rep["flops_source"]
     # the fori_loop program's own cost analysis counts one step: the extrapolated figure must be ~steps x larger
-    assert rep["flops_per_step"] > 3 * rep["model_flops_per_step"] / plan.num_steps
+    assert _counted_flops(rep) > 3 * rep["model_flops_per_step"] / plan.num_steps
+    assert rep["custom_calls"] >= plan.num_steps and rep["kernel_seconds"] > 0
 
 
 @pytest.mark.slow
