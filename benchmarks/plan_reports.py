@@ -29,6 +29,7 @@ REPORTS: dict[str, tuple[str, str, tuple[int, int, int], str]] = {
     "ar_train_v6e-8x8": ("ar_train_v6e", "v6e:8x8", (1, 64, 1), "full"),
     "generation_decoder_train_v6e-2x4": ("generation_decoder_train", "v6e:2x4", (1, 8, 1), "full"),
     "generation_sample_512_v6e-2x4": ("generation_sample_512", "v6e:2x4", (2, 1, 4), "none"),
+    "flux_dev_sample_1024_v6e-2x2": ("flux_dev_sample_1024", "v6e:2x2", (4, 1, 1), "none"),
 }
 
 
