@@ -12,8 +12,8 @@ diagonal tiles; full: all). Per computed tile and head: forward ``q k^T`` and ``
 kernel ``q k^T``, ``do v^T``, ``ds k`` (3) and dkv kernel ``q k^T``, ``p^T do``, ``do v^T``, ``ds^T q`` (4); each
 ``2 * block * block * head_dim`` FLOPs. HBM traffic: each of the three kernels (forward, dq, dkv) streams two
 ``block x head_dim`` operands per computed tile (k and v, or q and do) and reads / writes about four per row of tiles
-(its own q / k / v and its outputs); at 128-token tiles that is ~128 FLOPs per byte (bf16), below v6e's 560 (its
-peak over its bandwidth), so there the kernel is bound by HBM, not by the MXU.
+(its own q / k / v and its outputs): ~``block`` FLOPs per byte (bf16), so 128-token tiles are bound by HBM on v6e
+(peak over bandwidth 560) and near balance on v5p (166); ``nexus_jax.layers.splash_block`` picks up to 512.
 """
 
 from __future__ import annotations

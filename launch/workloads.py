@@ -120,14 +120,14 @@ def ar_workload(plan: PlanConfig, remat: str) -> Workload:
     model_flops = flops.ar_train_flops(text, b, s, extra_matmul_params=d * d)
     kernel_cost = None
     if attention == "splash":
-        attention_note = (f"Pallas splash kernel, causal, {layers.SPLASH_BLOCK}-token tiles (nexus_jax.layers."
-                          "splash_attention); priced outside XLA's cost model (launch.kernels)")
+        attention_note = (f"Pallas splash kernel, causal, {layers.splash_block(s, causal=True)}-token tiles "
+                          "(nexus_jax.layers.splash_attention); priced outside XLA's cost model (launch.kernels)")
 
         def kernel_cost(sizes: tuple[int, int, int]) -> kernels.KernelCost:
             data, fsdp, tensor = sizes
             heads = text.num_heads // tensor if text.num_kv_heads % tensor == 0 else text.num_heads
             return text.num_layers * kernels.splash_cost(
-                b // (data * fsdp), heads, s, text.head_dim, causal=True, block=layers.SPLASH_BLOCK,
+                b // (data * fsdp), heads, s, text.head_dim, causal=True, block=layers.splash_block(s, causal=True),
                 itemsize=jnp.dtype(plan.compute_dtype).itemsize, forward_passes=1 if remat == "none" else 2,
                 backward_passes=1)
     elif attention in ("xla", "jax_nn"):
@@ -169,13 +169,14 @@ def _dit_kernel(plan: PlanConfig, lengths: tuple[int, ...], forward_passes: int,
         per_layer = kernels.KernelCost()
         for n in lengths:
             per_layer += kernels.splash_cost(plan.global_batch // (data * fsdp), heads, n, cfg.head_dim,
-                                             causal=False, block=layers.SPLASH_BLOCK,
+                                             causal=False, block=layers.splash_block(n),
                                              itemsize=jnp.dtype(plan.compute_dtype).itemsize,
                                              forward_passes=forward_passes, backward_passes=backward_passes)
         return repeats * (cfg.num_double_blocks + cfg.num_single_blocks) * per_layer
 
     return kernel_cost, (f"Pallas splash kernel, full joint attention over {' / '.join(map(str, lengths))} tokens, "
-                          f"{layers.SPLASH_BLOCK}-token tiles; priced outside XLA's cost model (launch.kernels)")
+                          f"{' / '.join(str(layers.splash_block(n)) for n in lengths)}-token tiles; priced outside "
+                          "XLA's cost model (launch.kernels)")
 
 
 def _dit_cfg(plan: PlanConfig, overrides: Overrides | None) -> Any:

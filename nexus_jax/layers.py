@@ -263,19 +263,39 @@ def jax_nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
 
 
-# Splash kernel tile (query and key blocks). Sequences are padded to a multiple of it (padding tokens get their own
-# segment, so they never mix with real ones) and the output is cut back.
-SPLASH_BLOCK = 128
+# Splash kernel tiles (query and key blocks, forward and backward), largest first. Sequences are padded to a multiple
+# of the tile (padding tokens get their own segment, so they never mix with real ones) and the output is cut back.
+# Larger tiles stream K / V (forward, dq) and Q / dO (dkv) fewer times: HBM traffic ~ L^2 / tile (MaxText's splash
+# default is 512 for every block size).
+SPLASH_BLOCKS = (512, 256, 128)
+SPLASH_MAX_EXTRA_WORK = 1.25  # a larger tile may compute at most this x the tile area of the smallest tile
 
 
-def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
-    """The kernel for one (padded) length and head count; built per trace (its mask tables are arrays of that trace,
-    so it is not cached across traces)."""
+def _tile_area(length: int, block: int, causal: bool) -> int:
+    """Token pairs in the tiles splash computes: the padded square, or its tiles on and below the diagonal."""
+    n = -(-length // block)
+    return (n * (n + 1) // 2 if causal else n * n) * block * block
+
+
+def splash_block(length: int, causal: bool = False) -> int:
+    """The splash tile for ``length`` tokens: the largest of :data:`SPLASH_BLOCKS` whose computed tiles (padding,
+    and for ``causal`` the upper half of the diagonal tiles) cover at most :data:`SPLASH_MAX_EXTRA_WORK` x the
+    area the smallest tile computes (full: 4096 -> 512, 1105 -> 256, 300 -> 128; causal: 4096 -> 512, 256 -> 128)."""
+    least = _tile_area(length, SPLASH_BLOCKS[-1], causal)
+    for block in SPLASH_BLOCKS:
+        if _tile_area(length, block, causal) <= SPLASH_MAX_EXTRA_WORK * least:
+            return block
+    return SPLASH_BLOCKS[-1]
+
+
+def _splash_kernel(length: int, block: int, heads: int, causal: bool, interpret: bool):
+    """The kernel for one (padded) length, tile and head count; built per trace (its mask tables are arrays of that
+    trace, so it is not cached across traces)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
-    blk = SPLASH_BLOCK
+    blk = block
     sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
@@ -288,7 +308,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask
     """Pallas splash attention (``jax.experimental.pallas.ops.tpu``), self-attention only (Lq == Lk).
 
     q [B, L, Hq, D]; k, v [B, L, Hkv, D] (GQA native); mask None (full) or a :class:`SegmentMask` (causal and / or
-    segments; a dense mask cannot be given). L is padded to a multiple of :data:`SPLASH_BLOCK`. ``interpret``
+    segments; a dense mask cannot be given). L is padded to a multiple of its tile (:func:`splash_block`). ``interpret``
     (default: unless the backend or the active sharding context's mesh is TPU) runs the kernel in the Pallas
     interpreter; False forces the Mosaic TPU kernel. Under a multi-device :func:`sharding.sharding_context` the kernel
     runs per shard (``shard_map``: batch over the "batch" rule, heads over "act_heads" when the kv heads split the
@@ -325,11 +345,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask
 def _splash_local(q, k, v, seg, *, causal: bool, scale: float, interpret: bool, segments: bool) -> jax.Array:
     """:func:`splash_attention` on one shard: pad L, heads first, vmap the kernel over the batch, cut back."""
     b, length, hq, _ = q.shape
-    padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+    block = splash_block(length, causal)
+    padded = -(-length // block) * block
     extra = padded - length
     if extra:  # padding tokens form their own segment
         seg = jnp.concatenate([seg, jnp.full((b, extra), jnp.iinfo(jnp.int32).min, jnp.int32)], axis=1)
-    kernel, segment_ids_cls = _splash_kernel(padded, hq, causal, interpret)
+    kernel, segment_ids_cls = _splash_kernel(padded, block, hq, causal, interpret)
 
     def heads_first(x):  # [B, L, H, D] -> [B, H, padded, D]
         return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))).transpose(0, 2, 1, 3)

@@ -43,6 +43,19 @@ def test_kernel_roofline_and_efficiency():
         memory_bound.seconds(4e14, 1e12, efficiency=0.0)
 
 
+def test_splash_tile_is_the_largest_that_adds_little_work():
+    from nexus_jax.layers import SPLASH_MAX_EXTRA_WORK, splash_block
+
+    assert [splash_block(n) for n in (77, 128, 200, 300, 1105, 4096, 4608)] == [128, 128, 256, 128, 256, 512, 512]
+    assert [splash_block(n, causal=True) for n in (256, 300, 1105, 4096)] == [128, 128, 128, 512]
+    for causal in (False, True):
+        for n in range(1, 5000, 7):
+            work = {b: kernels.splash_blocks(n, b, causal) * b * b for b in (128, 256, 512)}
+            block = splash_block(n, causal)
+            assert work[block] <= SPLASH_MAX_EXTRA_WORK * work[128]
+            assert all(work[b] > SPLASH_MAX_EXTRA_WORK * work[128] for b in (256, 512) if b > block)
+
+
 def test_count_custom_calls():
     hlo = ('%a = f32[8] custom-call(f32[8] %x), custom_call_target="tpu_custom_call", backend_config="{}"\n'
            '%b = f32[8] custom-call(f32[8] %a), custom_call_target="Sharding"\n'

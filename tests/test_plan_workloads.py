@@ -16,6 +16,7 @@ from launch import kernels as kernels_lib  # noqa: E402
 from launch import plan as planner  # noqa: E402
 from launch.topology import parse_topology, topology_devices  # noqa: E402
 from launch.workloads import make_workload  # noqa: E402
+from nexus_jax.layers import splash_block  # noqa: E402
 
 TOPO = parse_topology("v5p:2x2x1")
 REQUIRED = ("topology", "mesh", "fits", "bytes_per_device", "hbm_bytes_per_device", "flops_per_step", "estimated_mfu")
@@ -70,8 +71,9 @@ def test_tiny_ar_plan_compiles_and_prices_the_splash_kernel(devices):
     # per device: 8 sequences / 4 fsdp shards, every query head, forward + remat recompute (2 x 2 matmuls) and the
     # backward (7 matmuls) per computed tile (the tile count is checked against the kernel's own mask in
     # tests/test_plan_kernels.py)
-    tiles = kernels_lib.splash_blocks(plan.seq_len, 128, causal=True)
-    hand = text.num_layers * (plan.global_batch // 4) * text.num_heads * tiles * 11 * (2.0 * 128 * 128 * text.head_dim)
+    block = splash_block(plan.seq_len, causal=True)
+    tiles = kernels_lib.splash_blocks(plan.seq_len, block, causal=True)
+    hand = text.num_layers * (plan.global_batch // 4) * text.num_heads * tiles * 11 * (2.0 * block**2 * text.head_dim)
     assert rep["kernel_flops_per_device"] == pytest.approx(hand)
     roofline = max(hand / rep["peak_bf16_flops_per_device"],
                    rep["kernel_hbm_bytes_per_device"] / TOPO.chip.hbm_bandwidth)
