@@ -9,6 +9,9 @@ Estimates:
   program when it is loop-free ("unrolled compile"); when it has while loops (counted once by XLA) they are
   extrapolated from loop-free 1- and 2-block compiles ("layer-difference extrapolation") and, for samplers,
   multiplied by the step count;
+* Mosaic kernels (the splash attention the TPU runs for "auto" attention): XLA's cost model does not price custom
+  calls, so the workload's kernel FLOPs and HBM traffic (``launch.kernels``) are added to the step time at an
+  assumed fraction of their roofline, and the MFU is also reported at other fractions;
 * MFU = analytic model FLOPs per device / (estimated step seconds x chip peak bf16 FLOP/s).
 
 ``--search`` ranks (data, fsdp, tensor) meshes x remat policies by estimated MFU among those that fit, using the
