@@ -152,19 +152,15 @@ GENERATION_SAMPLE = _add(PlanConfig(
     description="batch inference: 8 images at 512x512, 50 Euler steps, CFG 3 (negative: 512 T5 tokens), bf16",
     job=("infer", "--mesh", "2,1,4"),  # the inference CLI's default mesh is data-only
 ))
-FLUX_DEV_SAMPLE_1024 = _add(PlanConfig(
+FLUX_DEV_SAMPLE_1024 = _add(GENERATION_SAMPLE.replace(
     name="flux_dev_sample_1024",
-    workload="decoder_sample",
-    model=FluxDiTConfig.full(),
     topology="v6e:2x2",
     mesh=(4, 1, 1),  # one image per chip, weights replicated (23.8 GB bf16 of 32 GiB)
-    remat="none",
     global_batch=4,
     image_size=1024,
     context_len=512,
     num_steps=28,
     cfg_scale=1.0,
-    param_dtype="bfloat16",
     description="MaxDiffusion's published FLUX.1-dev figure (4 images at 1024x1024, 28 steps, no true CFG, v6e-4: "
                 "5.5 s) planned with this project's sampler: the DiT with embedded guidance over 4096 image + 512 "
                 "context tokens (the generation adapter in front of the context: <0.1% of the FLOPs)",
