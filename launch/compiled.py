@@ -173,6 +173,10 @@ def extrapolate(
         measured.append(two)
         for name, value in linear_fields(two).items():
             total[name] += (full - 1) * (value - linear_fields(base)[name])
+    if any(m.optimal_seconds <= 0 for m in measured):
+        # the TPU cost model gave no estimate (0) or a meaningless one (negative: seen for v6e decoder steps) for
+        # some part; an extrapolation through it would be noise, so the planner falls back to the roofline
+        total["optimal_seconds"] = 0.0
     return total, measured
 
 

@@ -111,7 +111,8 @@ def report(plan: PlanConfig, topo: Topology, sizes: tuple[int, int, int], remat:
         base_seconds, step_source = m.optimal_seconds, "XLA TPU cost model optimal_seconds, "
     else:
         base_seconds = max(m.flops / peak, m.bytes_accessed / bandwidth)
-        step_source = "roofline max(FLOPs / peak, bytes accessed / HBM bandwidth) (no cost-model estimate), "
+        step_source = ("roofline max(FLOPs / peak, bytes accessed / HBM bandwidth) (the cost model gave no positive "
+                       "optimal_seconds), ")
     step_seconds = base_seconds + kernel["kernel_seconds"] if base_seconds > 0 else 0.0
     step_source += cost_src + kernel.pop("step_time_note")
     roofline = max((m.flops + kernel["kernel_flops_per_device"]) / peak,

@@ -44,6 +44,25 @@ def test_depth_extrapolation_reproduces_the_full_program():
         compiled.extrapolate(lambda o: _stack(o["layers"], loop=True), {"layers": 6})
 
 
+def test_extrapolation_drops_a_step_time_the_cost_model_did_not_give(monkeypatch):
+    """A part whose optimal_seconds is 0 or negative (libtpu returned -93 s for a 1-block v6e decoder step) must not be
+    extrapolated into a plausible-looking total: the total is 0 (no estimate) and the planner uses the roofline."""
+    def fake(optimal):
+        return compiled.Measurement(argument_bytes=1, output_bytes=1, alias_bytes=0, temp_bytes=1, code_bytes=1,
+                                    flops=1e9, bytes_accessed=1e6, optimal_seconds=optimal, has_while=False,
+                                    compile_seconds=0.0)
+
+    def extrapolated(base: float, two: float) -> dict[str, float]:
+        parts = iter([fake(base), fake(two)])
+        monkeypatch.setattr(compiled, "compile_and_measure", lambda program: next(parts))
+        return compiled.extrapolate(lambda o: None, {"layers": 10})[0]
+
+    for base, two in ((-93.0, 0.5), (0.0, 0.2), (0.1, -5.0)):
+        fields = extrapolated(base, two)
+        assert fields["optimal_seconds"] == 0.0 and fields["flops"] == 1e9  # the other figures still extrapolate
+    assert extrapolated(0.1, 0.15)["optimal_seconds"] == pytest.approx(0.55)
+
+
 def test_argument_bytes_of_sharded_abstract_inputs():
     mesh = make_mesh(2, 4, 1)
     a = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
