@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from nexus_jax import layers
+
 # The assumed fraction of its roofline (max of FLOPs at peak, HBM bytes at bandwidth) a kernel reaches; not measured.
 KERNEL_EFFICIENCY = 0.5
 # Kernel efficiencies at which reports also give the estimated MFU (1.0 = the kernel at peak: an upper bound).
@@ -35,15 +37,6 @@ _CUSTOM_CALL_RE = re.compile(r'custom_call_target="tpu_custom_call"')
 def count_custom_calls(hlo_text: str) -> int:
     """Mosaic kernel calls in an optimised HLO module's text."""
     return len(_CUSTOM_CALL_RE.findall(hlo_text))
-
-
-def splash_blocks(length: int, block: int, causal: bool) -> int:
-    """(q block, kv block) tiles the kernel computes for one head of one sequence of ``length`` tokens (padded up
-    to a multiple of ``block``): all of them, or with ``causal`` those on or below the diagonal."""
-    if length < 1 or block < 1:
-        raise ValueError(f"length and block must be >= 1, got length={length} block={block}")
-    n = -(-length // block)
-    return n * (n + 1) // 2 if causal else n * n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +65,13 @@ class KernelCost:
         return self.roofline_seconds(peak_flops, hbm_bandwidth) / efficiency
 
 
-def splash_cost(sequences: int, heads: int, length: int, head_dim: int, causal: bool, block: int, itemsize: int,
+def splash_cost(sequences: int, heads: int, length: int, head_dim: int, causal: bool, itemsize: int,
                 forward_passes: int = 1, backward_passes: int = 0) -> KernelCost:
-    """Splash attention over ``sequences`` x ``heads`` (query heads) of ``length`` tokens: ``forward_passes``
-    forward kernels (2 when remat recomputes the layer) and ``backward_passes`` backward passes (dq + dkv kernels);
-    operands of ``itemsize`` bytes."""
-    tiles = splash_blocks(length, block, causal)
+    """Splash attention over ``sequences`` x ``heads`` (query heads) of ``length`` tokens at the tile the kernel
+    picks (``layers.splash_block``): ``forward_passes`` forward kernels (2 when remat recomputes the layer) and
+    ``backward_passes`` backward passes (dq + dkv kernels); operands of ``itemsize`` bytes."""
+    block = layers.splash_block(length, causal)
+    tiles = layers.splash_tiles(length, block, causal)
     rows = -(-length // block)
     matmuls = SPLASH_FORWARD_MATMULS * forward_passes + SPLASH_BACKWARD_MATMULS * backward_passes
     kernel_runs = forward_passes + 2 * backward_passes

@@ -74,6 +74,14 @@ def matmul_workload(plan: PlanConfig, remat: str) -> Workload:
                     plan.global_batch, sharding.TRAIN_RULES, notes={"loss": "mean(y^2)", "optimizer": "adamw"})
 
 
+# --- Mosaic kernels -------------------------------------------------------------------------------------------
+def _splash_shard(sizes: tuple[int, int, int], batch: int, heads: int, kv_heads: int) -> tuple[int, int]:
+    """(sequences, query heads) one device's splash kernel runs on mesh (data, fsdp, tensor): the batch split over
+    data x fsdp, the heads over tensor when the kv heads split too, else all heads (layers.splash_attention)."""
+    data, fsdp, tensor = sizes
+    return batch // (data * fsdp), heads // tensor if kv_heads % tensor == 0 else heads
+
+
 # --- Nexus-Gen AR ---------------------------------------------------------------------------------------------
 def _ar_loss(model: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
     """The Nexus-Gen AR objective with the token CE over :class:`LazyLogits` (logits chunked over tokens, like
@@ -124,12 +132,10 @@ def ar_workload(plan: PlanConfig, remat: str) -> Workload:
                           "(nexus_jax.layers.splash_attention); priced outside XLA's cost model (launch.kernels)")
 
         def kernel_cost(sizes: tuple[int, int, int]) -> kernels.KernelCost:
-            data, fsdp, tensor = sizes
-            heads = text.num_heads // tensor if text.num_kv_heads % tensor == 0 else text.num_heads
+            sequences, heads = _splash_shard(sizes, b, text.num_heads, text.num_kv_heads)
             return text.num_layers * kernels.splash_cost(
-                b // (data * fsdp), heads, s, text.head_dim, causal=True, block=layers.splash_block(s, causal=True),
-                itemsize=jnp.dtype(plan.compute_dtype).itemsize, forward_passes=1 if remat == "none" else 2,
-                backward_passes=1)
+                sequences, heads, s, text.head_dim, causal=True, itemsize=jnp.dtype(plan.compute_dtype).itemsize,
+                forward_passes=1 if remat == "none" else 2, backward_passes=1)
     elif attention in ("xla", "jax_nn"):
         attention_note = (f"causal query chunks of 512 ({attention}; nexus_jax.models.qwen2.attention."
                           "causal_chunked_attention)")
@@ -164,12 +170,10 @@ def _dit_kernel(plan: PlanConfig, lengths: tuple[int, ...], forward_passes: int,
         return None, f"full joint attention by XLA ({attention})"
 
     def kernel_cost(sizes: tuple[int, int, int]) -> kernels.KernelCost:
-        data, fsdp, tensor = sizes
-        heads = cfg.num_heads // tensor if cfg.num_heads % tensor == 0 else cfg.num_heads
+        sequences, heads = _splash_shard(sizes, plan.global_batch, cfg.num_heads, cfg.num_heads)
         per_layer = kernels.KernelCost()
         for n in lengths:
-            per_layer += kernels.splash_cost(plan.global_batch // (data * fsdp), heads, n, cfg.head_dim,
-                                             causal=False, block=layers.splash_block(n),
+            per_layer += kernels.splash_cost(sequences, heads, n, cfg.head_dim, causal=False,
                                              itemsize=jnp.dtype(plan.compute_dtype).itemsize,
                                              forward_passes=forward_passes, backward_passes=backward_passes)
         return repeats * (cfg.num_double_blocks + cfg.num_single_blocks) * per_layer

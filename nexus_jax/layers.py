@@ -271,19 +271,25 @@ SPLASH_BLOCKS = (512, 256, 128)
 SPLASH_MAX_EXTRA_WORK = 1.25  # a larger tile may compute at most this x the tile area of the smallest tile
 
 
-def _tile_area(length: int, block: int, causal: bool) -> int:
-    """Token pairs in the tiles splash computes: the padded square, or its tiles on and below the diagonal."""
+def splash_tiles(length: int, block: int, causal: bool) -> int:
+    """(q block, kv block) tiles splash computes for one head of one sequence of ``length`` tokens (padded up to a
+    multiple of ``block``): all of them, or with ``causal`` those on or below the diagonal."""
+    if length < 1 or block < 1:
+        raise ValueError(f"length and block must be >= 1, got length={length} block={block}")
     n = -(-length // block)
-    return (n * (n + 1) // 2 if causal else n * n) * block * block
+    return n * (n + 1) // 2 if causal else n * n
 
 
 def splash_block(length: int, causal: bool = False) -> int:
     """The splash tile for ``length`` tokens: the largest of :data:`SPLASH_BLOCKS` whose computed tiles (padding,
     and for ``causal`` the upper half of the diagonal tiles) cover at most :data:`SPLASH_MAX_EXTRA_WORK` x the
     area the smallest tile computes (full: 4096 -> 512, 1105 -> 256, 300 -> 128; causal: 4096 -> 512, 256 -> 128)."""
-    least = _tile_area(length, SPLASH_BLOCKS[-1], causal)
+    def area(block: int) -> int:  # token pairs in the computed tiles
+        return splash_tiles(length, block, causal) * block * block
+
+    least = area(SPLASH_BLOCKS[-1])
     for block in SPLASH_BLOCKS:
-        if _tile_area(length, block, causal) <= SPLASH_MAX_EXTRA_WORK * least:
+        if area(block) <= SPLASH_MAX_EXTRA_WORK * least:
             return block
     return SPLASH_BLOCKS[-1]
 
@@ -295,9 +301,8 @@ def _splash_kernel(length: int, block: int, heads: int, causal: bool, interpret:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
-    blk = block
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
     return kernel, sk.SegmentIds

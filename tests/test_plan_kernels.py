@@ -9,24 +9,25 @@ import pytest
 from launch import compiled, kernels
 from launch import plan as planner
 from launch.workloads import Workload
+from nexus_jax.layers import splash_tiles
 
 
 @pytest.mark.parametrize("length,block,causal", [(256, 128, True), (300, 128, True), (77, 32, False),
                                                  (4096, 128, True), (1, 128, True)])
-def test_splash_blocks_match_the_kernels_mask(length, block, causal):
+def test_splash_tiles_match_the_kernels_mask(length, block, causal):
     sm = pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask")
     padded = -(-length // block) * block
     mask = (sm.CausalMask if causal else sm.FullMask)((padded, padded))
     dense = np.asarray(mask[:, :])
     tiles = dense.reshape(padded // block, block, padded // block, block).any(axis=(1, 3))
-    assert kernels.splash_blocks(length, block, causal) == int(tiles.sum())
+    assert splash_tiles(length, block, causal) == int(tiles.sum())
 
 
 def test_splash_cost_counts_matmuls_and_streamed_tiles():
-    one = kernels.splash_cost(1, 1, 128, 64, causal=False, block=128, itemsize=2)
+    one = kernels.splash_cost(1, 1, 128, 64, causal=False, itemsize=2)  # one 128-token tile
     assert one.flops == 2 * (2 * 128 * 128 * 64)  # q k^T and p v
     assert one.hbm_bytes == (2 * 1 + 4 * 1) * 128 * 64 * 2  # k, v streamed per tile; q, o, ... per row of tiles
-    train = kernels.splash_cost(3, 5, 256, 64, causal=True, block=128, itemsize=2, forward_passes=2,
+    train = kernels.splash_cost(3, 5, 256, 64, causal=True, itemsize=2, forward_passes=2,  # 128-token tiles
                                 backward_passes=1)
     assert train.flops == 3 * 5 * 3 * (2 * 2 + 7) * (2 * 128 * 128 * 64)  # 3 causal tiles
     assert train.hbm_bytes == 3 * 5 * (2 + 2) * (2 * 3 + 4 * 2) * 128 * 64 * 2  # 2 forward + dq + dkv kernels
@@ -50,7 +51,7 @@ def test_splash_tile_is_the_largest_that_adds_little_work():
     assert [splash_block(n, causal=True) for n in (256, 300, 1105, 4096)] == [128, 128, 128, 512]
     for causal in (False, True):
         for n in range(1, 5000, 7):
-            work = {b: kernels.splash_blocks(n, b, causal) * b * b for b in (128, 256, 512)}
+            work = {b: splash_tiles(n, b, causal) * b * b for b in (128, 256, 512)}
             block = splash_block(n, causal)
             assert work[block] <= SPLASH_MAX_EXTRA_WORK * work[128]
             assert all(work[b] > SPLASH_MAX_EXTRA_WORK * work[128] for b in (256, 512) if b > block)

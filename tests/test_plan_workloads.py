@@ -16,7 +16,7 @@ from launch import kernels as kernels_lib  # noqa: E402
 from launch import plan as planner  # noqa: E402
 from launch.topology import parse_topology, topology_devices  # noqa: E402
 from launch.workloads import make_workload  # noqa: E402
-from nexus_jax.layers import splash_block  # noqa: E402
+from nexus_jax.layers import splash_block, splash_tiles  # noqa: E402
 
 TOPO = parse_topology("v5p:2x2x1")
 REQUIRED = ("topology", "mesh", "fits", "bytes_per_device", "hbm_bytes_per_device", "flops_per_step", "estimated_mfu")
@@ -72,7 +72,7 @@ def test_tiny_ar_plan_compiles_and_prices_the_splash_kernel(devices):
     # backward (7 matmuls) per computed tile (the tile count is checked against the kernel's own mask in
     # tests/test_plan_kernels.py)
     block = splash_block(plan.seq_len, causal=True)
-    tiles = kernels_lib.splash_blocks(plan.seq_len, block, causal=True)
+    tiles = splash_tiles(plan.seq_len, block, causal=True)
     hand = text.num_layers * (plan.global_batch // 4) * text.num_heads * tiles * 11 * (2.0 * block**2 * text.head_dim)
     assert rep["kernel_flops_per_device"] == pytest.approx(hand)
     roofline = max(hand / rep["peak_bf16_flops_per_device"],
