@@ -71,6 +71,14 @@ NO_WINDOWED_EINSUM: Mapping[str, Any] = {
 }
 
 
+def no_windowed_einsum_note(when: str) -> str:
+    """A plan report's note for a workload compiled with :data:`NO_WINDOWED_EINSUM`; ``when`` says where XLA would
+    window the gathers (e.g. "under fsdp 8")."""
+    return (f"windowed einsum off (launch.compiled.NO_WINDOWED_EINSUM): {when} XLA overlaps the weight all-gathers "
+            "with the matmuls in while loops that the cost model counts once; planned with plain collectives (no "
+            "overlap: a pessimistic step time)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Measurement:
     """Per-device figures of one compiled program."""

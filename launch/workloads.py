@@ -22,7 +22,7 @@ from configs.nexus_decoders import MergerConfig
 from configs.plans import PlanConfig
 from configs.training import OptimConfig
 from launch import flops, kernels
-from launch.compiled import NO_WINDOWED_EINSUM, Program
+from launch.compiled import NO_WINDOWED_EINSUM, Program, no_windowed_einsum_note
 from launch.train_program import LowerInContext, abstract_batch, train_program
 from nexus_jax import layers, sharding
 
@@ -240,9 +240,7 @@ def decoder_train_workload(plan: PlanConfig, remat: str) -> Workload:
                  + " + nexus_jax.models.flux.FluxDiT",
         "inputs": "VAE latents precomputed (frozen VAE not in the step)",
         "param_dtype": plan.param_dtype,
-        "compiler_options": "windowed einsum off (launch.compiled.NO_WINDOWED_EINSUM): from 4 images per chip XLA "
-                            "overlaps the fsdp weight all-gathers with the matmuls in while loops that the cost "
-                            "model counts once; planned with plain collectives (no overlap: a pessimistic step time)",
+        "compiler_options": no_windowed_einsum_note("from 4 images per chip under fsdp"),
     }
     kernel_cost, notes["attention"] = _dit_kernel(plan, (t + plan.context_len,), 1 if remat == "none" else 2, 1)
     return Workload("editing_decoder_train" if editing else "decoder_train", build,
@@ -369,9 +367,7 @@ def unipic_train_workload(plan: PlanConfig, remat: str) -> Workload:
         "static_shapes": "MAR encoder and LLM run on all buffer + image slots (masked tokens excluded as keys), so "
                          "model FLOPs count every slot; torch drops the ~70-100% masked tokens in the encoder",
         "model_flops": "launch.workloads.unipic_train_flops (VAE encode not counted)",
-        "compiler_options": "windowed einsum off (launch.compiled.NO_WINDOWED_EINSUM): under fsdp 8 XLA overlaps the "
-                            "weight all-gathers with the matmuls in while loops that the cost model counts once; "
-                            "planned with plain collectives (no overlap: a pessimistic step time)",
+        "compiler_options": no_windowed_einsum_note("under fsdp 8"),
     }
     return Workload("unipic_train", build, {"llm_layers": cfg0.text.num_layers, "mar_blocks": cfg0.mar.encoder_depth,
                                             "head_blocks": cfg0.head.depth},
