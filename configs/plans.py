@@ -121,14 +121,14 @@ GENERATION_DECODER_TRAIN = _add(PlanConfig(
     topology="v6e:2x4",
     mesh=(1, -1, 1),
     remat="full",
-    global_batch=64,  # 8 images per chip: amortises the per-step fsdp weight traffic (docs/launch.md)
+    global_batch=128,  # the recipe's batch in one step, 16 images per chip: amortises the fsdp weight traffic
     image_size=512,
     context_len=81,
     param_dtype="bfloat16",
-    description="generation decoder (FLUX.1-dev DiT + adapter, 11.9B) full fine-tune at 512x512 on v6e-8, 64 images "
+    description="generation decoder (FLUX.1-dev DiT + adapter, 11.9B) full fine-tune at 512x512 on v6e-8, 128 images "
                 "per step; bf16 weights and Adam moments (fp32 master + moments need 16 B/param = 24 GiB/chip "
                 "before activations)",
-    job=("train", "--preset", "generation_decoder", "--mesh", "1,-1,1", "--batch-size", "64", "--grad-accum", "1",
+    job=("train", "--preset", "generation_decoder", "--mesh", "1,-1,1", "--batch-size", "128", "--grad-accum", "1",
          "--compute-dtype", "bfloat16"),
 ))
 EDITING_DECODER_TRAIN = _add(GENERATION_DECODER_TRAIN.replace(

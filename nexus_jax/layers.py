@@ -160,11 +160,14 @@ def apply_rotary_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array
 
 
 def apply_rotary_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Interleaved-pair RoPE (BFL/FLUX convention). x [..., D]; cos/sin [..., D/2] broadcastable."""
-    xr = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xr[..., 0], xr[..., 1]
-    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    """Interleaved-pair RoPE (BFL/FLUX convention), arithmetic in fp32. x [..., D]; cos/sin [..., D/2] broadcastable.
+
+    The pair split / re-interleave runs in x's dtype and only the arithmetic in fp32 (same values): the [..., D/2, 2]
+    views are what XLA:TPU materialises, so in bf16 they cost half the bytes (docs/launch.md, "Decoder training")."""
+    xr = x.reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xr[..., 0].astype(jnp.float32), xr[..., 1].astype(jnp.float32)
+    out = jnp.stack([(x0 * cos - x1 * sin).astype(x.dtype), (x0 * sin + x1 * cos).astype(x.dtype)], axis=-1)
+    return out.reshape(x.shape)
 
 
 @jax.custom_vjp
@@ -266,8 +269,9 @@ def jax_nn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 # Splash kernel tiles (query and key blocks, forward and backward), largest first. Sequences are padded to a multiple
 # of the tile (padding tokens get their own segment, so they never mix with real ones) and the output is cut back.
 # Larger tiles stream K / V (forward, dq) and Q / dO (dkv) fewer times: HBM traffic ~ L^2 / tile (MaxText's splash
-# default is 512 for every block size).
-SPLASH_BLOCKS = (512, 256, 128)
+# default is 512 for every block size). 384 (any multiple of 128 is a valid block) pads less where L is just above a
+# multiple of 384: the 1105 tokens of a 512x512 decoder image pad to 1152 (9 tiles) instead of 1280 (25 of 256).
+SPLASH_BLOCKS = (512, 384, 256, 128)
 SPLASH_MAX_EXTRA_WORK = 1.25  # a larger tile may compute at most this x the tile area of the smallest tile
 
 
@@ -283,7 +287,8 @@ def splash_tiles(length: int, block: int, causal: bool) -> int:
 def splash_block(length: int, causal: bool = False) -> int:
     """The splash tile for ``length`` tokens: the largest of :data:`SPLASH_BLOCKS` whose computed tiles (padding,
     and for ``causal`` the upper half of the diagonal tiles) cover at most :data:`SPLASH_MAX_EXTRA_WORK` x the
-    area the smallest tile computes (full: 4096 -> 512, 1105 -> 256, 300 -> 128; causal: 4096 -> 512, 256 -> 128)."""
+    area the smallest tile computes (full: 4096 -> 512, 1105 -> 384, 300 -> 384, 200 -> 256; causal: 4096 -> 512,
+    1105 -> 384, 256 -> 128)."""
     def area(block: int) -> int:  # token pairs in the computed tiles
         return splash_tiles(length, block, causal) * block * block
 

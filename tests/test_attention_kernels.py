@@ -54,6 +54,7 @@ CASES = {
     # name: (shape b, L, Hq, Hkv, D; mask factory)
     "causal_gqa_9_3_left_padding": ((2, 200, 9, 3, 16), lambda: causal_padded(2, 200, [0, 37])),
     "full_3_heads_L77": ((2, 77, 3, 3, 16), lambda: None),
+    "full_3_heads_L300": ((1, 300, 3, 3, 16), lambda: None),  # splash pads to one 384-token tile
     "windows_3_heads_L150": ((1, 150, 3, 3, 12), lambda: windows(150, [64, 40, 16, 16])),
     "causal_mqa_5_1_L128": ((1, 128, 5, 1, 32), lambda: layers.SegmentMask(jnp.zeros((1, 128), jnp.int32), True)),
 }
@@ -96,11 +97,16 @@ def test_jax_nn_matches_qwen2_grouped_query_attention_with_dense_mask():
 
 
 @pytest.mark.slow
-def test_splash_gradients_match_reference():
-    """The kernel's custom VJP (dq, dk, dv) against autodiff of the reference; GQA 6/2, causal, segments."""
-    q, k, v = qkv(1, 140, 6, 2, 16, seed=3, scale=1.0)
-    mask = causal_padded(1, 140, [20])
-    w = jnp.asarray(np.random.default_rng(4).standard_normal((1, 140, 6, 16)), jnp.float32)
+@pytest.mark.parametrize("length,causal", [(140, True), (300, False)])
+def test_splash_gradients_match_reference(length, causal):
+    """The kernel's custom VJP (dq, dk, dv) against autodiff of the reference; GQA 6/2, segments (20 tokens of
+    padding), causal at 140 tokens (128-token tiles) or full at 300 (one 384-token tile)."""
+    assert layers.splash_block(length, causal) == (128 if causal else 384)
+    q, k, v = qkv(1, length, 6, 2, 16, seed=3, scale=1.0)
+    seg = np.ones((1, length), np.int32)
+    seg[0, :20] = 0
+    mask = layers.SegmentMask(jnp.asarray(seg), causal=causal)
+    w = jnp.asarray(np.random.default_rng(4).standard_normal((1, length, 6, 16)), jnp.float32)
 
     def loss(fn):
         return lambda a, b, c: jnp.sum(fn(a, b, c) * w)
@@ -227,11 +233,12 @@ def tpu_topology_devices():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim", [128, 80])
-def test_splash_compiles_for_tpu_and_is_not_priced_by_cost_analysis(head_dim):
-    """Mosaic lowering (not the interpreter) of the kernel and its VJP for one v5p device, bf16, GQA 6 / 2, causal
-    segments, L = 300 (padded to 384); head_dim 80 is the Qwen2.5-VL ViT's. XLA's cost_analysis does not price the
-    custom call: it reports far fewer FLOPs than the kernel's matmuls (planner MFU is analytic, launch/flops.py)."""
+@pytest.mark.parametrize("head_dim,causal", [(128, True), (80, True), (128, False)])
+def test_splash_compiles_for_tpu_and_is_not_priced_by_cost_analysis(head_dim, causal):
+    """Mosaic lowering (not the interpreter) of the kernel and its VJP for one v5p device, bf16, GQA 6 / 2, segments,
+    L = 300: causal in 128-token tiles, full in one 384-token tile; head_dim 80 is the Qwen2.5-VL ViT's. XLA's
+    cost_analysis does not price the custom call: it reports far fewer FLOPs than the kernel's matmuls (planner MFU
+    is analytic, launch/flops.py)."""
     sh = jax.sharding.SingleDeviceSharding(tpu_topology_devices()[0])
     b, length, hq, hkv = 2, 300, 6, 2
     q = jax.ShapeDtypeStruct((b, length, hq, head_dim), jnp.bfloat16, sharding=sh)
@@ -239,17 +246,17 @@ def test_splash_compiles_for_tpu_and_is_not_priced_by_cost_analysis(head_dim):
     seg = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=sh)
 
     def f(q_, k_, v_, s_):
-        out = layers.splash_attention(q_, k_, v_, layers.SegmentMask(s_, causal=True), interpret=False)
+        out = layers.splash_attention(q_, k_, v_, layers.SegmentMask(s_, causal=causal), interpret=False)
         return jnp.sum(out.astype(jnp.float32))
 
     with jax.default_matmul_precision("default"):  # conftest's "highest" (fp32 passes) is invalid for bf16 in Mosaic
         lowered = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(q, kv, kv, seg)
     assert "tpu_custom_call" in lowered.as_text()
     compiled = lowered.compile()
-    causal_matmul_flops = 3 * 2 * b * hq * length * length * head_dim  # fwd + bwd, half of the 4 B H L^2 D
+    matmul_flops = 3 * 4 * b * hq * length * length * head_dim // (2 if causal else 1)  # fwd + bwd: 3 x 4 B H L^2 D
     reported = compiled.cost_analysis()["flops"]
-    print(f"head_dim {head_dim}: cost_analysis {reported:.3g} FLOPs vs the kernel's ~{causal_matmul_flops:.3g}")
-    assert reported < 0.05 * causal_matmul_flops
+    print(f"head_dim {head_dim} causal {causal}: cost_analysis {reported:.3g} FLOPs vs the kernel's ~{matmul_flops:.3g}")
+    assert reported < 0.05 * matmul_flops
 
 
 @pytest.mark.slow

@@ -181,3 +181,61 @@ def test_full_config_shapes():
     assert abstract.single_blocks[0].to_qkv_mlp.kernel.shape == (3072, 21504)
     assert abstract.final_norm_out.linear.kernel.shape == (3072, 6144)
     assert (cfg.num_double_blocks, cfg.num_single_blocks, cfg.num_heads, cfg.head_dim) == (19, 38, 24, 128)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_interleaved_rope_matches_diffusers(dtype):
+    """layers.apply_rotary_interleaved against diffusers' FLUX RoPE (``apply_rotary_emb``, real pairs, unbind -1).
+    fp32: values and input gradients to 1e-5. bf16 (pairs split in bf16, arithmetic in fp32, as diffusers does):
+    values to diffusers' bf16 values, and the input gradient within one bf16 rounding of diffusers' fp32 gradient
+    at the same (bf16-representable) input and cotangent; diffusers' own bf16 backward sums the two paths in bf16,
+    which is not the reference for that."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from nexus_jax.layers import apply_rotary_interleaved
+
+    rng = np.random.default_rng(0)
+    tdt, jdt = getattr(torch, dtype), getattr(jnp, dtype)
+    def representable(a):  # in the tested dtype (the cotangent of a bf16 output is bf16 too)
+        return np.asarray(jnp.asarray(a, jdt).astype(jnp.float32))
+
+    x = representable(rng.standard_normal((2, 77, 3, 16)))  # [B, S, H, D]
+    ang = rng.uniform(0, 50, (77, 8)).astype(np.float32)
+    w = representable(rng.standard_normal(x.shape))
+    cos_t, sin_t = (torch.tensor(f(ang)).repeat_interleave(2, dim=-1) for f in (np.cos, np.sin))
+
+    def reference(t):
+        return apply_rotary_emb(t, (cos_t, sin_t), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+
+    want = reference(torch.tensor(x).to(tdt)).float().numpy()
+    x32 = torch.tensor(x).requires_grad_(True)
+    (reference(x32) * torch.tensor(w)).sum().backward()
+    want_grad = x32.grad.numpy()
+    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+
+    def f(a):
+        return apply_rotary_interleaved(a, cos, sin)
+
+    got = f(jnp.asarray(x, jdt))
+    grad = jax.grad(lambda a: jnp.sum(f(a).astype(jnp.float32) * w))(jnp.asarray(x, jdt))
+    assert got.dtype == jdt and grad.dtype == jdt
+    diff, grad_diff = np.abs(np.asarray(got, np.float32) - want), np.abs(np.asarray(grad, np.float32) - want_grad)
+    print(f"{dtype} RoPE vs diffusers: max abs err {diff.max():.1e}, grad {grad_diff.max():.1e}")
+    if dtype == "float32":
+        assert diff.max() <= 1e-5 and grad_diff.max() <= 1e-5
+    else:
+        assert np.all(diff <= 2.0**-8 * np.abs(want) + 1e-6)
+        assert np.all(grad_diff <= 2.0**-8 * np.abs(want_grad) + 1e-6)
+
+
+def test_interleaved_rope_splits_pairs_in_the_input_dtype():
+    """The [..., D/2, 2] pair views (which XLA:TPU materialises) stay bf16 for a bf16 input, forward and backward:
+    no fp32 value in the jaxpr has a trailing axis of 2 (docs/launch.md, "Decoder training: 0.36 -> 0.48")."""
+    from nexus_jax.layers import apply_rotary_interleaved
+
+    x = jnp.zeros((1, 5, 2, 8), jnp.bfloat16)
+    cos = sin = jnp.zeros((1, 5, 1, 4), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(apply_rotary_interleaved(a, cos, sin).astype(jnp.float32))))(x)
+    shapes = [v.aval for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars]
+    assert any(a.shape[-1:] == (2,) and a.dtype == jnp.bfloat16 for a in shapes)
+    assert not [a for a in shapes if a.shape[-1:] == (2,) and a.dtype == jnp.float32]
