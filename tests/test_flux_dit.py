@@ -196,6 +196,7 @@ def test_interleaved_rope_matches_diffusers(dtype):
 
     rng = np.random.default_rng(0)
     tdt, jdt = getattr(torch, dtype), getattr(jnp, dtype)
+
     def representable(a):  # in the tested dtype (the cotangent of a bf16 output is bf16 too)
         return np.asarray(jnp.asarray(a, jdt).astype(jnp.float32))
 

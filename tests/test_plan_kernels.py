@@ -45,16 +45,16 @@ def test_kernel_roofline_and_efficiency():
 
 
 def test_splash_tile_is_the_largest_that_adds_little_work():
-    from nexus_jax.layers import SPLASH_MAX_EXTRA_WORK, splash_block
+    from nexus_jax.layers import SPLASH_BLOCKS, SPLASH_MAX_EXTRA_WORK, splash_block
 
     assert [splash_block(n) for n in (77, 128, 200, 300, 1105, 4096, 4608)] == [128, 128, 256, 384, 384, 512, 512]
     assert [splash_block(n, causal=True) for n in (256, 300, 1105, 4096)] == [128, 128, 384, 512]
     for causal in (False, True):
         for n in range(1, 5000, 7):
-            work = {b: splash_tiles(n, b, causal) * b * b for b in (128, 256, 384, 512)}
+            work = {b: splash_tiles(n, b, causal) * b * b for b in SPLASH_BLOCKS}
             block = splash_block(n, causal)
             assert work[block] <= SPLASH_MAX_EXTRA_WORK * work[128]
-            assert all(work[b] > SPLASH_MAX_EXTRA_WORK * work[128] for b in (256, 384, 512) if b > block)
+            assert all(work[b] > SPLASH_MAX_EXTRA_WORK * work[128] for b in SPLASH_BLOCKS if b > block)
 
 
 def test_count_custom_calls():
