@@ -103,9 +103,7 @@ def test_splash_gradients_match_reference(length, causal):
     padding), causal at 140 tokens (128-token tiles) or full at 300 (one 384-token tile)."""
     assert layers.splash_block(length, causal) == (128 if causal else 384)
     q, k, v = qkv(1, length, 6, 2, 16, seed=3, scale=1.0)
-    seg = np.ones((1, length), np.int32)
-    seg[0, :20] = 0
-    mask = layers.SegmentMask(jnp.asarray(seg), causal=causal)
+    mask = layers.SegmentMask(causal_padded(1, length, [20]).segment_ids, causal=causal)
     w = jnp.asarray(np.random.default_rng(4).standard_normal((1, length, 6, 16)), jnp.float32)
 
     def loss(fn):
